@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install the Debian packages wrenbox needs on the host. Idempotent: does nothing when all are present.
+set -euo pipefail
+
+packages=(
+  python3-venv            # the project's virtualenv
+  qemu-system-x86 qemu-utils   # the VMM that runs here (TCG) and qcow2 tooling
+  debootstrap busybox-static cpio kmod e2fsprogs   # guest image builder
+  nftables iproute2       # network slots
+  xfsprogs btrfs-progs    # reflink-capable filesystems for copy-on-write tests
+  zstd socat
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "wrenbox needs these Debian packages; run as root or install them: ${missing[*]}" >&2
+  exit 1
+fi
+echo "installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,137 @@
+"""Settings: defaults, overridden by a TOML file, overridden by ``WRENBOX_*`` environment variables.
+
+Precedence (highest first): keyword arguments to :func:`load_settings`, environment variables
+(``WRENBOX_DATA_DIR``, nested groups with a double underscore: ``WRENBOX_LIMITS__MAX_SANDBOXES=8``), the
+TOML file (``WRENBOX_CONFIG`` or ``/etc/wrenbox/wrenbox.toml`` when present), then the defaults below.
+
+The TOML file uses the same names, groups as tables::
+
+    data_dir = "/srv/wrenbox"
+    [limits]
+    max_sandboxes = 8
+
+Components receive the group they need (``settings.limits``, ...) rather than the whole object.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = [
+    "DEFAULT_CONFIG_FILE",
+    "ApiConfig",
+    "LimitsConfig",
+    "SandboxDefaults",
+    "Settings",
+    "load_settings",
+]
+
+DEFAULT_CONFIG_FILE = Path("/etc/wrenbox/wrenbox.toml")
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiConfig(_Group):
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=1, le=65535)
+
+
+class LimitsConfig(_Group):
+    max_sandboxes: int = Field(32, ge=1)
+    max_concurrent_starts: int = Field(4, ge=1)
+    exec_output_cap_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
+
+class SandboxDefaults(_Group):
+    template: str = "minimal"
+    vcpus: int = Field(1, ge=1, le=64)
+    memory_mb: int = Field(512, ge=64)
+    timeout_s: int = Field(300, ge=0)
+    on_timeout: Literal["pause", "kill"] = "pause"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="WRENBOX_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    data_dir: Path = Path("/var/lib/wrenbox")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    on_shutdown: Literal["pause", "destroy"] = "pause"
+    api: ApiConfig = ApiConfig()
+    limits: LimitsConfig = LimitsConfig()
+    defaults: SandboxDefaults = SandboxDefaults()
+
+    # Layout of the data dir. Derived, never configured separately, so one setting moves everything.
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.data_dir / "templates"
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.data_dir / "sandboxes"
+
+    @property
+    def run_dir(self) -> Path:
+        """Sockets and other per-boot files."""
+        return self.data_dir / "run"
+
+    @property
+    def state_db(self) -> Path:
+        return self.data_dir / "state.db"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = _config_file()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+def _config_file() -> Path | None:
+    named = os.environ.get("WRENBOX_CONFIG")
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            from wrenbox.errors import InvalidArgument
+
+            raise InvalidArgument(f"WRENBOX_CONFIG names {path}, which is not a file")
+        return path
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings; a bad value raises InvalidArgument naming the setting."""
+    from pydantic import ValidationError
+
+    from wrenbox.errors import InvalidArgument
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise InvalidArgument(f"invalid wrenbox settings: {problems}") from exc
