@@ -1,6 +1,13 @@
-"""Shared fixtures. Component-specific fixtures live next to their tests."""
+"""Shared fixtures and markers. Component-specific fixtures live next to their tests.
+
+Markers (see pyproject): ``root`` tests are skipped, with a reason naming the missing capability, when
+not running as root; ``vm`` tests are skipped when QEMU is not installed.
+"""
 
 from __future__ import annotations
+
+import os
+import shutil
 
 import pytest
 
@@ -8,3 +15,13 @@ import pytest
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    not_root = os.geteuid() != 0
+    no_qemu = shutil.which("qemu-system-x86_64") is None
+    for item in items:
+        if not_root and item.get_closest_marker("root"):
+            item.add_marker(pytest.mark.skip(reason="needs root (netns, nftables, loop devices)"))
+        if no_qemu and item.get_closest_marker("vm"):
+            item.add_marker(pytest.mark.skip(reason="needs qemu-system-x86_64 (Debian: qemu-system-x86)"))
