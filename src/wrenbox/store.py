@@ -1,0 +1,300 @@
+"""Persistent state in SQLite: sandboxes, templates, and an event log.
+
+One database file under the data dir, in WAL mode so readers never wait for the writer. The schema is
+versioned with ``PRAGMA user_version``; :data:`MIGRATIONS` is append-only, and opening a database runs
+whatever it has not seen yet, inside one transaction each.
+
+Every write is a single short transaction and is durable when the call returns (``synchronous=FULL``:
+a lifecycle transition that was reported must survive a power cut, and these writes are rare enough that
+the fsync does not matter). Calls are synchronous and take well under a millisecond on a warm database,
+so the async manager calls them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from wrenbox.errors import AlreadyExists, NotFound
+from wrenbox.models import SandboxRecord, SandboxState, TemplateRecord, TemplateState
+
+__all__ = ["MIGRATIONS", "Event", "Store"]
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: initial schema
+    """
+    CREATE TABLE sandboxes (
+        id               TEXT PRIMARY KEY,
+        template         TEXT NOT NULL,
+        state            TEXT NOT NULL,
+        vcpus            INTEGER NOT NULL,
+        memory_mb        INTEGER NOT NULL,
+        disk_mb          INTEGER,
+        timeout_s        INTEGER NOT NULL,
+        on_timeout       TEXT NOT NULL,
+        metadata         TEXT NOT NULL,
+        env              TEXT NOT NULL,
+        created_at       REAL NOT NULL,
+        last_active_at   REAL NOT NULL,
+        state_changed_at REAL NOT NULL,
+        host_ip          TEXT,
+        resources        TEXT NOT NULL,
+        leftovers        TEXT NOT NULL,
+        error            TEXT,
+        pause_failures   INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX sandboxes_state ON sandboxes(state);
+    CREATE INDEX sandboxes_template ON sandboxes(template);
+    CREATE TABLE templates (
+        name        TEXT PRIMARY KEY,
+        kind        TEXT NOT NULL,
+        path        TEXT NOT NULL,
+        vcpus       INTEGER NOT NULL,
+        memory_mb   INTEGER NOT NULL,
+        state       TEXT NOT NULL,
+        source      TEXT,
+        parent      TEXT,
+        size_bytes  INTEGER NOT NULL,
+        created_at  REAL NOT NULL,
+        manifest    TEXT NOT NULL
+    );
+    CREATE TABLE events (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts          REAL NOT NULL,
+        sandbox_id  TEXT,
+        kind        TEXT NOT NULL,
+        detail      TEXT NOT NULL
+    );
+    CREATE INDEX events_sandbox ON events(sandbox_id, seq);
+    """,
+)
+
+_SANDBOX_JSON = ("metadata", "env", "resources", "leftovers")
+_TEMPLATE_JSON = ("manifest",)
+
+
+class Event(dict[str, Any]):
+    """One entry of the event log: ``seq``, ``ts``, ``sandbox_id``, ``kind``, ``detail``."""
+
+
+class Store:
+    """The SQLite store. Thread-safe; use as a context manager or call :meth:`close`."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        try:
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    # -- plumbing ------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        for version, script in enumerate(MIGRATIONS, start=1):
+            if self.schema_version >= version:
+                continue
+            with self._lock:
+                try:
+                    self._db.executescript(
+                        f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {version}; COMMIT;"
+                    )
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+
+    # -- sandboxes -----------------------------------------------------------------------------------
+
+    def insert_sandbox(self, rec: SandboxRecord) -> None:
+        row = _sandbox_row(rec)
+        cols = ", ".join(row)
+        marks = ", ".join(f":{k}" for k in row)
+        try:
+            with self._tx() as db:
+                db.execute(f"INSERT INTO sandboxes ({cols}) VALUES ({marks})", row)
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"sandbox {rec.id} already exists") from exc
+
+    def save_sandbox(self, rec: SandboxRecord) -> None:
+        """Write the whole record (it must exist)."""
+        row = _sandbox_row(rec)
+        sets = ", ".join(f"{k} = :{k}" for k in row if k != "id")
+        with self._tx() as db:
+            if db.execute(f"UPDATE sandboxes SET {sets} WHERE id = :id", row).rowcount != 1:
+                raise NotFound(f"sandbox {rec.id} not found")
+
+    def get_sandbox(self, sandbox_id: str) -> SandboxRecord:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"sandbox {sandbox_id} not found")
+        return _sandbox_from_row(row)
+
+    def list_sandboxes(
+        self,
+        *,
+        states: set[SandboxState] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        template: str | None = None,
+    ) -> list[SandboxRecord]:
+        """Sandboxes in creation order; ``metadata`` matches records having all the given pairs."""
+        sql, args = "SELECT * FROM sandboxes", []
+        where = []
+        if states is not None:
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            args.extend(s.value for s in states)
+        if template is not None:
+            where.append("template = ?")
+            args.append(template)
+        for key, value in (metadata or {}).items():
+            where.append("json_extract(metadata, ?) = ?")
+            args.extend([f"$.{json.dumps(key)}", value])
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY created_at, id", args).fetchall()
+        return [_sandbox_from_row(r) for r in rows]
+
+    def delete_sandbox(self, sandbox_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+
+    # -- templates -----------------------------------------------------------------------------------
+
+    def insert_template(self, rec: TemplateRecord) -> None:
+        row = _template_row(rec)
+        cols = ", ".join(row)
+        marks = ", ".join(f":{k}" for k in row)
+        try:
+            with self._tx() as db:
+                db.execute(f"INSERT INTO templates ({cols}) VALUES ({marks})", row)
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"template {rec.name} already exists") from exc
+
+    def save_template(self, rec: TemplateRecord) -> None:
+        row = _template_row(rec)
+        sets = ", ".join(f"{k} = :{k}" for k in row if k != "name")
+        with self._tx() as db:
+            if db.execute(f"UPDATE templates SET {sets} WHERE name = :name", row).rowcount != 1:
+                raise NotFound(f"template {rec.name} not found")
+
+    def get_template(self, name: str) -> TemplateRecord:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM templates WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"template {name} not found")
+        return _template_from_row(row)
+
+    def list_templates(self, *, states: set[TemplateState] | None = None) -> list[TemplateRecord]:
+        sql, args = "SELECT * FROM templates", []
+        if states is not None:
+            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
+            args = [s.value for s in states]
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY created_at, name", args).fetchall()
+        return [_template_from_row(r) for r in rows]
+
+    def template_users(self, name: str) -> list[str]:
+        """What still depends on template ``name``: sandbox ids and child template names."""
+        with self._lock:
+            sandboxes = self._db.execute(
+                "SELECT id FROM sandboxes WHERE template = ? AND state != ?",
+                (name, SandboxState.DESTROYED.value),
+            ).fetchall()
+            children = self._db.execute("SELECT name FROM templates WHERE parent = ?", (name,)).fetchall()
+        return [f"sandbox {r[0]}" for r in sandboxes] + [f"template {r[0]}" for r in children]
+
+    def delete_template(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM templates WHERE name = ?", (name,))
+
+    # -- events --------------------------------------------------------------------------------------
+
+    def record_event(self, kind: str, sandbox_id: str | None = None, **detail: Any) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO events (ts, sandbox_id, kind, detail) VALUES (?, ?, ?, ?)",
+                (time.time(), sandbox_id, kind, json.dumps(detail, default=str)),
+            )
+
+    def events(self, *, sandbox_id: str | None = None, after: int = 0, limit: int = 1000) -> list[Event]:
+        sql = "SELECT * FROM events WHERE seq > ?"
+        args: list[Any] = [after]
+        if sandbox_id is not None:
+            sql += " AND sandbox_id = ?"
+            args.append(sandbox_id)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY seq LIMIT ?", [*args, limit]).fetchall()
+        return [Event(dict(r) | {"detail": json.loads(r["detail"])}) for r in rows]
+
+
+def _sandbox_row(rec: SandboxRecord) -> dict[str, Any]:
+    row = {f: getattr(rec, f) for f in rec.__slots__}  # type: ignore[attr-defined]
+    row["state"] = rec.state.value
+    for key in _SANDBOX_JSON:
+        row[key] = json.dumps(row[key], sort_keys=True)
+    return row
+
+
+def _sandbox_from_row(row: sqlite3.Row) -> SandboxRecord:
+    data = dict(row)
+    for key in _SANDBOX_JSON:
+        data[key] = json.loads(data[key])
+    data["state"] = SandboxState(data["state"])
+    return SandboxRecord(**data)
+
+
+def _template_row(rec: TemplateRecord) -> dict[str, Any]:
+    row = {f: getattr(rec, f) for f in rec.__slots__}  # type: ignore[attr-defined]
+    row["state"] = rec.state.value
+    for key in _TEMPLATE_JSON:
+        row[key] = json.dumps(row[key], sort_keys=True)
+    return row
+
+
+def _template_from_row(row: sqlite3.Row) -> TemplateRecord:
+    data = dict(row)
+    for key in _TEMPLATE_JSON:
+        data[key] = json.loads(data[key])
+    data["state"] = TemplateState(data["state"])
+    return TemplateRecord(**data)
