@@ -1,0 +1,115 @@
+"""The inactivity reaper: pauses (or kills) sandboxes nobody has used for their ``timeout``.
+
+Activity is any use of a sandbox through wrenbox (exec, files, pty, proxy, ping); the manager stamps
+``last_active_at`` and the reaper only reads it. A sandbox whose auto-pause fails is kept running and
+retried with exponential backoff; it is never destroyed because a pause failed. Expired sandboxes are
+handled concurrently (bounded), so one slow pause does not hold up the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import anyio
+
+from wrenbox.models import SandboxRecord, SandboxState
+
+__all__ = ["Reapable", "Reaper", "ReaperConfig"]
+
+log = logging.getLogger(__name__)
+
+
+class Reapable(Protocol):
+    """What the reaper needs from the manager."""
+
+    def list_running(self) -> list[SandboxRecord]: ...
+
+    async def expire(self, sandbox_id: str, action: str) -> None:
+        """Pause or kill ``sandbox_id`` because it timed out; must re-check that it still has."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReaperConfig:
+    interval_s: float = 1.0
+    concurrency: int = 2
+    backoff_initial_s: float = 2.0
+    backoff_max_s: float = 300.0
+
+
+class Reaper:
+    """Run with ``await reaper.run()`` in a task group; cancel the group to stop it."""
+
+    def __init__(
+        self,
+        target: Reapable,
+        config: ReaperConfig | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.target = target
+        self.config = config or ReaperConfig()
+        self.clock = clock
+        self._retry_at: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._busy: set[str] = set()
+        self._limit = anyio.Semaphore(self.config.concurrency)
+
+    def due(self) -> list[SandboxRecord]:
+        """Running sandboxes past their timeout and not waiting out a retry backoff."""
+        now = self.clock()
+        out = []
+        for rec in self.target.list_running():
+            if rec.state is not SandboxState.RUNNING or rec.timeout_s <= 0 or rec.id in self._busy:
+                continue
+            if now - rec.last_active_at < rec.timeout_s:
+                self._forget(rec.id)  # used again since the last failure: start afresh
+                continue
+            if self._retry_at.get(rec.id, 0.0) > now:
+                continue
+            out.append(rec)
+        return out
+
+    async def sweep(self) -> None:
+        """One pass: expire everything that is due, at most ``concurrency`` at a time."""
+        async with anyio.create_task_group() as tg:
+            for rec in self.due():
+                self._busy.add(rec.id)
+                tg.start_soon(self._expire, rec)
+
+    async def run(self) -> None:
+        while True:
+            await self.sweep()
+            await anyio.sleep(self.config.interval_s)
+
+    async def _expire(self, rec: SandboxRecord) -> None:
+        try:
+            async with self._limit:
+                await self.target.expire(rec.id, rec.on_timeout)
+        except Exception as exc:
+            n = self._failures.get(rec.id, 0) + 1
+            self._failures[rec.id] = n
+            delay = min(self.config.backoff_initial_s * 2 ** (n - 1), self.config.backoff_max_s)
+            self._retry_at[rec.id] = self.clock() + delay
+            log.warning(
+                "auto-%s of sandbox %s failed (attempt %d), retrying in %.0f s: %s",
+                rec.on_timeout,
+                rec.id,
+                n,
+                delay,
+                exc,
+            )
+        else:
+            self._forget(rec.id)
+        finally:
+            self._busy.discard(rec.id)
+
+    def _forget(self, sandbox_id: str) -> None:
+        self._retry_at.pop(sandbox_id, None)
+        self._failures.pop(sandbox_id, None)
+
+    def failures(self, sandbox_id: str) -> int:
+        return self._failures.get(sandbox_id, 0)

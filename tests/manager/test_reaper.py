@@ -1,0 +1,120 @@
+"""Reaper policy against a fake manager and a fake clock (the real-VM reaper test lives with the manager)."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from wrenbox.models import SandboxRecord, SandboxState
+from wrenbox.reaper import Reaper, ReaperConfig
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeManager:
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.records: dict[str, SandboxRecord] = {}
+        self.expired: list[tuple[str, str]] = []
+        self.fail: set[str] = set()
+        self.slow: set[str] = set()
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    def add(self, sid: str, timeout_s: int, idle_s: float, on_timeout: str = "pause") -> None:
+        self.records[sid] = SandboxRecord(
+            id=sid,
+            template="t",
+            state=SandboxState.RUNNING,
+            timeout_s=timeout_s,
+            on_timeout=on_timeout,
+            last_active_at=self.clock.now - idle_s,
+        )
+
+    def list_running(self) -> list[SandboxRecord]:
+        return [r for r in self.records.values() if r.state is SandboxState.RUNNING]
+
+    async def expire(self, sandbox_id: str, action: str) -> None:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if sandbox_id in self.slow:
+                await anyio.sleep(0.05)
+            if sandbox_id in self.fail:
+                raise RuntimeError("qmp timeout")
+            self.expired.append((sandbox_id, action))
+            self.records[sandbox_id].state = SandboxState.PAUSED
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def mgr(clock: FakeClock) -> FakeManager:
+    return FakeManager(clock)
+
+
+@pytest.mark.anyio
+async def test_only_idle_sandboxes_with_a_timeout_expire(mgr: FakeManager, clock: FakeClock) -> None:
+    mgr.add("idle0001", timeout_s=3, idle_s=5)
+    mgr.add("busy0001", timeout_s=3, idle_s=1)
+    mgr.add("never001", timeout_s=0, idle_s=10_000)
+    mgr.add("kill0001", timeout_s=3, idle_s=4, on_timeout="kill")
+    await Reaper(mgr, clock=clock).sweep()
+    assert sorted(mgr.expired) == [("idle0001", "pause"), ("kill0001", "kill")]
+
+
+@pytest.mark.anyio
+async def test_failed_pause_backs_off_and_is_never_a_destroy(mgr: FakeManager, clock: FakeClock) -> None:
+    reaper = Reaper(mgr, ReaperConfig(backoff_initial_s=2, backoff_max_s=5), clock=clock)
+    mgr.add("flaky001", timeout_s=3, idle_s=5)
+    mgr.fail.add("flaky001")
+    await reaper.sweep()
+    assert reaper.failures("flaky001") == 1
+    assert mgr.records["flaky001"].state is SandboxState.RUNNING
+    await reaper.sweep()  # within backoff: not retried
+    assert reaper.failures("flaky001") == 1
+    clock.now += 2.1
+    await reaper.sweep()
+    assert reaper.failures("flaky001") == 2
+    clock.now += 2.1  # backoff is now 4 s
+    await reaper.sweep()
+    assert reaper.failures("flaky001") == 2
+    mgr.fail.clear()
+    clock.now += 2.0
+    await reaper.sweep()
+    assert mgr.expired == [("flaky001", "pause")]
+    assert reaper.failures("flaky001") == 0
+
+
+@pytest.mark.anyio
+async def test_activity_resets_the_backoff(mgr: FakeManager, clock: FakeClock) -> None:
+    reaper = Reaper(mgr, clock=clock)
+    mgr.add("flaky001", timeout_s=3, idle_s=5)
+    mgr.fail.add("flaky001")
+    await reaper.sweep()
+    assert reaper.failures("flaky001") == 1
+    mgr.records["flaky001"].last_active_at = clock.now  # someone used it
+    await reaper.sweep()
+    assert reaper.failures("flaky001") == 0
+
+
+@pytest.mark.anyio
+async def test_expiries_run_concurrently_but_bounded(mgr: FakeManager, clock: FakeClock) -> None:
+    for i in range(5):
+        mgr.add(f"slow{i:04d}", timeout_s=1, idle_s=2)
+        mgr.slow.add(f"slow{i:04d}")
+    with anyio.fail_after(5):
+        await Reaper(mgr, ReaperConfig(concurrency=2), clock=clock).sweep()
+    assert len(mgr.expired) == 5
+    assert mgr.max_in_flight == 2
