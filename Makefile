@@ -25,5 +25,19 @@ lint: install
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 
+# Regenerate src/wrenbox/proto/ from proto/*.proto with protobuf-py's and connectrpc's protoc plugins
+# (versions matched to the runtime libraries; the generated code is committed).
+PROTO_GEN := $(VENV)/.proto-gen
+proto:
+	$(PY) -m pip install -q -e '.[proto]'
+	rm -rf $(PROTO_GEN) && mkdir -p $(PROTO_GEN)
+	$(PY) -m grpc_tools.protoc -I proto \
+		--plugin=protoc-gen-py=$(VENV)/bin/protoc-gen-py --py_out=$(PROTO_GEN) \
+		--plugin=protoc-gen-connectrpc=$(VENV)/bin/protoc-gen-connectrpc --connectrpc_out=$(PROTO_GEN) \
+		process/process.proto filesystem/filesystem.proto
+	rm -rf src/wrenbox/proto/process src/wrenbox/proto/filesystem
+	cp -r $(PROTO_GEN)/process $(PROTO_GEN)/filesystem src/wrenbox/proto/
+	rm -rf $(PROTO_GEN)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
