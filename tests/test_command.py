@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import pytest
 
-from wrenbox.command import arun, require_tool, run
+from wrenbox.command import arun, require_tool, run, spawn
 from wrenbox.errors import CommandFailed, MissingTool, Timeout
 
 
@@ -43,3 +47,25 @@ async def test_arun_mirrors_run() -> None:
         await arun(["sh", "-c", "exit 2"])
     with pytest.raises(Timeout):
         await arun(["sleep", "5"], timeout=0.2)
+
+
+def test_spawn_detaches_logs_and_is_tracked(tmp_path: Path) -> None:
+    log = tmp_path / "child.log"
+    ref = spawn(["sh", "-c", "echo out; echo err >&2; read x; exec sleep 30"], log=log)
+    try:
+        assert ref.alive()
+        assert os.getsid(ref.pid) == ref.pid  # its own session: survives us, signals do not reach it
+        deadline = time.monotonic() + 5
+        while log.read_bytes() != b"out\nerr\n" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert log.read_bytes() == b"out\nerr\n"  # stdin is /dev/null, so `read` returned at once
+    finally:
+        ref.terminate(grace=1)
+    assert not ref.alive()
+
+
+def test_spawn_failure_is_reported() -> None:
+    with pytest.raises(MissingTool):
+        spawn(["no-such-tool-xyz"], log=os.devnull)
+    with pytest.raises(CommandFailed, match="could not start"):
+        spawn(["/nonexistent/prog"], log=os.devnull)

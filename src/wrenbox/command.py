@@ -2,8 +2,8 @@
 
 ``run`` / ``arun`` run a program to completion and raise :class:`~wrenbox.errors.CommandFailed` with its
 stderr when it fails. ``require_tool`` turns a missing program into a :class:`~wrenbox.errors.MissingTool`
-that names the Debian package to install. Long-lived children (QEMU, ...) are tracked with
-:class:`wrenbox.pids.ProcessRef` instead.
+that names the Debian package to install. ``spawn`` starts a long-lived child (QEMU, ...) detached in its
+own session, output to a log file, and returns the :class:`wrenbox.pids.ProcessRef` that tracks it.
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from wrenbox.errors import CommandFailed, MissingTool, Timeout
+from wrenbox.pids import ProcessRef
 
-__all__ = ["Completed", "arun", "require_tool", "run"]
+__all__ = ["Completed", "arun", "require_tool", "run", "spawn"]
 
 # Programs wrenbox calls, and the Debian package that ships each one.
 PACKAGE_OF: dict[str, str] = {
     "qemu-system-x86_64": "qemu-system-x86",
     "qemu-img": "qemu-utils",
+    "nsenter": "util-linux",
     "debootstrap": "debootstrap",
     "busybox": "busybox-static",
     "cpio": "cpio",
@@ -144,3 +146,38 @@ async def arun(
     if check and proc.returncode != 0:
         raise CommandFailed(argv, proc.returncode, err.decode(errors="replace"))
     return done
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    log: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+) -> ProcessRef:
+    """Start a long-lived child in its own session, stdin from /dev/null, stdout+stderr appended to ``log``.
+
+    The child survives wrenbox (a restart adopts it through the returned ProcessRef). posix_spawn rather
+    than Popen: there is no Popen object to keep alive or to warn when dropped, and nothing runs between
+    fork and exec.
+    """
+    full = _resolve(argv)
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, os.fspath(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+        (os.POSIX_SPAWN_DUP2, 1, 2),
+    ]
+    try:
+        pid = os.posix_spawn(
+            full[0], full, dict(os.environ if env is None else env), file_actions=actions, setsid=True
+        )
+    except OSError as exc:
+        raise CommandFailed(argv, None, str(exc)) from exc
+    try:
+        return ProcessRef.of(pid)
+    except ProcessLookupError:
+        # Gone already (exec failed, e.g. a bad log path): reap it and report what it printed.
+        os.waitpid(pid, 0)
+        with open(log, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 2000))
+            tail = f.read().decode(errors="replace")
+        raise CommandFailed(argv, None, f"exited immediately: {tail}") from None
