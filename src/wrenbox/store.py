@@ -272,7 +272,8 @@ def _sandbox_row(rec: SandboxRecord) -> dict[str, Any]:
     row = {f: getattr(rec, f) for f in rec.__slots__}  # type: ignore[attr-defined]
     row["state"] = rec.state.value
     for key in _SANDBOX_JSON:
-        row[key] = json.dumps(row[key], sort_keys=True)
+        # Not sorted: the order of ``resources`` is the order of acquisition, which release reverses.
+        row[key] = json.dumps(row[key])
     return row
 
 

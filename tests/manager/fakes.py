@@ -1,0 +1,80 @@
+"""A fake Runtime for the manager's policy tests: it keeps 'host resources' in a set so tests can see
+exactly what is held, and passes the same fault points the real runtime does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from wrenbox import faults
+from wrenbox.ledger import Ledger
+from wrenbox.models import SandboxRecord, TemplateRecord
+
+
+class FakeEnvd:
+    def __init__(self) -> None:
+        self.block = anyio.Event()
+        self.blocked = anyio.Event()
+        self.calls: list[str] = []
+
+    async def exec(self, cmd: str, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append(cmd)
+        if cmd == "block":
+            self.blocked.set()
+            await self.block.wait()
+        return {"stdout": f"ran {cmd}", "output_cap": kwargs.get("output_cap")}
+
+
+class FakeRuntime:
+    def __init__(self) -> None:
+        self.held: set[str] = set()  # what exists on the "host"
+        self.templates: set[str] = set()
+        self.failing_release: set[str] = set()
+        self.envd_client = FakeEnvd()
+        self._ips = 0
+
+    def _acquire(self, ledger: Ledger, key: str, op: str) -> None:
+        ledger.hold(key, f"{ledger.rec.id}:{key}")
+        faults.point(f"{op}.{key}")
+        self.held.add(f"{ledger.rec.id}:{key}")
+
+    def _ip(self) -> str:
+        self._ips += 1
+        return f"10.11.0.{self._ips}"
+
+    async def start(self, rec: SandboxRecord, template: TemplateRecord, ledger: Ledger, *, cold: bool) -> str:
+        for key in ("slot", "disk", "vm"):
+            self._acquire(ledger, key, "create")
+        faults.point("create.ready")
+        return self._ip()
+
+    async def pause(self, rec: SandboxRecord, ledger: Ledger) -> None:
+        faults.point("pause.stop")
+        self._acquire(ledger, "snapshot", "pause")
+        faults.point("pause.written")
+        for key in ("vm", "slot"):
+            await ledger.release(key)
+
+    async def resume(self, rec: SandboxRecord, ledger: Ledger) -> str:
+        for key in ("slot", "vm"):
+            self._acquire(ledger, key, "resume")
+        faults.point("resume.ready")
+        return self._ip()
+
+    async def snapshot(self, rec: SandboxRecord, dest: Path, ledger: Ledger) -> dict[str, Any]:
+        faults.point("snapshot.write")
+        self.templates.add(dest.name)
+        return {"size_bytes": 1234}
+
+    async def release(self, rec: SandboxRecord, key: str, value: Any) -> None:
+        if key in self.failing_release:
+            raise OSError(f"{key} is busy")
+        self.held.discard(value)
+
+    async def delete_template(self, template: TemplateRecord) -> None:
+        self.templates.discard(template.name)
+
+    def envd(self, rec: SandboxRecord) -> FakeEnvd:
+        return self.envd_client
