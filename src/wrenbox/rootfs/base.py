@@ -1,0 +1,344 @@
+"""The copy-on-write root disk interface, the disk record, and base-image fingerprints.
+
+A *base image* is a raw filesystem image that wrenbox never writes to. A *disk* is one sandbox's
+writable view of a base image, at least as large as the base (the guest grows its filesystem online).
+Every backend turns ``create(base, disk_id, size)`` into a :class:`Disk` record that the manager
+persists; the record is all a later ``persist`` / ``restore`` / ``flatten`` / ``remove`` / ``reclaim``
+needs, in this process or after a restart.
+
+Base images are fingerprinted at create (size, inode, mtime and sha256). ``restore`` checks the cheap
+part first and re-hashes only when it differs, so an image that was modified is refused with
+:class:`~wrenbox.errors.CorruptData` instead of silently corrupting the disks built on it.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import hashlib
+import os
+import secrets
+import stat
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from wrenbox.command import Completed, arun
+from wrenbox.errors import AlreadyExists, CommandFailed, CorruptData, InvalidArgument, NotFound
+from wrenbox.names import validate_name
+
+if TYPE_CHECKING:
+    from wrenbox.config import Settings
+
+__all__ = [
+    "MAX_DISK_SIZE",
+    "SECTOR",
+    "BaseImage",
+    "Disk",
+    "DiskFormat",
+    "Fingerprints",
+    "RootfsBackend",
+    "RootfsConfig",
+    "Runner",
+]
+
+SECTOR = 512
+MAX_DISK_SIZE = 64 << 40  # far beyond any sandbox; catches unit mistakes (MiB passed as bytes, ...)
+
+
+class Runner(Protocol):
+    """How backends run host programs: :func:`wrenbox.command.arun` (tests inject a recording fake)."""
+
+    def __call__(
+        self,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        timeout: float | None = ...,
+        check: bool = ...,
+    ) -> Awaitable[Completed]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RootfsConfig:
+    """Where disks live and how patient device teardown is.
+
+    ``disks_dir`` holds every per-sandbox file (overlays, clones, CoW stores). For ``reflink`` it must
+    be on the same xfs/btrfs filesystem as the base images. ``image_roots`` are directories whose
+    files are base images wrenbox owns: read-only loop devices on them are reclaimed when unused.
+    """
+
+    disks_dir: Path
+    image_roots: tuple[Path, ...] = ()
+    dm_prefix: str = "wrenbox-"
+    remove_attempts: int = 5
+    remove_retry_delay: float = 0.2
+    command_timeout: float = 60.0
+    flatten_timeout: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.remove_attempts < 1 or self.remove_retry_delay < 0:
+            raise InvalidArgument("remove_attempts must be >= 1 and remove_retry_delay >= 0")
+        if not self.dm_prefix or "/" in self.dm_prefix or "@" in self.dm_prefix:
+            raise InvalidArgument(f"invalid dm_prefix {self.dm_prefix!r}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RootfsConfig:
+        return cls(
+            disks_dir=settings.data_dir / "disks",
+            image_roots=(settings.images_dir, settings.templates_dir),
+        )
+
+
+class DiskFormat(StrEnum):
+    RAW = "raw"
+    QCOW2 = "qcow2"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BaseImage(_Record):
+    """Identity of a base image: where it is, what it contains, and a cheap change detector."""
+
+    path: Path
+    size: int = Field(gt=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    device: int
+    inode: int
+    mtime_ns: int
+
+    def same_file_as(self, st: os.stat_result) -> bool:
+        """The fast path: nothing that writing to or replacing the file would change has changed."""
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (
+            self.device,
+            self.inode,
+            self.size,
+            self.mtime_ns,
+        )
+
+
+class Disk(_Record):
+    """A sandbox's root disk, as persisted by the manager (``model_dump_json`` / :meth:`from_json`).
+
+    ``path`` is what the VMM opens, in ``format``; ``store`` is the file holding the sandbox's own
+    data (the same file for qcow2/reflink/copy, the CoW store behind a dm device for dmsnapshot).
+    """
+
+    backend: str
+    id: str
+    path: Path
+    format: DiskFormat
+    store: Path
+    size: int = Field(gt=0)
+    base: BaseImage
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Disk:
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            raise CorruptData(f"unreadable disk record: {exc}") from exc
+
+
+@dataclass(slots=True)
+class Fingerprints:
+    """Computes base-image fingerprints, hashing each file version once per process."""
+
+    _known: dict[tuple[int, int, int, int], str] = field(default_factory=dict)
+
+    async def of(self, path: Path) -> BaseImage:
+        """Fingerprint the base image at ``path`` (NotFound / InvalidArgument when it is not one)."""
+        path = absolute(path)
+        st = _stat_image(path)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        digest = self._known.get(key)
+        if digest is None:
+            digest = await asyncio.to_thread(_sha256, path)
+            self._known[key] = digest
+        return BaseImage(
+            path=path,
+            size=st.st_size,
+            sha256=digest,
+            device=st.st_dev,
+            inode=st.st_ino,
+            mtime_ns=st.st_mtime_ns,
+        )
+
+    async def verify(self, base: BaseImage) -> BaseImage:
+        """Check ``base`` still holds what it held when recorded; CorruptData if it changed.
+
+        Returns the record with the current inode/mtime (a byte-identical copy put in its place
+        passes the full hash and is accepted).
+        """
+        st = _stat_image(base.path)
+        if base.same_file_as(st):
+            return base
+        current = await self.of(base.path)
+        if current.sha256 != base.sha256 or current.size != base.size:
+            raise CorruptData(
+                f"base image {base.path} changed since the disk was created "
+                f"(size {base.size} -> {current.size}, sha256 {base.sha256[:12]}… -> "
+                f"{current.sha256[:12]}…); disks built on it cannot be used"
+            )
+        return current
+
+
+def absolute(path: str | os.PathLike[str]) -> Path:
+    """``path`` made absolute against the working directory (symlinks kept, no I/O)."""
+    return Path(path).absolute()
+
+
+def _stat_image(path: Path) -> os.stat_result:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise NotFound(f"base image {path} does not exist") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidArgument(f"base image {path} is not a regular file")
+    if st.st_size == 0 or st.st_size % SECTOR:
+        raise InvalidArgument(f"base image {path} has size {st.st_size}; expected a multiple of {SECTOR}")
+    return st
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_size(size: int | None, base: BaseImage) -> int:
+    """The disk size for ``base``: ``size`` when valid, the base's size when None."""
+    if size is None:
+        return base.size
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise InvalidArgument(f"disk size must be an integer number of bytes, not {size!r}")
+    if size < base.size:
+        raise InvalidArgument(f"disk size {size} is smaller than its base image ({base.size} bytes)")
+    if size % SECTOR:
+        raise InvalidArgument(f"disk size {size} is not a multiple of {SECTOR} bytes")
+    if size > MAX_DISK_SIZE:
+        raise InvalidArgument(f"disk size {size} exceeds the maximum of {MAX_DISK_SIZE} bytes")
+    return size
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def atomic_output(dest: Path) -> AsyncIterator[Path]:
+    """A temporary path beside ``dest``; when the block succeeds it becomes ``dest``, complete and durable.
+
+    AlreadyExists if ``dest`` exists (images are immutable, never overwritten). On failure, or if the
+    block leaves nothing at the temporary path, the temporary is removed and ``dest`` never appears.
+    """
+    dest = absolute(dest)
+    if not dest.parent.is_dir():
+        raise NotFound(f"directory {dest.parent} does not exist")
+    if dest.exists() or dest.is_symlink():
+        raise AlreadyExists(f"{dest} already exists")
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        await asyncio.to_thread(fsync_path, tmp)
+        try:
+            # link, not rename: rename would silently replace a dest created meanwhile
+            os.link(tmp, dest)
+        except FileExistsError:
+            raise AlreadyExists(f"{dest} already exists") from None
+        await asyncio.to_thread(fsync_path, dest.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RootfsBackend(abc.ABC):
+    """One copy-on-write strategy. Methods are safe to call again after a crash (idempotent)."""
+
+    name: ClassVar[str]
+    format: ClassVar[DiskFormat]
+
+    def __init__(
+        self,
+        config: RootfsConfig,
+        *,
+        runner: Runner = arun,
+        fingerprints: Fingerprints | None = None,
+    ) -> None:
+        self.config = config
+        self._runner = runner
+        self.fingerprints = fingerprints or Fingerprints()
+
+    @abc.abstractmethod
+    async def create(self, base: Path | BaseImage, disk_id: str, size: int | None = None) -> Disk:
+        """A new disk of ``size`` bytes (default: the base's size) showing ``base``'s content.
+
+        ``base`` is a path (fingerprinted here) or a :class:`BaseImage` recorded earlier (verified).
+        AlreadyExists if ``disk_id`` has a disk; on failure nothing is left behind.
+        """
+
+    @abc.abstractmethod
+    async def persist(self, disk: Disk) -> Disk:
+        """Make the disk durable and independent of the VM process (called on pause, VM stopped)."""
+
+    @abc.abstractmethod
+    async def restore(self, disk: Disk) -> Disk:
+        """Make a persisted disk usable again at ``disk.path`` (on resume), after verifying its base."""
+
+    @abc.abstractmethod
+    async def flatten(self, disk: Disk, dest: Path) -> BaseImage:
+        """Write the disk's merged content to ``dest`` as a standalone sparse raw image (templates).
+
+        The disk must not be in use by a VM. ``dest`` appears only complete (atomically).
+        """
+
+    @abc.abstractmethod
+    async def remove(self, disk: Disk) -> None:
+        """Release everything the disk holds and delete its data. Removing twice is fine."""
+
+    @abc.abstractmethod
+    async def reclaim(self, in_use: Iterable[Disk]) -> list[str]:
+        """After a crash: release this backend's disks and devices not in ``in_use``; say what went."""
+
+    # Shared helpers -----------------------------------------------------------------------------
+
+    async def _base(self, base: Path | BaseImage) -> BaseImage:
+        if isinstance(base, BaseImage):
+            return await self.fingerprints.verify(base)
+        return await self.fingerprints.of(base)
+
+    def _check_id(self, disk_id: str) -> str:
+        return validate_name(disk_id, what="disk id")
+
+    def _check_own(self, disk: Disk) -> None:
+        if disk.backend != self.name:
+            raise InvalidArgument(
+                f"disk {disk.id} belongs to the {disk.backend!r} backend, not {self.name!r}"
+            )
+        self._check_id(disk.id)
+
+    async def _try(
+        self, argv: Sequence[str], *, input: bytes | None = None, timeout: float | None = None
+    ) -> Completed:
+        """Run a command whose failure the caller interprets (exit status, stderr)."""
+        timeout = timeout or self.config.command_timeout
+        return await self._runner(argv, input=input, timeout=timeout, check=False)
+
+    async def _run(
+        self, argv: Sequence[str], *, input: bytes | None = None, timeout: float | None = None
+    ) -> Completed:
+        """Run a command; CommandFailed (with its stderr) when it exits non-zero."""
+        done = await self._try(argv, input=input, timeout=timeout)
+        if done.returncode != 0:
+            raise CommandFailed(argv, done.returncode, done.stderr.decode(errors="replace"))
+        return done
