@@ -1,0 +1,51 @@
+"""Which slot indices are taken. In memory; rebuilt at start from the persisted sandboxes via ``reserve``."""
+
+from __future__ import annotations
+
+import threading
+
+from wrenbox.errors import AlreadyExists, InvalidArgument, Unavailable
+
+__all__ = ["SlotAllocator"]
+
+
+class SlotAllocator:
+    """Hands out slot indices ``1 … capacity``, lowest free first. Thread-safe."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise InvalidArgument(f"slot capacity must be at least 1, got {capacity}")
+        self.capacity = capacity
+        self._used: set[int] = set()
+        self._lock = threading.Lock()
+
+    def allocate(self) -> int:
+        """The lowest free index; Unavailable when every slot is taken."""
+        with self._lock:
+            for index in range(1, self.capacity + 1):
+                if index not in self._used:
+                    self._used.add(index)
+                    return index
+        raise Unavailable(f"no free network slots (all {self.capacity} in use)")
+
+    def reserve(self, index: int) -> None:
+        """Mark ``index`` taken (reconcile at start); AlreadyExists if it already is."""
+        self._check(index)
+        with self._lock:
+            if index in self._used:
+                raise AlreadyExists(f"network slot {index} is already in use")
+            self._used.add(index)
+
+    def release(self, index: int) -> None:
+        """Give ``index`` back. Releasing a free slot does nothing, so undo steps may run twice."""
+        self._check(index)
+        with self._lock:
+            self._used.discard(index)
+
+    def in_use(self) -> frozenset[int]:
+        with self._lock:
+            return frozenset(self._used)
+
+    def _check(self, index: int) -> None:
+        if not isinstance(index, int) or isinstance(index, bool) or not 1 <= index <= self.capacity:
+            raise InvalidArgument(f"invalid network slot {index!r}: expected 1 … {self.capacity}")

@@ -1,0 +1,158 @@
+"""nftables rules: one static table on the host, one table per slot namespace.
+
+The host table (``inet <prefix>``) matches slot veths by name wildcard (``<prefix>-v*``), so it never
+changes when slots come and go: a half-created slot is filtered from its first packet, and removing or
+reclaiming a slot leaves no rule or element behind. It enforces what a guest must never do,
+whatever its own policy says: reach the host, reach another slot, or spoof its source.
+
+The slot table lives inside the slot namespace and disappears with it. It NATs host ↔ guest, and
+holds the sandbox's egress policy: its allow list, its deny list, then the configured default-deny
+ranges (private and metadata space), in that order, so an allow entry can open a private range but
+nothing in the slot can open the host or another slot.
+
+Rules are applied with one ``nft -f -`` transaction per operation (atomic: all or nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+
+from wrenbox.command import run
+from wrenbox.network.plan import GUEST_IP, NS_VETH, TAP, NetworkConfig, NetworkSlot, parse_cidrs
+
+__all__ = [
+    "EgressPolicy",
+    "apply_egress",
+    "apply_slot_rules",
+    "host_ruleset",
+    "install_host_table",
+    "remove_host_table",
+    "slot_ruleset",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class EgressPolicy:
+    """A sandbox's outbound rules, as IPv4 CIDRs (strings are parsed). Allow wins over deny."""
+
+    allow: tuple[IPv4Network, ...] = ()
+    deny: tuple[IPv4Network, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allow", parse_cidrs(self.allow, "egress allow list"))
+        object.__setattr__(self, "deny", parse_cidrs(self.deny, "egress deny list"))
+
+
+def _elements(nets: Iterable[IPv4Network]) -> str:
+    return ", ".join(str(n.network_address) if n.prefixlen == 32 else str(n) for n in nets)
+
+
+def _set(name: str, nets: Iterable[IPv4Network]) -> str:
+    items = _elements(nets)
+    elements = f" elements = {{ {items} }};" if items else ""
+    return f"set {name} {{ type ipv4_addr; flags interval; auto-merge;{elements} }}"
+
+
+def _nft(ruleset: str) -> None:
+    run(["nft", "-f", "-"], input=ruleset.encode(), timeout=30.0)
+
+
+def _replace_table(name: str, body: str) -> str:
+    # Declaring the table first makes the delete valid when it does not exist yet; the whole
+    # file is one transaction, so the table is never seen missing or half-built.
+    return f"table inet {name} {{}}\ndelete table inet {name}\ntable inet {name} {{\n{body}}}\n"
+
+
+def host_ruleset(config: NetworkConfig) -> str:
+    veths = f'"{config.prefix}-v*"'
+    transfer, host = config.transfer_range, config.host_range
+    return _replace_table(
+        config.prefix,
+        f"""\
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname {veths} ct state established,related accept
+    iifname {veths} counter drop comment "guest to host"
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    iifname {veths} oifname {veths} counter drop comment "slot to slot"
+    oifname {veths} ct state established,related accept
+    oifname {veths} counter drop comment "unsolicited traffic into a slot"
+    iifname {veths} meta nfproto != ipv4 counter drop comment "guest ipv6"
+    iifname {veths} ip saddr != {transfer} counter drop comment "spoofed source"
+    iifname {veths} ip daddr {{ {host}, {transfer} }} counter drop comment "wrenbox ranges"
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr {transfer} oifname != {veths} masquerade
+  }}
+""",
+    )
+
+
+def slot_ruleset(config: NetworkConfig, slot: NetworkSlot, egress: EgressPolicy) -> str:
+    eth, tap = f'"{NS_VETH}"', f'"{TAP}"'
+    return _replace_table(
+        config.prefix,
+        f"""\
+  {_set("allow", egress.allow)}
+  {_set("deny", egress.deny)}
+  {_set("default_deny", config.deny_ranges)}
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname {eth} ip daddr {slot.host_ip} dnat ip to {GUEST_IP}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname {eth} ip saddr {GUEST_IP} snat ip to {slot.ns_veth_ip}
+  }}
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname {tap} ct state established,related accept
+    iifname {tap} counter drop comment "guest to slot namespace"
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+    iifname {eth} oifname {tap} ip daddr {GUEST_IP} ct status dnat accept
+    iifname {tap} oifname {eth} ip saddr {GUEST_IP} jump egress
+    counter comment "dropped by policy"
+  }}
+  chain egress {{
+    ip daddr @allow accept
+    ip daddr @deny counter drop comment "deny list"
+    ip daddr @default_deny counter drop comment "default deny"
+    accept
+  }}
+""",
+    )
+
+
+def install_host_table(config: NetworkConfig) -> None:
+    """Create or atomically replace the host table (idempotent)."""
+    _nft(host_ruleset(config))
+
+
+def remove_host_table(config: NetworkConfig) -> None:
+    """Delete the host table if it exists (idempotent). Never touches any other table."""
+    _nft(f"table inet {config.prefix} {{}}\ndelete table inet {config.prefix}\n")
+
+
+def apply_slot_rules(config: NetworkConfig, slot: NetworkSlot, egress: EgressPolicy) -> None:
+    """Install the slot table. Call inside the slot namespace."""
+    _nft(slot_ruleset(config, slot, egress))
+
+
+def apply_egress(config: NetworkConfig, egress: EgressPolicy) -> None:
+    """Replace the allow and deny lists in one transaction. Call inside the slot namespace."""
+    table = f"inet {config.prefix}"
+    lines = [f"flush set {table} allow", f"flush set {table} deny"]
+    lines += [
+        f"add element {table} {name} {{ {_elements(nets)} }}"
+        for name, nets in (("allow", egress.allow), ("deny", egress.deny))
+        if nets
+    ]
+    _nft("\n".join(lines) + "\n")

@@ -1,0 +1,187 @@
+"""The network of a wrenbox host: set it up once, then create and remove slots.
+
+Typical use by the sandbox manager::
+
+    network = Network(NetworkConfig())
+    await network.setup()                      # at start: checks ranges, host table, ip_forward
+    await network.reclaim(in_use={...})        # at start: drop what a crash left behind
+    index = allocator.allocate()
+    slot = network.slot(index)
+    await network.create(slot, EgressPolicy(deny=["0.0.0.0/0"], allow=["1.1.1.1"]))
+    ...                                        # QEMU runs inside slot.netns, host talks to slot.host_ip
+    await network.remove(slot)
+
+The methods are async and run the (short, blocking) netlink and nft work on a worker thread. A
+cancelled ``create`` removes whatever it had built before re-raising.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from functools import partial
+from pathlib import Path
+
+import anyio
+
+from wrenbox.command import require_tool
+from wrenbox.errors import Conflict, InvalidArgument, WrenboxError
+from wrenbox.network.firewall import (
+    EgressPolicy,
+    apply_egress,
+    apply_slot_rules,
+    install_host_table,
+    remove_host_table,
+)
+from wrenbox.network.links import (
+    add_veth_pair,
+    configure_host_veth,
+    configure_slot_netns,
+    delete_link,
+    link_names,
+    overlapping_routes,
+)
+from wrenbox.network.netns import (
+    call_in_netns,
+    create_netns,
+    list_netns,
+    open_netns,
+    remove_netns,
+    write_sysctl,
+)
+from wrenbox.network.plan import NetworkConfig, NetworkSlot
+from wrenbox.rollback import Rollback
+
+__all__ = ["Network"]
+
+log = logging.getLogger(__name__)
+
+_IP_FORWARD = "net/ipv4/ip_forward"
+
+
+class Network:
+    def __init__(self, config: NetworkConfig | None = None) -> None:
+        self.config = config or NetworkConfig()
+
+    def slot(self, index: int) -> NetworkSlot:
+        """The plan of slot ``index`` (names and addresses; nothing is created)."""
+        return self.config.slot(index)
+
+    async def setup(self) -> None:
+        """Check the ranges against the host's routes, enable forwarding, install the host table.
+
+        Conflict if a host route overlaps a wrenbox range. Idempotent.
+        """
+        await anyio.to_thread.run_sync(self._setup)
+
+    async def teardown(self) -> None:
+        """Remove every slot of this prefix and the host table (uninstall; the inverse of ``setup``)."""
+        await anyio.to_thread.run_sync(self._teardown)
+
+    async def create(self, slot: NetworkSlot, egress: EgressPolicy | None = None) -> None:
+        """Build ``slot``: namespace, veth pair, tap, routes, NAT and filtering.
+
+        AlreadyExists (and nothing changed) if its namespace exists. On failure everything built so
+        far is removed again.
+        """
+        egress = egress or EgressPolicy()
+        try:
+            await anyio.to_thread.run_sync(self._create, slot, egress)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._remove, slot)
+            raise
+
+    async def remove(self, slot: NetworkSlot) -> None:
+        """Remove ``slot``; works on half-created and already-removed slots. Every step is attempted."""
+        await anyio.to_thread.run_sync(self._remove, slot)
+
+    async def reclaim(self, in_use: Iterable[int]) -> list[int]:
+        """Remove every slot of this prefix whose index is not in ``in_use``; return their indices.
+
+        Run it at start, before any create: a slot being created concurrently would be removed.
+        Slots in ``in_use`` are left exactly as they are.
+        """
+        return await anyio.to_thread.run_sync(self._reclaim, frozenset(in_use))
+
+    async def set_egress(self, slot: NetworkSlot, egress: EgressPolicy) -> None:
+        """Replace the slot's egress allow/deny lists atomically (open connections are not cut)."""
+        self._check_names(slot)
+        await anyio.to_thread.run_sync(partial(call_in_netns, slot.netns, apply_egress, self.config, egress))
+
+    # -- blocking work, on a worker thread ------------------------------------------------------
+
+    def _setup(self) -> None:
+        require_tool("nft")
+        config = self.config
+        clashes = overlapping_routes(
+            (config.host_range, config.transfer_range),
+            ours=lambda dev: config.index_of_veth(dev) is not None,
+        )
+        if clashes:
+            raise Conflict(
+                "wrenbox network ranges collide with host routes: "
+                + "; ".join(clashes)
+                + ". Choose other host_range/transfer_range in the network settings."
+            )
+        if Path("/proc/sys", _IP_FORWARD).read_text().strip() != "1":
+            log.info("enabling IPv4 forwarding on the host (sandbox egress needs it)")
+            write_sysctl(_IP_FORWARD, "1")
+        install_host_table(config)
+
+    def _teardown(self) -> None:
+        self._reclaim(frozenset())
+        remove_host_table(self.config)
+
+    def _create(self, slot: NetworkSlot, egress: EgressPolicy) -> None:
+        if slot != self.config.slot(slot.index):
+            raise InvalidArgument(f"network slot {slot!r} does not match this host's network configuration")
+        with Rollback(f"network slot {slot.index}") as rollback:
+            create_netns(slot.netns)
+            rollback.push(f"network namespace {slot.netns}", remove_netns, slot.netns)
+            fd = open_netns(slot.netns)
+            try:
+                add_veth_pair(slot, fd)
+            finally:
+                os.close(fd)
+            rollback.push(f"link {slot.host_veth}", delete_link, slot.host_veth)
+            call_in_netns(slot.netns, self._configure_inside, slot, egress)
+            configure_host_veth(slot)
+            rollback.commit()
+
+    def _configure_inside(self, slot: NetworkSlot, egress: EgressPolicy) -> None:
+        configure_slot_netns(slot)
+        apply_slot_rules(self.config, slot, egress)
+        write_sysctl(_IP_FORWARD, "1")  # per namespace: lets the slot route tap0 <-> eth0
+
+    def _remove(self, slot: NetworkSlot) -> None:
+        self._check_names(slot)
+        self._remove_names(slot.netns, slot.host_veth)
+
+    def _remove_names(self, netns: str, veth: str) -> None:
+        # Deleting the veth first cuts the slot off at once, even while a VM still holds the namespace.
+        errors: list[WrenboxError] = []
+        for step, name in ((delete_link, veth), (remove_netns, netns)):
+            try:
+                step(name)
+            except WrenboxError as exc:
+                errors.append(exc)
+        if errors:
+            raise WrenboxError("; ".join(e.message for e in errors)) from errors[0]
+
+    def _reclaim(self, in_use: frozenset[int]) -> list[int]:
+        config = self.config
+        found = {config.index_of_netns(name) for name in list_netns()}
+        found |= {config.index_of_veth(name) for name in link_names()}
+        stale = sorted(i for i in found if i is not None and i not in in_use)
+        for index in stale:
+            log.info("reclaiming stale network slot %d", index)
+            self._remove_names(config.netns_name(index), config.veth_name(index))
+        return stale
+
+    def _check_names(self, slot: NetworkSlot) -> None:
+        config = self.config
+        ours = config.index_of_netns(slot.netns) == config.index_of_veth(slot.host_veth) == slot.index
+        if not ours:
+            raise InvalidArgument(f"network slot {slot!r} was not made with prefix {config.prefix!r}")

@@ -1,0 +1,230 @@
+"""Addressing of network slots: what slot *i* is called and which addresses it uses.
+
+Pure arithmetic, no side effects. Every sandbox gets a slot; a slot is a network namespace holding
+the VM's ``tap0`` and the namespace end (``eth0``) of a veth pair whose other end sits on the host::
+
+    host                         slot netns "wrenbox-ns-7"                 guest (VM)
+    wrenbox-v7 10.12.0.14/31 ─── eth0 10.12.0.15/31
+    route 10.11.0.7/32 via .15   DNAT 10.11.0.7 → 169.254.0.21
+                                 tap0 169.254.0.22/30, TAP_MAC ─────────── 169.254.0.21/30, GUEST_MAC
+
+The guest side is identical in every slot (addresses and both MACs): a snapshot taken in one slot
+carries the guest's IP configuration and its ARP entry for the gateway, and must work unchanged when
+restored into any other slot. Only the host side differs per slot.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
+
+from wrenbox.errors import InvalidArgument
+
+__all__ = [
+    "DEFAULT_DENY",
+    "GATEWAY_IP",
+    "GUEST_IP",
+    "GUEST_MAC",
+    "GUEST_NETWORK",
+    "NS_VETH",
+    "TAP",
+    "TAP_MAC",
+    "NetworkConfig",
+    "NetworkSlot",
+    "kernel_ip_arg",
+    "parse_cidrs",
+]
+
+GUEST_NETWORK = IPv4Network("169.254.0.20/30")
+GUEST_IP = IPv4Address("169.254.0.21")
+GATEWAY_IP = IPv4Address("169.254.0.22")
+GUEST_MAC = "02:fc:00:00:00:05"
+TAP_MAC = "02:fc:00:00:00:06"
+TAP = "tap0"
+NS_VETH = "eth0"
+
+DEFAULT_HOST_RANGE = IPv4Network("10.11.0.0/16")
+DEFAULT_TRANSFER_RANGE = IPv4Network("10.12.0.0/16")
+
+# Egress a guest may not reach unless its allow list names it: the non-public IPv4 space (RFC 6890),
+# which covers the host's LAN, cloud metadata (169.254.169.254) and wrenbox's own ranges.
+DEFAULT_DENY: tuple[IPv4Network, ...] = tuple(
+    IPv4Network(n)
+    for n in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",
+        "192.168.0.0/16",
+        "198.18.0.0/15",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+    )
+)
+
+# Short enough that "<prefix>-v<5 digits>" fits IFNAMSIZ (15 characters), and a valid nft identifier.
+_PREFIX = re.compile(r"[a-z][a-z0-9]{0,7}")
+_MAX_INDEX = 99_999
+_NETNS_NAME = re.compile(r"[a-z][a-z0-9]{0,7}-ns-[1-9][0-9]{0,4}")
+_VETH_NAME = re.compile(r"[a-z][a-z0-9]{0,7}-v[1-9][0-9]{0,4}")
+
+
+def kernel_ip_arg(device: str = "eth0") -> str:
+    """The guest kernel's ``ip=`` argument that configures the fixed guest address at boot."""
+    mask = GUEST_NETWORK.netmask
+    return f"ip={GUEST_IP}::{GATEWAY_IP}:{mask}::{device}:off"
+
+
+def _network(value: object, what: str) -> IPv4Network:
+    try:
+        net = ip_network(value, strict=True)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(
+            f"invalid {what} {value!r}: expected an IPv4 CIDR like 10.0.0.0/8; {exc}"
+        ) from None
+    if not isinstance(net, IPv4Network):
+        raise InvalidArgument(f"invalid {what} {value!r}: only IPv4 is supported")
+    return net
+
+
+def parse_cidrs(values: Iterable[object], what: str, limit: int = 4096) -> tuple[IPv4Network, ...]:
+    """Parse IPv4 addresses or CIDRs (``"1.2.3.4"`` is ``1.2.3.4/32``); InvalidArgument on anything else."""
+    if isinstance(values, str | bytes):
+        raise InvalidArgument(f"invalid {what}: expected a list of CIDRs, got a single string")
+    nets = tuple(_network(v, what) for v in values)
+    if len(nets) > limit:
+        raise InvalidArgument(f"too many entries in {what}: {len(nets)} > {limit}")
+    return nets
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkConfig:
+    """Where slots live. Strings are accepted for the ranges and parsed.
+
+    ``prefix`` names everything wrenbox creates on the host (namespaces ``<prefix>-ns-<i>``, host veths
+    ``<prefix>-v<i>``, the nftables table ``inet <prefix>``), so reclaim can find exactly what is
+    ours. ``host_range`` supplies one host-reachable address per slot, ``transfer_range`` one /31
+    per slot for the veth pair. ``deny_ranges`` are the egress destinations refused unless a
+    sandbox's allow list names them.
+    """
+
+    prefix: str = "wrenbox"
+    host_range: IPv4Network = DEFAULT_HOST_RANGE
+    transfer_range: IPv4Network = DEFAULT_TRANSFER_RANGE
+    max_slots: int | None = None
+    deny_ranges: tuple[IPv4Network, ...] = field(default=DEFAULT_DENY)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prefix, str) or not _PREFIX.fullmatch(self.prefix):
+            raise InvalidArgument(
+                f"invalid network prefix {self.prefix!r}: "
+                "1-8 lowercase letters or digits, starting with a letter"
+            )
+        host = _network(self.host_range, "host_range")
+        transfer = _network(self.transfer_range, "transfer_range")
+        object.__setattr__(self, "host_range", host)
+        object.__setattr__(self, "transfer_range", transfer)
+        object.__setattr__(self, "deny_ranges", parse_cidrs(self.deny_ranges, "deny_ranges"))
+        for a, b in ((host, transfer), (host, GUEST_NETWORK), (transfer, GUEST_NETWORK)):
+            if a.overlaps(b):
+                raise InvalidArgument(f"network ranges {a} and {b} overlap")
+        if self.max_slots is not None and (not isinstance(self.max_slots, int) or self.max_slots < 1):
+            raise InvalidArgument(f"invalid max_slots {self.max_slots!r}: expected a positive integer")
+        if self.capacity < 1:
+            raise InvalidArgument(f"network ranges {host} and {transfer} are too small for a single slot")
+
+    @property
+    def capacity(self) -> int:
+        """Number of slots; valid indices are ``1 … capacity``."""
+        fits = min(
+            self.host_range.num_addresses - 2,  # neither the network nor the broadcast address
+            self.transfer_range.num_addresses // 2 - 1,  # the first /31 is left unused
+            _MAX_INDEX,
+        )
+        return fits if self.max_slots is None else min(fits, self.max_slots)
+
+    def check_index(self, index: object) -> int:
+        if not isinstance(index, int) or isinstance(index, bool) or not 1 <= index <= self.capacity:
+            raise InvalidArgument(f"invalid network slot {index!r}: expected 1 … {self.capacity}")
+        return index
+
+    def netns_name(self, index: int) -> str:
+        return f"{self.prefix}-ns-{index}"
+
+    def veth_name(self, index: int) -> str:
+        return f"{self.prefix}-v{index}"
+
+    def index_of_netns(self, name: str) -> int | None:
+        """The slot index of a namespace name that is ours, else None."""
+        return _index(name, f"{self.prefix}-ns-")
+
+    def index_of_veth(self, name: str) -> int | None:
+        return _index(name, f"{self.prefix}-v")
+
+    def slot(self, index: int) -> NetworkSlot:
+        """The plan of slot ``index`` (InvalidArgument if out of range)."""
+        self.check_index(index)
+        pair = self.transfer_range.network_address + 2 * index
+        return NetworkSlot(
+            index=index,
+            netns=self.netns_name(index),
+            host_veth=self.veth_name(index),
+            host_veth_ip=pair,
+            ns_veth_ip=pair + 1,
+            host_ip=self.host_range.network_address + index,
+        )
+
+
+def _index(name: str, prefix: str) -> int | None:
+    digits = name.removeprefix(prefix)
+    if digits == name or not digits.isdigit() or digits.startswith("0") or len(digits) > 5:
+        return None
+    return int(digits)
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkSlot:
+    """One slot's names and addresses. Persist it with :meth:`to_dict`; the guest side is in the constants."""
+
+    index: int
+    netns: str
+    host_veth: str
+    host_veth_ip: IPv4Address
+    ns_veth_ip: IPv4Address
+    host_ip: IPv4Address
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "index": self.index,
+            "netns": self.netns,
+            "host_veth": self.host_veth,
+            "host_veth_ip": str(self.host_veth_ip),
+            "ns_veth_ip": str(self.ns_veth_ip),
+            "host_ip": str(self.host_ip),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> NetworkSlot:
+        """Rebuild a persisted slot; InvalidArgument if a field is missing or malformed."""
+        try:
+            index = data["index"]
+            names = {k: data[k] for k in ("netns", "host_veth")}
+            addrs = {k: ip_address(data[k]) for k in ("host_veth_ip", "ns_veth_ip", "host_ip")}  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidArgument(f"invalid persisted network slot {dict(data)!r}: {exc}") from None
+        if (
+            not isinstance(index, int)
+            or not isinstance(names["netns"], str)
+            or not isinstance(names["host_veth"], str)
+            or not _NETNS_NAME.fullmatch(names["netns"])
+            or not _VETH_NAME.fullmatch(names["host_veth"])
+        ):
+            raise InvalidArgument(f"invalid persisted network slot {dict(data)!r}")
+        if any(not isinstance(a, IPv4Address) for a in addrs.values()):
+            raise InvalidArgument(f"invalid persisted network slot {dict(data)!r}: IPv4 only")
+        return cls(index=index, **names, **addrs)  # type: ignore[arg-type]
