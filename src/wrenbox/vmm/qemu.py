@@ -1,0 +1,370 @@
+"""The QEMU driver: microVMs with ``-M microvm,acpi=on``, TCG where KVM does not work, driven over QMP.
+
+Guest RAM is always a ``memory-backend-file``. A VM with its own RAM file (``share=on``) pauses in tens of
+milliseconds: ``stop``, then the device state alone goes out through migration with ``x-ignore-shared``
+(the RAM file already holds the memory). A clone mapping a template's file privately (``share=off``)
+sends its RAM through the state file instead. Restores start QEMU with ``-incoming defer`` and load the
+state with ``migrate-incoming``; a restore needs no kernel. QEMU 7.2 has no ``file:`` migration URI, so
+state goes through ``exec:cat``.
+
+Facts this relies on (``research/lab-qemu.md``): microvm finds its virtio-mmio devices through ACPI only;
+under TCG the guest kernel needs ``tsc_early_khz=<host TSC kHz>`` (it hangs calibrating otherwise) and
+``tsc=reliable`` (all vCPUs read the one host TSC).
+
+Each VM's files live in the caller's ``run_dir``: ``qmp.sock`` (the monitor), ``console.log`` (guest
+serial console, appended across restores), ``qemu.log`` (QEMU's own stdout/stderr).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from wrenbox.command import arun, require_tool, spawn
+from wrenbox.errors import InvalidArgument, NotFound, Unsupported, WrenboxError
+from wrenbox.pids import ProcessRef
+from wrenbox.vmm.base import (
+    SNAPSHOT_STATE,
+    Driver,
+    Machine,
+    Snapshot,
+    SnapshotKind,
+    SnapshotMeta,
+    Vm,
+    VmConfig,
+)
+from wrenbox.vmm.qmp import Qmp, session
+
+__all__ = ["QemuConfig", "QemuDriver", "QemuVm", "qemu_argv"]
+
+log = logging.getLogger(__name__)
+
+# Bump when the fixed part of the command line changes (device set or order): snapshots taken with another
+# layout would not load, so they are refused by name.
+MACHINE_LAYOUT = "microvm-acpi/1"
+QMP_SOCKET = "qmp.sock"
+CONSOLE_LOG = "console.log"
+QEMU_LOG = "qemu.log"
+_SUN_PATH_MAX = 107
+_VERSION = re.compile(rb"QEMU emulator version (\S+)")
+
+
+@dataclass(frozen=True, slots=True)
+class QemuConfig:
+    """How this host runs QEMU. ``accel`` is ``kvm`` only where the host probe proved KVM runs a guest;
+    ``tsc_khz`` (the host TSC frequency, also from the probe) is required to cold-boot under TCG."""
+
+    accel: Literal["tcg", "kvm"] = "tcg"
+    tsc_khz: int | None = None
+    binary: str = "qemu-system-x86_64"
+    start_timeout_s: float = 10.0
+    command_timeout_s: float = 10.0
+    quit_timeout_s: float = 3.0
+    kill_grace_s: float = 3.0
+    # State files are written at this rate limit (QEMU's default of 32 MiB/s made a 100 MiB save take
+    # 0.7 s instead of 0.17 s); timeouts assume at least the slower rate below.
+    migrate_max_bandwidth: int = 32 << 30
+    migrate_min_rate: int = 50 << 20
+
+    def __post_init__(self) -> None:
+        if self.accel not in ("tcg", "kvm"):
+            raise InvalidArgument(f"unknown accelerator {self.accel!r}; expected 'tcg' or 'kvm'")
+        if self.tsc_khz is not None and not 0 < self.tsc_khz < 100_000_000:
+            raise InvalidArgument(f"implausible TSC frequency {self.tsc_khz} kHz")
+
+    def transfer_timeout(self, nbytes: int) -> float:
+        return self.command_timeout_s + nbytes / self.migrate_min_rate
+
+
+def _esc(value: object) -> str:
+    """A value inside a QEMU ``key=value,...`` option (commas are doubled)."""
+    return str(value).replace(",", ",,")
+
+
+def qemu_argv(config: VmConfig, qemu: QemuConfig, *, incoming: bool) -> list[str]:
+    """The QEMU command line for ``config``: a cold boot, or a restore waiting for its state."""
+    m, run, memory = config.machine, config.run_dir, config.memory
+    argv = [
+        qemu.binary,
+        "-M", "microvm,acpi=on,memory-backend=ram0",
+        "-accel", qemu.accel,
+        "-cpu", "max" if qemu.accel == "tcg" else "host",
+        "-smp", str(m.vcpus),
+        "-m", f"{m.memory_mib}M",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-object",
+        f"memory-backend-file,id=ram0,size={m.memory_mib}M,mem-path={_esc(memory.path)},"
+        f"share={'off' if memory.private else 'on'}",
+        "-chardev", f"file,id=console,path={_esc(run / CONSOLE_LOG)},append=on",
+        "-serial", "chardev:console",
+        "-qmp", f"unix:{_esc(run / QMP_SOCKET)},server=on,wait=off",
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-device,rng=rng0",
+    ]  # fmt: skip
+    for i, drive in enumerate(m.drives):
+        argv += [
+            "-drive",
+            f"id=disk{i},file={_esc(drive.path)},format={drive.format},if=none"
+            + (",readonly=on" if drive.read_only else ""),
+            "-device", f"virtio-blk-device,drive=disk{i}",
+        ]  # fmt: skip
+    for i, nic in enumerate(m.nics):
+        argv += [
+            "-netdev", f"tap,id=net{i},ifname={nic.tap},script=no,downscript=no",
+            "-device", f"virtio-net-device,netdev=net{i},mac={nic.mac}",
+        ]  # fmt: skip
+    if m.balloon:
+        argv += ["-device", "virtio-balloon-device,free-page-reporting=on"]
+    if incoming:
+        return [*argv, "-incoming", "defer"]
+    kernel = config.kernel
+    if kernel is None:
+        raise InvalidArgument("a cold boot needs a kernel")
+    if qemu.accel == "tcg" and qemu.tsc_khz is None:
+        raise Unsupported("cold boot under TCG needs the host TSC frequency (run `wrenbox doctor`)")
+    clock = f"tsc_early_khz={qemu.tsc_khz} tsc=reliable " if qemu.accel == "tcg" else ""
+    argv += [
+        "-kernel",
+        str(kernel.path),
+        "-append",
+        f"console=ttyS0 reboot=t panic=-1 {clock}{kernel.cmdline}",
+    ]
+    if kernel.initrd is not None:
+        argv += ["-initrd", str(kernel.initrd)]
+    return argv
+
+
+def _tail(path: Path, max_bytes: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+class QemuVm(Vm):
+    def __init__(self, driver: QemuDriver, config: VmConfig, process: ProcessRef, argv: list[str]) -> None:
+        self.driver = driver
+        self.config = config
+        self.process = process
+        self.argv = argv
+        self.timings: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return f"<QemuVm pid={self.pid} run_dir={self.config.run_dir}>"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.config.run_dir / QMP_SOCKET
+
+    def console_tail(self, max_bytes: int = 4000) -> str:
+        return _tail(self.config.run_dir / CONSOLE_LOG, max_bytes)
+
+    def _why_gone(self) -> str:
+        parts = [f" (QEMU pid {self.pid}, {'alive' if self.alive() else 'exited'})"]
+        for title, text in (
+            ("qemu log", _tail(self.config.run_dir / QEMU_LOG, 2000)),
+            ("console", self.console_tail(2000)),
+        ):
+            if text.strip():
+                parts.append(f"\n--- {title} (end) ---\n{text.rstrip()}")
+        return "".join(parts)
+
+    def _session(self, connect_timeout: float | None = None) -> contextlib.AbstractAsyncContextManager[Qmp]:
+        q = self.driver.config
+        return session(
+            self.qmp_socket,
+            alive=self.process.alive,
+            why_gone=self._why_gone,
+            connect_timeout=connect_timeout or q.command_timeout_s,
+            command_timeout=q.command_timeout_s,
+        )
+
+    async def status(self) -> str:
+        async with self._session() as q:
+            return str((await q.run("query-status"))["status"])
+
+    async def pause(self) -> None:
+        t0 = time.monotonic()
+        async with self._session() as q:
+            await q.run("stop")
+        self.timings["stop"] = time.monotonic() - t0
+
+    async def resume(self) -> None:
+        t0 = time.monotonic()
+        async with self._session() as q:
+            await q.run("cont")
+        self.timings["cont"] = time.monotonic() - t0
+
+    async def snapshot(self, dest: Path, kind: SnapshotKind = "full") -> Snapshot:
+        if kind != "full":
+            raise Unsupported(f"QEMU snapshots are full snapshots; {kind!r} is not supported")
+        dest = _existing_dir(dest)
+        state = dest / SNAPSHOT_STATE
+        external = not self.config.memory.private
+        ram_bytes = 0 if external else self.config.machine.memory_mib << 20
+        q_cfg = self.driver.config
+        t0 = time.monotonic()
+        async with self._session() as q:
+            await q.run("stop")
+            t_stop = time.monotonic()
+            await q.run("migrate-set-capabilities", capabilities=[_ignore_shared(external)])
+            await q.run("migrate-set-parameters", **{"max-bandwidth": q_cfg.migrate_max_bandwidth})
+            await q.run("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
+            await q.wait_migration(q_cfg.transfer_timeout(ram_bytes))
+        t_saved = time.monotonic()
+        fd = os.open(state, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        meta = SnapshotMeta(
+            vmm=self.driver.name,
+            vmm_version=await self.driver.version(),
+            kind=kind,
+            memory="external" if external else "in_state",
+            pinned=self.driver.pinned(self.config.machine),
+            argv=tuple(self.argv),
+            state_bytes=size,
+        )
+        snapshot = Snapshot.save(dest, meta)
+        t_end = time.monotonic()
+        self.timings.update(
+            stop=t_stop - t0, save=t_saved - t_stop, sync=t_end - t_saved, snapshot=t_end - t0
+        )
+        log.info("snapshot of %r into %s: %d bytes in %.3f s", self, dest, size, t_end - t0)
+        return snapshot
+
+    async def destroy(self) -> None:
+        t0 = time.monotonic()
+        q_cfg = self.driver.config
+        if self.process.alive():
+            with contextlib.suppress(WrenboxError):
+                async with self._session(connect_timeout=1.0) as q:
+                    await q.run("quit", timeout=q_cfg.quit_timeout_s)
+            if not await asyncio.to_thread(self.process.wait_gone, q_cfg.quit_timeout_s):
+                log.warning("%r ignored quit; terminating it", self)
+                await asyncio.to_thread(self.process.terminate, q_cfg.kill_grace_s)
+        self.process.wait_gone(0)  # reap it if it is our child
+        self.qmp_socket.unlink(missing_ok=True)
+        self.timings["quit"] = time.monotonic() - t0
+
+    async def _load(self, snapshot: Snapshot) -> None:
+        """Feed a restoring QEMU (``-incoming defer``) its state and start the vCPUs."""
+        external = snapshot.meta.memory == "external"
+        ram_bytes = 0 if external else self.config.machine.memory_mib << 20
+        t0 = time.monotonic()
+        async with self._session(self.driver.config.start_timeout_s) as q:
+            t_qmp = time.monotonic()
+            await q.run("migrate-set-capabilities", capabilities=[_ignore_shared(external)])
+            await q.run("migrate-incoming", uri=f"exec:cat {shlex.quote(str(snapshot.state_path))}")
+            status = await q.wait_status(
+                {"paused", "running"},
+                passing={"inmigrate", "prelaunch"},
+                timeout=self.driver.config.transfer_timeout(ram_bytes),
+            )
+            t_load = time.monotonic()
+            if status == "paused":
+                await q.run("cont")
+        t_end = time.monotonic()
+        self.timings.update(qmp=t_qmp - t0, load=t_load - t_qmp, cont=t_end - t_load)
+
+
+def _existing_dir(path: Path) -> Path:
+    path = Path(path).absolute()
+    if not path.is_dir():
+        raise NotFound(f"snapshot directory {path} does not exist")
+    return path
+
+
+def _ignore_shared(state: bool) -> dict[str, object]:
+    return {"capability": "x-ignore-shared", "state": state}
+
+
+class QemuDriver(Driver):
+    name = "qemu"
+
+    def __init__(self, config: QemuConfig | None = None) -> None:
+        self.config = config or QemuConfig()
+        self._version: str | None = None
+
+    async def version(self) -> str:
+        """The QEMU version (``7.2.22``), asked of the binary once."""
+        if self._version is None:
+            done = await arun([self.config.binary, "--version"], timeout=self.config.command_timeout_s)
+            found = _VERSION.search(done.stdout)
+            if found is None:
+                raise Unsupported(f"cannot tell the version of {self.config.binary}: {done.text.strip()!r}")
+            self._version = found.group(1).decode()
+        return self._version
+
+    def pinned(self, machine: Machine) -> dict[str, object]:
+        """What a snapshot taken by this driver fixes: the machine plus accelerator, CPU model, layout."""
+        return {
+            **machine.pinned(),
+            "accel": self.config.accel,
+            "cpu": "max" if self.config.accel == "tcg" else "host",
+            "layout": MACHINE_LAYOUT,
+        }
+
+    async def boot(self, config: VmConfig) -> QemuVm:
+        return await self._start(config, qemu_argv(config, self.config, incoming=False))
+
+    async def restore(self, config: VmConfig, snapshot: Snapshot) -> QemuVm:
+        snapshot.check_restorable(self.name, await self.version(), self.pinned(config.machine))
+        if snapshot.meta.memory == "external" and not config.memory.path.is_file():
+            raise NotFound(f"guest RAM file {config.memory.path} of snapshot {snapshot.dir} does not exist")
+        vm = await self._start(config, qemu_argv(config, self.config, incoming=True), wait=False)
+        try:
+            await vm._load(snapshot)
+        except BaseException:
+            await _kill(vm)
+            raise
+        vm.timings["start"] = sum(vm.timings.values())
+        return vm
+
+    def adopt(self, config: VmConfig, process: ProcessRef) -> QemuVm:
+        return QemuVm(self, config, process, [])
+
+    async def _start(self, config: VmConfig, argv: list[str], *, wait: bool = True) -> QemuVm:
+        """Spawn QEMU (in the VM's network namespace) and, when ``wait``, until its monitor answers."""
+        run_dir = config.run_dir
+        socket = run_dir / QMP_SOCKET
+        if len(os.fsencode(socket)) > _SUN_PATH_MAX:
+            raise InvalidArgument(f"run directory {run_dir} is too long for a unix socket path")
+        if config.netns is not None and not config.netns.exists():
+            raise NotFound(f"network namespace {config.netns} does not exist")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        socket.unlink(missing_ok=True)
+        launcher = [] if config.netns is None else [require_tool("nsenter"), f"--net={config.netns}", "--"]
+        t0 = time.monotonic()
+        process = spawn([*launcher, *argv], log=run_dir / QEMU_LOG)
+        vm = QemuVm(self, config, process, argv)
+        vm.timings = {"spawn": time.monotonic() - t0}
+        if wait:
+            try:
+                async with vm._session(self.config.start_timeout_s):
+                    pass
+            except BaseException:
+                await _kill(vm)
+                raise
+            vm.timings["qmp"] = time.monotonic() - t0 - vm.timings["spawn"]
+            vm.timings["start"] = time.monotonic() - t0
+        log.info("started %r in %.3f s", vm, time.monotonic() - t0)
+        return vm
+
+
+async def _kill(vm: QemuVm) -> None:
+    """End a VM that failed to start: no monitor handshake to wait for, straight to signals."""
+    await asyncio.to_thread(vm.process.terminate, vm.driver.config.kill_grace_s)
+    vm.qmp_socket.unlink(missing_ok=True)
