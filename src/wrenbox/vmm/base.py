@@ -34,10 +34,10 @@ from pydantic import TypeAdapter, ValidationError
 
 from wrenbox.errors import CorruptData, InvalidArgument, NotFound
 from wrenbox.names import validate_name
+from wrenbox.network.plan import GUEST_MAC, TAP
 from wrenbox.pids import ProcessRef
 
 __all__ = [
-    "GUEST_MAC",
     "Drive",
     "Driver",
     "Kernel",
@@ -50,10 +50,6 @@ __all__ = [
     "Vm",
     "VmConfig",
 ]
-
-# The seed's guest MAC. Every sandbox uses the same one (and the same guest IP): clones of one snapshot
-# carry it in their device state, and the per-sandbox network namespace keeps them apart.
-GUEST_MAC = "02:fc:00:00:00:05"
 
 SnapshotKind = Literal["full", "diff"]
 DiskFormat = Literal["raw", "qcow2"]
@@ -81,10 +77,14 @@ class Drive:
 
 @dataclass(frozen=True, slots=True)
 class Nic:
-    """A virtio network device on tap device ``tap`` (inside the VM's network namespace)."""
+    """A virtio network device on tap device ``tap`` (inside the VM's network namespace).
+
+    The default MAC is the network plan's: the same in every sandbox, because clones of one snapshot
+    carry it in their device state and the per-sandbox namespace keeps them apart.
+    """
 
     mac: str = GUEST_MAC
-    tap: str = "tap0"
+    tap: str = TAP
 
     def __post_init__(self) -> None:
         if not isinstance(self.mac, str) or not _MAC.fullmatch(self.mac):
