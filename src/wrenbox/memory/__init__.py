@@ -1,0 +1,38 @@
+"""Guest memory snapshots: a compact, chained, checksummed on-disk format, and serving it back.
+
+Modules:
+
+- :mod:`wrenbox.memory.format` — the header (seed version 1 read/written bit-exactly; version 2 with
+  magic, counts and checksums), mappings, overlay / normalize / validate, lookup by bisection.
+- :mod:`wrenbox.memory.chain` — :class:`~wrenbox.memory.chain.Chain`: a snapshot directory opened for
+  reading (files checked, open and mapped): ``lookup``, ``mappings``, ``view``/``fileno``, ``materialize``.
+- :mod:`wrenbox.memory.process` — raw memory to snapshot: ``process_full``, ``process_diff`` (exact:
+  compared with the parent, or the VMM's sparse dirty file), ``collapse``; the generation cap.
+- :mod:`wrenbox.memory.writer` — :class:`~wrenbox.memory.writer.SnapshotWriter`: temp dir, fsync,
+  atomic rename; ``reclaim`` for what a crash left behind.
+- :mod:`wrenbox.memory.uffd` — the userfaultfd page server that serves a snapshot to Firecracker lazily.
+
+The memory part of a snapshot directory::
+
+    memfile.header        version 2 header: which build's diff holds each block of guest memory
+    memfile.<uuid>        one packed diff per build the header references (every file in the directory
+                          is referenced: a directory is self-contained, older diffs are hard links)
+
+Read-only compatibility with the seed's directories: version 1 headers, and the legacy name ``memfile``
+for a generation-0 diff. wrenbox never writes ``memfile`` or ``memfile.raw`` (the raw input lives
+wherever the VMM put it; the caller deletes it after a successful commit).
+
+Lifecycle, as the sandbox manager drives it::
+
+    # first pause: complete memory
+    with SnapshotWriter(snap_dir, replace=True) as w:
+        process_full(ram_file, w.path)
+        w.commit()
+    # resume (QEMU): rebuild a sparse RAM file; Firecracker: serve the Chain with the page server
+    with Chain.open(snap_dir) as chain:
+        chain.materialize(ram_file)
+    # next pause: only what changed, collapsed into one generation-0 file at the cap (default 8)
+    with Chain.open(snap_dir) as parent, SnapshotWriter(snap_dir, replace=True) as w:
+        process_diff(ram_file, parent, w.path)            # or kind=RawKind.SPARSE_DIFF for Firecracker
+        w.commit()
+"""

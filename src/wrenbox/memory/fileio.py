@@ -1,0 +1,81 @@
+"""File primitives the memory snapshot code shares: extents, kernel-side copies, durable writes."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+__all__ = ["copy_range", "data_extents", "fsync_path", "write_new"]
+
+_MAX_COPY = 1 << 30  # copy_file_range moves at most ~2 GiB per call anyway
+# copy_file_range cannot serve these pairs (another filesystem type, tmpfs on old kernels, ...): use sendfile.
+_NO_COPY_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` ranges of ``fd`` below ``size`` that hold data; the rest are holes (read as zero).
+
+    Filesystems without SEEK_DATA report the whole file as data, which is always correct, only slower.
+    """
+    extents: list[tuple[int, int]] = []
+    position = 0
+    while position < size:
+        try:
+            start = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after position
+                break
+            if exc.errno == errno.EINVAL:
+                return [(0, size)]
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        extents.append((start, end))
+        position = end
+    return extents
+
+
+def copy_range(src: int, dst: int, src_offset: int, dst_offset: int, length: int) -> None:
+    """Copy ``length`` bytes between files inside the kernel (a reflink where the filesystem can)."""
+    while length > 0:
+        try:
+            done = os.copy_file_range(src, dst, min(length, _MAX_COPY), src_offset, dst_offset)
+        except OSError as exc:
+            if exc.errno not in _NO_COPY_RANGE:
+                raise
+            _send(src, dst, src_offset, dst_offset, length)
+            return
+        if done == 0:
+            raise OSError(errno.EIO, f"source ended {length} bytes early at offset {src_offset}")
+        src_offset, dst_offset, length = src_offset + done, dst_offset + done, length - done
+
+
+def _send(src: int, dst: int, src_offset: int, dst_offset: int, length: int) -> None:
+    os.lseek(dst, dst_offset, os.SEEK_SET)
+    while length > 0:
+        done = os.sendfile(dst, src, src_offset, min(length, _MAX_COPY))
+        if done == 0:
+            raise OSError(errno.EIO, f"source ended {length} bytes early at offset {src_offset}")
+        src_offset, length = src_offset + done, length - done
+
+
+def write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (which must not exist) holding exactly ``data``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by path."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
