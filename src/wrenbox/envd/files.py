@@ -1,0 +1,164 @@
+"""Files in the guest: streamed upload and download (``/files``), and the filesystem service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import httpx
+
+from wrenbox.envd.channel import Channel
+from wrenbox.envd.connect import Rpc, error_for_response, translate_errors
+from wrenbox.envd.models import EntryInfo, WriteInfo
+from wrenbox.envd.multipart import MultipartFile, file_chunks
+from wrenbox.envd.streams import WatchStream
+from wrenbox.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from wrenbox.proto.filesystem import filesystem_pb as fs
+
+__all__ = ["AsyncFiles", "UploadData"]
+
+UploadData = bytes | Path | AsyncIterable[bytes]
+"""What can be uploaded: bytes, a local file, or an async iterable of chunks."""
+
+_STAT = Rpc("/filesystem.Filesystem/Stat", fs.StatResponse)
+_MAKE_DIR = Rpc("/filesystem.Filesystem/MakeDir", fs.MakeDirResponse)
+_MOVE = Rpc("/filesystem.Filesystem/Move", fs.MoveResponse)
+_LIST_DIR = Rpc("/filesystem.Filesystem/ListDir", fs.ListDirResponse)
+_REMOVE = Rpc("/filesystem.Filesystem/Remove", fs.RemoveResponse)
+_WATCH_DIR = Rpc("/filesystem.Filesystem/WatchDir", fs.WatchDirResponse)
+
+
+class AsyncFiles:
+    """``client.files``: file contents and the guest's file tree."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    async def upload(self, path: str, data: UploadData, *, user: str | None = None) -> WriteInfo:
+        """Write a file in the guest (parents created, an existing file replaced), streaming ``data``."""
+        if isinstance(data, Path):
+            try:
+                local = await anyio.open_file(data, "rb")
+            except OSError as exc:
+                raise InvalidArgument(f"cannot read local file {str(data)!r}: {exc.strerror}") from exc
+            async with local:
+                return await self.upload(path, file_chunks(local), user=user)
+        chunks = _once(bytes(data)) if isinstance(data, bytes | bytearray | memoryview) else data
+        body = MultipartFile(path, chunks)
+        what = f"upload to {path!r}"
+        with translate_errors(what):
+            response = await self._channel.http.post(
+                "/files",
+                params=self._channel.file_params(path, user),
+                content=body,
+                headers={"Content-Type": body.content_type},
+                timeout=self._channel.transfer_timeout,
+            )
+        if response.status_code != 200:
+            raise error_for_response(response.status_code, response.content, what)
+        try:
+            return WriteInfo.from_json(response.json()[0])
+        except (ValueError, LookupError, AttributeError) as exc:
+            raise Unavailable(f"{what}: unexpected answer {response.text[:200]!r}") from exc
+
+    @asynccontextmanager
+    async def download(self, path: str, *, user: str | None = None) -> AsyncIterator[AsyncIterator[bytes]]:
+        """``async with files.download(path) as chunks: async for chunk in chunks: ...`` — the file
+        streams; leaving the block early abandons the transfer."""
+        what = f"download of {path!r}"
+        http = self._channel.http
+        params = self._channel.file_params(path, user)
+        request = http.build_request("GET", "/files", params=params, timeout=self._channel.transfer_timeout)
+        with translate_errors(what):
+            response = await http.send(request, stream=True)
+        try:
+            if response.status_code != 200:
+                with translate_errors(what, self._channel.config.request_timeout):
+                    await response.aread()
+                raise error_for_response(response.status_code, response.content, what)
+            yield _body_chunks(response, what)
+        finally:
+            await response.aclose()
+
+    async def download_to(self, path: str, dest: Path, *, user: str | None = None) -> int:
+        """Download a file into local ``dest`` and return its size. It is written as ``dest.part``
+        and renamed when complete, so a failed download leaves no partial ``dest``."""
+        partial = dest.with_name(dest.name + ".part")
+        size = 0
+        try:
+            async with self.download(path, user=user) as chunks, await anyio.open_file(partial, "wb") as out:
+                async for chunk in chunks:
+                    await out.write(chunk)
+                    size += len(chunk)
+            await anyio.Path(partial).rename(dest)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.Path(partial).unlink(missing_ok=True)
+            raise
+        return size
+
+    async def stat(self, path: str, *, user: str | None = None) -> EntryInfo:
+        response = await self._channel.unary(_STAT, fs.StatRequest(path=path), user)
+        return _entry(response.entry, path)
+
+    async def exists(self, path: str, *, user: str | None = None) -> bool:
+        try:
+            await self.stat(path, user=user)
+        except NotFound:
+            return False
+        return True
+
+    async def list_dir(self, path: str, *, depth: int = 1, user: str | None = None) -> list[EntryInfo]:
+        """Entries under ``path``, descending ``depth`` levels (1: the directory's own entries)."""
+        if depth < 1:
+            raise InvalidArgument(f"depth must be >= 1, got {depth}")
+        response = await self._channel.unary(_LIST_DIR, fs.ListDirRequest(path=path, depth=depth), user)
+        return [EntryInfo.from_pb(entry) for entry in response.entries]
+
+    async def make_dir(self, path: str, *, exist_ok: bool = False, user: str | None = None) -> EntryInfo:
+        """Create a directory and its missing parents; :class:`AlreadyExists` unless ``exist_ok``."""
+        try:
+            response = await self._channel.unary(_MAKE_DIR, fs.MakeDirRequest(path=path), user)
+        except AlreadyExists:
+            if not exist_ok:
+                raise
+            return await self.stat(path, user=user)
+        return _entry(response.entry, path)
+
+    async def move(self, source: str, destination: str, *, user: str | None = None) -> EntryInfo:
+        request = fs.MoveRequest(source=source, destination=destination)
+        response = await self._channel.unary(_MOVE, request, user)
+        return _entry(response.entry, destination)
+
+    async def remove(self, path: str, *, user: str | None = None) -> None:
+        """Remove a file, or a directory with everything in it."""
+        await self._channel.unary(_REMOVE, fs.RemoveRequest(path=path), user)
+
+    def watch(self, path: str, *, recursive: bool = False, user: str | None = None) -> WatchStream:
+        """``async with files.watch(dir) as events: async for event in events`` — every change after
+        the block was entered is reported."""
+        request = fs.WatchDirRequest(path=path, recursive=recursive)
+        opener = self._channel.stream_opener(_WATCH_DIR, request, user)
+        return WatchStream(opener, self._channel.config.request_timeout)
+
+
+def _entry(entry: fs.EntryInfo | None, path: str) -> EntryInfo:
+    if entry is None:
+        raise Unavailable(f"the agent returned no entry for {path!r}")
+    return EntryInfo.from_pb(entry)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _body_chunks(response: httpx.Response, what: str) -> AsyncIterator[bytes]:
+    chunks = response.aiter_bytes()
+    while True:
+        with translate_errors(what):
+            chunk = await anext(chunks, None)
+        if chunk is None:
+            return
+        yield chunk
