@@ -1,0 +1,29 @@
+"""Guest images: a Debian cloud kernel, a busybox initramfs and an ext4 root with the guest agent.
+
+``build_image(ImageConfig.from_settings(settings), "minimal")`` builds or reuses one; ``load_image``
+opens a built one. ``guest_kernel_args`` is the kernel command line a VMM passes to boot it.
+"""
+
+from wrenbox.images.bootargs import guest_kernel_args
+from wrenbox.images.builder import (
+    AGENT_PORT,
+    BuildResult,
+    Image,
+    ImageConfig,
+    StepEvent,
+    build_image,
+    load_image,
+)
+from wrenbox.images.manifest import Manifest
+
+__all__ = [
+    "AGENT_PORT",
+    "BuildResult",
+    "Image",
+    "ImageConfig",
+    "Manifest",
+    "StepEvent",
+    "build_image",
+    "guest_kernel_args",
+    "load_image",
+]

@@ -1,0 +1,363 @@
+"""``wrenbox image build``: kernel + initramfs + rootfs.ext4 + manifest.json under ``<images_dir>/<name>``.
+
+Every input is hashed into a layer key; a build reuses every layer whose key is unchanged, and when the
+image's own key is unchanged it does nothing at all. Changing the agent's source therefore rebuilds only
+the top layer (copy of the base tree + agent + mkfs: seconds), not the debootstrap base (a minute).
+
+On disk::
+
+    images/
+      minimal -> .builds/minimal-20250101T120000-3f2a9c01     the published build (a symlink)
+      .builds/minimal-…/{vmlinuz, initramfs.cpio.gz, rootfs.ext4, manifest.json}   immutable
+      .cache/{kernel,base,initramfs,debs}/…                   layers (see wrenbox.images.cache)
+
+A build is written to a temp dir, fsync'd and renamed; the name is then switched to it by an atomic
+symlink replace. A failed build leaves the previous image untouched. Older builds stay for a while (a
+sandbox's disk may still be based on one) and are pruned beyond ``keep_builds``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from wrenbox.command import require_tool
+from wrenbox.config import Settings
+from wrenbox.errors import Conflict, CorruptData, MissingTool, NotFound
+from wrenbox.images import initramfs, kernel, rootfs
+from wrenbox.images.agent import GuestPackages, guest_packages
+from wrenbox.images.cache import LayerCache, exclusive_lock, remove_tree
+from wrenbox.images.manifest import MANIFEST, KernelInfo, Manifest, file_info
+from wrenbox.names import validate_name
+
+__all__ = [
+    "AGENT_PORT",
+    "DEFAULT_MODULES",
+    "BuildResult",
+    "Image",
+    "ImageConfig",
+    "StepEvent",
+    "build_image",
+    "load_image",
+]
+
+AGENT_PORT = 49983
+# What the initramfs loads: the virtio-mmio transport (microvm and Firecracker have no PCI), the root
+# disk, the NIC, entropy and the balloon (free page reporting). ext4 is built into Debian's kernel.
+DEFAULT_MODULES = ("virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng", "virtio_balloon", "ext4")
+BASE_KERNEL_ARGS = ("console=ttyS0", "reboot=t", "panic=-1", "quiet")
+_FILES = {"kernel": "vmlinuz", "initramfs": "initramfs.cpio.gz", "rootfs": "rootfs.ext4"}
+# Bump when the code that assembles a layer changes in a way its inputs do not show.
+_INITRAMFS_REVISION = 1
+_TOP_REVISION = 2
+_REQUIRED_TOOLS = ("apt-get", "apt-cache", "dpkg-deb", "depmod", "debootstrap", "mkfs.ext4", "chroot", "cp")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageConfig:
+    images_dir: Path
+    cache_dir: Path
+    suite: str = "bookworm"
+    mirror: str = "http://deb.debian.org/debian"
+    packages: tuple[str, ...] = ("python3", "sudo", "e2fsprogs", "ca-certificates")
+    kernel_package: str = "linux-image-cloud-amd64"
+    modules: tuple[str, ...] = DEFAULT_MODULES
+    busybox: Path = Path("/bin/busybox")  # Debian busybox-static
+    headroom_mib: int = 128  # free space in rootfs.ext4; a sandbox's disk may be larger still
+    keep_builds: int = 2  # the current build and the one before it
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: object) -> ImageConfig:
+        images = settings.images_dir
+        return cls(images_dir=images, cache_dir=images / ".cache", **overrides)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """A published image. ``path`` is the resolved, immutable build directory."""
+
+    name: str
+    path: Path
+    manifest: Manifest
+
+    @property
+    def kernel(self) -> Path:
+        return self.path / _FILES["kernel"]
+
+    @property
+    def initramfs(self) -> Path:
+        return self.path / _FILES["initramfs"]
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / _FILES["rootfs"]
+
+    def verify(self) -> None:
+        """Re-hash every file; CorruptData if one differs from the manifest."""
+        for role, expected in self.manifest.files.items():
+            actual = file_info(self.path / expected.name)
+            if actual.sha256 != expected.sha256 or actual.size != expected.size:
+                raise CorruptData(f"image {self.name}: {role} {expected.name} does not match its manifest")
+
+
+@dataclass(frozen=True, slots=True)
+class StepEvent:
+    step: str
+    status: Literal["start", "done", "cached"]
+    seconds: float = 0.0
+
+
+OnStep = Callable[[StepEvent], None]
+
+
+@dataclass(frozen=True, slots=True)
+class BuildResult:
+    image: Image
+    cached: bool  # nothing was built: the published image already had this build key
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def load_image(images_dir: Path, name: str) -> Image:
+    validate_name(name, what="image name")
+    link = images_dir / name
+    try:
+        path = link.resolve(strict=True)
+        manifest = Manifest.model_validate_json((path / MANIFEST).read_bytes())
+    except FileNotFoundError:
+        raise NotFound(f"image {name!r} is not built (wrenbox image build --name {name})") from None
+    return Image(name, path, manifest)
+
+
+def build_image(
+    config: ImageConfig, name: str = "minimal", *, force: bool = False, on_step: OnStep | None = None
+) -> BuildResult:
+    """Build (or reuse) image ``name``. MissingTool names the Debian package of anything missing."""
+    validate_name(name, what="image name")
+    for tool in _REQUIRED_TOOLS:
+        require_tool(tool, "coreutils" if tool in ("chroot", "cp") else None)
+    _check_static(config.busybox)
+    steps = _Steps(on_step)
+    builds = config.images_dir / ".builds"
+    with exclusive_lock(config.images_dir / ".lock"), exclusive_lock(config.cache_dir / ".lock"):
+        cache = LayerCache(config.cache_dir)
+        cache.remove_stale()
+        for stale in builds.glob(".tmp-*"):
+            remove_tree(stale)
+        with steps.step("resolve"):
+            inputs = _Inputs.gather(config)
+        current = _current(config.images_dir, name)
+        if current is not None and not force and current.manifest.build_key == inputs.build_key:
+            return BuildResult(current, cached=True, timings=steps.timings)
+        builds.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        final = builds / f"{name}-{stamp}-{inputs.build_key[:8]}"
+        tmp = builds / f".tmp-{name}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            manifest = _build(config, name, inputs, cache, tmp, steps)
+            _fsync_dir_tree(tmp)
+            tmp.rename(final)
+        finally:
+            if tmp.exists():
+                remove_tree(tmp)
+        _publish(config.images_dir, name, final)
+        _prune(builds, name, keep=config.keep_builds, current=final)
+    return BuildResult(Image(name, final, manifest), cached=False, timings=steps.timings)
+
+
+@dataclass(frozen=True, slots=True)
+class _Inputs:
+    """Everything a build depends on, and the keys derived from it."""
+
+    kernel: kernel.KernelPackage
+    recipe: rootfs.BaseRecipe
+    packages: GuestPackages
+    base_key: str
+    initramfs_key: str
+    top_key: str
+    build_key: str
+
+    @classmethod
+    def gather(cls, config: ImageConfig) -> _Inputs:
+        pkg = kernel.resolve_kernel(config.kernel_package)
+        recipe = rootfs.BaseRecipe(config.suite, config.mirror, tuple(sorted(config.packages)))
+        packages = guest_packages()
+        busybox = _sha256(config.busybox.read_bytes())
+        base_key = _key(recipe.suite, recipe.mirror, recipe.packages, recipe.revision)
+        init_key = _key(
+            pkg.cache_key, config.modules, rootfs.guest_file("init.sh"), busybox, _INITRAMFS_REVISION
+        )
+        top_key = _key(
+            base_key,
+            packages.digest,
+            rootfs.guest_file("rc.sh"),
+            rootfs.guest_file("inittab"),
+            busybox,
+            config.headroom_mib,
+            _TOP_REVISION,
+        )
+        build_key = _key(pkg.cache_key, init_key, top_key, BASE_KERNEL_ARGS)
+        return cls(pkg, recipe, packages, base_key, init_key, top_key, build_key)
+
+
+def _build(
+    config: ImageConfig, name: str, inputs: _Inputs, cache: LayerCache, out: Path, steps: _Steps
+) -> Manifest:
+    with steps.step("kernel") as s:
+        tree, s.cached = kernel.fetch_kernel(cache, inputs.kernel)
+        shutil.copyfile(tree.vmlinuz, out / _FILES["kernel"])
+    modules = initramfs.resolve_modules(tree.modules_dir, config.modules)
+    with steps.step("initramfs") as s:
+        layer = cache.get("initramfs", inputs.initramfs_key)
+        s.cached = layer is not None
+        if layer is None:
+            with cache.building("initramfs", inputs.initramfs_key) as tmp:
+                initramfs.build_initramfs(
+                    tmp / _FILES["initramfs"],
+                    busybox=config.busybox,
+                    modules_dir=tree.modules_dir,
+                    modules=modules,
+                    init_script=rootfs.guest_file("init.sh"),
+                )
+            layer = cache.root / "initramfs" / inputs.initramfs_key
+        shutil.copyfile(layer / _FILES["initramfs"], out / _FILES["initramfs"])
+    with steps.step("debootstrap") as s:
+        base, s.cached = rootfs.build_base(cache, inputs.base_key, inputs.recipe)
+    with steps.step("rootfs"):
+        stage = out / "stage"
+        try:
+            rootfs.build_rootfs(
+                base,
+                out / _FILES["rootfs"],
+                stage=stage,
+                busybox=config.busybox,
+                packages=inputs.packages,
+                headroom_mib=config.headroom_mib,
+            )
+        finally:
+            if stage.exists():
+                remove_tree(stage)
+    with steps.step("manifest"):
+        manifest = Manifest(
+            name=name,
+            build_key=inputs.build_key,
+            created_at=datetime.now(UTC),
+            kernel=KernelInfo(
+                metapackage=config.kernel_package,
+                package=inputs.kernel.name,
+                version=inputs.kernel.version,
+                release=inputs.kernel.release,
+                deb_sha256=tree.deb_sha256,
+            ),
+            files={role: file_info(out / fname) for role, fname in _FILES.items()},
+            modules=[m.rsplit("/", 1)[-1] for m in modules],
+            layers={
+                "kernel": inputs.kernel.cache_key,
+                "initramfs": inputs.initramfs_key,
+                "base": inputs.base_key,
+                "top": inputs.top_key,
+            },
+            suite=config.suite,
+            packages=list(inputs.recipe.packages),
+            guest_python=inputs.packages.versions,
+            kernel_args=list(BASE_KERNEL_ARGS),
+            agent_port=AGENT_PORT,
+            timings=steps.timings,
+        )
+        (out / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+    return manifest
+
+
+def _current(images_dir: Path, name: str) -> Image | None:
+    try:
+        image = load_image(images_dir, name)
+    except NotFound:
+        return None
+    for info in image.manifest.files.values():  # cheap check; verify() re-hashes
+        path = image.path / info.name
+        if not path.is_file() or path.stat().st_size != info.size:
+            return None
+    return image
+
+
+def _publish(images_dir: Path, name: str, build: Path) -> None:
+    link = images_dir / name
+    if link.exists() and not link.is_symlink():
+        raise Conflict(f"{link} is not a wrenbox-managed image link; move it away")
+    tmp = images_dir / f".tmp-link-{name}-{secrets.token_hex(4)}"
+    tmp.symlink_to(build.relative_to(images_dir))
+    tmp.replace(link)  # atomic: readers see the old build or the new one
+    _fsync_path(images_dir)
+
+
+def _prune(builds: Path, name: str, *, keep: int, current: Path) -> None:
+    """Remove builds of ``name`` beyond the newest ``keep`` (names sort by build time)."""
+    mine = sorted(p for p in builds.glob(f"{name}-*") if p.is_dir() and p.name.rsplit("-", 2)[0] == name)
+    for old in mine[: max(0, len(mine) - keep)]:
+        if old != current:
+            remove_tree(old)
+
+
+def _check_static(busybox: Path) -> None:
+    """The initramfs has no libc: busybox must be the static build."""
+    if not busybox.is_file():
+        raise MissingTool(str(busybox), "busybox-static")
+    if not initramfs.is_static_executable(busybox):
+        raise MissingTool(f"{busybox} (statically linked)", "busybox-static")
+
+
+class _Steps:
+    def __init__(self, on_step: OnStep | None) -> None:
+        self.on_step = on_step or (lambda event: None)
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[_StepState]:
+        state = _StepState()
+        self.on_step(StepEvent(name, "start"))
+        start = time.monotonic()
+        yield state
+        seconds = time.monotonic() - start
+        self.timings[name] = round(seconds, 3)
+        self.on_step(StepEvent(name, "cached" if state.cached else "done", seconds))
+
+
+@dataclass
+class _StepState:
+    cached: bool = False
+
+
+def _key(*parts: object) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        data = part if isinstance(part, bytes) else json.dumps(part, sort_keys=True).encode()
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir_tree(root: Path) -> None:
+    for child in root.iterdir():
+        _fsync_path(child)
+    _fsync_path(root)
