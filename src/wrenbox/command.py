@@ -41,6 +41,10 @@ PACKAGE_OF: dict[str, str] = {
     "blockdev": "util-linux",
     "dpkg-deb": "dpkg",
     "apt-get": "apt",
+    "apt-cache": "apt",
+    "chroot": "coreutils",
+    "cp": "coreutils",
+    "umount": "mount",
     "zstd": "zstd",
     "gzip": "gzip",
 }
