@@ -144,7 +144,7 @@ def build_image(
     """Build (or reuse) image ``name``. MissingTool names the Debian package of anything missing."""
     validate_name(name, what="image name")
     for tool in _REQUIRED_TOOLS:
-        require_tool(tool, "coreutils" if tool in ("chroot", "cp") else None)
+        require_tool(tool)
     _check_static(config.busybox)
     steps = _Steps(on_step)
     builds = config.images_dir / ".builds"

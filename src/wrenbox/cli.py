@@ -1,0 +1,169 @@
+"""The ``wrenbox`` command line. Commands are thin: parse, call the library, render.
+
+Exit codes: 0 success, 1 failure (any wrenbox error not listed below), 2 bad input, 3 this host lacks
+something (a missing tool or capability), 4 not found, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from wrenbox.config import Settings, load_settings
+from wrenbox.errors import InvalidArgument, NotFound, Unsupported, WrenboxError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Self-hosted microVM sandboxes.")
+image_app = typer.Typer(no_args_is_help=True, help="Guest images (kernel, initramfs, root filesystem).")
+app.add_typer(image_app, name="image")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _exit_code(exc: WrenboxError) -> int:
+    if isinstance(exc, InvalidArgument):
+        return 2
+    if isinstance(exc, Unsupported):
+        return 3
+    if isinstance(exc, NotFound):
+        return 4
+    return 1
+
+
+def _fail(exc: WrenboxError) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+    raise typer.Exit(_exit_code(exc))
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except WrenboxError as exc:
+        _fail(exc)
+
+
+def _yes_no(ok: bool) -> str:
+    return "[green]yes[/]" if ok else "[red]no[/]"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the probe result as JSON.")] = False,
+    refresh: Annotated[
+        bool, typer.Option("--refresh", help="Probe again instead of using the cache.")
+    ] = False,
+) -> None:
+    """Probe what this host can do and show which backends wrenbox will use, and why."""
+    from wrenbox.host import HostCapabilities
+
+    try:
+        with console.status("probing the host (the first run tries to boot a KVM guest)…"):
+            caps = HostCapabilities.probe(_settings(), refresh=refresh)
+    except WrenboxError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(caps.model_dump(mode="json"), indent=2))
+    else:
+        _render_capabilities(caps)
+    if caps.vmm.name == "none":
+        raise typer.Exit(3)
+
+
+def _render_capabilities(caps) -> None:  # type: ignore[no-untyped-def]
+    table = Table(title="host capabilities", title_justify="left")
+    table.add_column("capability")
+    table.add_column("ok")
+    table.add_column("detail", overflow="fold")
+    qemu = caps.qemu
+    table.add_row(
+        "QEMU", _yes_no(qemu is not None), f"{qemu.version} at {qemu.path}" if qemu else "not installed"
+    )
+    table.add_row(
+        "KVM runs a Linux guest", _yes_no(caps.kvm.usable), f"{caps.kvm.detail} [{caps.kvm.method}]"
+    )
+    table.add_row("Firecracker", _yes_no(caps.firecracker is not None), caps.firecracker or "not installed")
+    tsc = f"{caps.tsc_khz} kHz ({caps.tsc_source})" if caps.tsc_khz else caps.tsc_source
+    table.add_row("host TSC", _yes_no(caps.tsc_khz is not None), tsc)
+    table.add_row("device-mapper", _yes_no(caps.device_mapper.ok), caps.device_mapper.detail)
+    table.add_row("reflink in data dir", _yes_no(caps.reflink.ok), caps.reflink.detail)
+    table.add_row("userfaultfd", _yes_no(caps.userfaultfd.ok), caps.userfaultfd.detail)
+    for name, check in caps.network:
+        table.add_row(name, _yes_no(check.ok), check.detail)
+    res = caps.resources
+    table.add_row("free disk", "", f"{_size(res.disk_free_bytes)} in {caps.data_dir}")
+    table.add_row(
+        "memory", "", f"{_size(res.memory_available_bytes)} available of {_size(res.memory_total_bytes)}"
+    )
+    console.print(table)
+
+    tools = Table(title="host tools", title_justify="left")
+    for column in ("tool", "found", "Debian package", "needed for"):
+        tools.add_column(column)
+    for tool in caps.tools:
+        found = tool.path or ("[red]missing[/]" if tool.required else "[yellow]missing (optional)[/]")
+        tools.add_row(tool.name, found, tool.package, tool.needed_for)
+    console.print(tools)
+
+    console.print(f"[bold]vmm[/]:    {caps.vmm.name} — {caps.vmm.why}", highlight=False)
+    console.print(f"[bold]rootfs[/]: {caps.rootfs.name} — {caps.rootfs.why}", highlight=False)
+    if caps.missing_tools:
+        packages = " ".join(sorted({t.package for t in caps.missing_tools}))
+        console.print(f"[yellow]install the missing tools:[/] apt-get install {packages}", highlight=False)
+
+
+@image_app.command("build")
+def image_build(
+    name: Annotated[str, typer.Option("--name", help="Image name.")] = "minimal",
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if nothing changed.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Build a guest image from Debian packages (cached: unchanged layers are reused)."""
+    from wrenbox.images import ImageConfig, StepEvent, build_image
+
+    out = err_console if as_json else console
+
+    with out.status("building image…") as status:
+
+        def on_step(event: StepEvent) -> None:
+            if event.status == "start":
+                status.update(f"{name}: {event.step}…")
+            else:
+                note = " [dim](cached)[/]" if event.status == "cached" else ""
+                out.print(f"  [green]✓[/] {event.step:<12} {event.seconds:6.1f} s{note}", highlight=False)
+
+        try:
+            result = build_image(ImageConfig.from_settings(_settings()), name, force=force, on_step=on_step)
+        except WrenboxError as exc:
+            _fail(exc)
+    image = result.image
+    if as_json:
+        typer.echo(image.manifest.model_dump_json(indent=2))
+        return
+    verdict = "up to date (nothing rebuilt)" if result.cached else "built"
+    out.print(f"image [bold]{name}[/] {verdict}: {image.path}", highlight=False)
+    kernel = image.manifest.kernel
+    out.print(f"  kernel {kernel.package} {kernel.version}", highlight=False)
+    for role, info in image.manifest.files.items():
+        out.print(
+            f"  {role:<9} {info.name:<18} {_size(info.size):>10} ({_size(info.allocated)} on disk) "
+            f"sha256 {info.sha256[:16]}",
+            highlight=False,
+        )
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        raise SystemExit(130) from None
