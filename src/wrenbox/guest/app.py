@@ -1,0 +1,133 @@
+"""The agent's ASGI application: access control, CORS, and routing to the endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from typing import TYPE_CHECKING
+
+from wrenbox.errors import NotFound, Unauthenticated, WrenboxError
+
+from . import files
+from .agent import Agent
+from .asgi import Message, Receive, Request, Scope, Send, send_error, send_json, send_status
+from .auth import check_token, verify_file_signature
+from .init import InitRequest, apply_init
+from .metrics import MetricsSampler
+
+if TYPE_CHECKING:
+    from .services import RpcRouter
+
+__all__ = ["AgentApp"]
+
+log = logging.getLogger("wrenbox.guest")
+
+RPC_PREFIXES = ("/process.Process/", "/filesystem.Filesystem/")
+CORS_HEADERS = [
+    (b"access-control-allow-origin", b"*"),
+    (b"access-control-expose-headers", b"*"),
+]
+PREFLIGHT_HEADERS = [
+    *CORS_HEADERS,
+    (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+    (b"access-control-allow-headers", b"*"),
+    (b"access-control-max-age", b"7200"),
+]
+
+
+class AgentApp:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._metrics = MetricsSampler()
+        self._rpc: RpcRouter | None = None
+        self._rpc_loading: asyncio.Future[object] | None = None
+
+    def preload(self) -> None:
+        """Start importing the RPC machinery in a thread, so /health answers meanwhile."""
+        if self._rpc_loading is None:
+            loop = asyncio.get_running_loop()
+            self._rpc_loading = loop.run_in_executor(None, importlib.import_module, "wrenbox.guest.services")
+
+    async def rpc(self) -> RpcRouter:
+        if self._rpc is None:
+            self.preload()
+            assert self._rpc_loading is not None
+            module = await asyncio.shield(self._rpc_loading)
+            if self._rpc is None:
+                self._rpc = module.RpcRouter(self.agent)  # type: ignore[attr-defined]
+        return self._rpc
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return  # no websockets here
+        send = _with_cors(send)
+        request = Request(scope, receive)
+        try:
+            await self._dispatch(request, receive, send)
+        except WrenboxError as err:
+            if request.path.startswith(RPC_PREFIXES):  # a Connect error body, which Connect clients parse
+                await send_json(send, err.http_status, err.to_dict())
+            else:
+                await send_error(send, err)
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            await send_error(send, WrenboxError("internal error in the agent"))
+
+    async def _dispatch(self, request: Request, receive: Receive, send: Send) -> None:
+        method, path = request.method, request.path
+        if method == "OPTIONS":
+            await send_status(send, 204, PREFLIGHT_HEADERS)
+            return
+        if method == "GET" and path == "/health":
+            await send_status(send, 204)
+            return
+        self._authorize(request)
+        if path.startswith(RPC_PREFIXES):
+            await (await self.rpc())(request.scope, receive, send)
+        elif path == "/files" and method == "GET":
+            await files.download(self.agent, request, send)
+        elif path == "/files" and method == "POST":
+            await files.upload(self.agent, request, send)
+        elif path == "/init" and method == "POST":
+            apply_init(self.agent, InitRequest.parse(await request.json()))
+            await send_status(send, 204, [(b"cache-control", b"no-store")])
+        elif path == "/envs" and method == "GET":
+            await send_json(send, 200, self.agent.env_vars)
+        elif path == "/metrics" and method == "GET":
+            await send_json(send, 200, self._metrics.sample())
+        else:
+            raise NotFound(f"no endpoint {method} {path}")
+
+    def _authorize(self, request: Request) -> None:
+        token = self.agent.access_token
+        if check_token(token, request.headers):
+            return
+        assert token is not None
+        if request.path == "/files" and "x-access-token" not in request.headers:
+            operation = "read" if request.method == "GET" else "write"
+            verify_file_signature(token, request.query, operation)
+            return
+        raise Unauthenticated("missing or wrong X-Access-Token")
+
+
+def _with_cors(send: Send) -> Send:
+    async def send_with_cors(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *CORS_HEADERS]
+        await send(message)
+
+    return send_with_cors
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
