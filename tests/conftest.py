@@ -25,3 +25,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs root (netns, nftables, loop devices)"))
         if no_qemu and item.get_closest_marker("vm"):
             item.add_marker(pytest.mark.skip(reason="needs qemu-system-x86_64 (Debian: qemu-system-x86)"))
+
+
+@pytest.fixture(scope="session")
+def guest_image():  # type: ignore[no-untyped-def]
+    """The guest image ``minimal`` (a ``wrenbox.images.Image``), built once per machine into
+    ``WRENBOX_TEST_DATA_DIR`` and reused; see ``tests/support/images.py``."""
+    if os.geteuid() != 0:
+        pytest.skip("building the guest image needs root (debootstrap, chroot)")
+    from tests.support.images import ensure_test_image
+
+    return ensure_test_image()

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests of several components (import as ``tests.support.<module>``)."""

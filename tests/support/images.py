@@ -1,0 +1,35 @@
+"""The guest image for tests: built once per machine into a persistent cache dir, then reused.
+
+``ensure_test_image()`` builds or reuses image ``minimal`` under ``WRENBOX_TEST_DATA_DIR`` (default
+``/var/tmp/wrenbox-test``). The first build takes about a minute (debootstrap); later builds reuse every
+cached layer and rebuild only what changed (the agent's source: a few seconds). Any test can use the
+``guest_image`` fixture (defined in ``tests/conftest.py``) or call this directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from wrenbox.config import Settings
+from wrenbox.images import Image, ImageConfig, build_image
+
+__all__ = ["TEST_DATA_DIR", "ensure_test_image", "image_config", "image_settings"]
+
+TEST_DATA_DIR = Path(os.environ.get("WRENBOX_TEST_DATA_DIR", "/var/tmp/wrenbox-test"))
+
+
+def image_settings() -> Settings:
+    """Settings whose data dir is the persistent test cache (images, host probe cache)."""
+    return Settings(data_dir=TEST_DATA_DIR)
+
+
+def image_config(**overrides: object) -> ImageConfig:
+    return ImageConfig.from_settings(image_settings(), **overrides)
+
+
+@functools.cache
+def ensure_test_image(name: str = "minimal") -> Image:
+    """Build (or reuse) the test image; cached for the rest of this test session."""
+    return build_image(image_config(), name).image
