@@ -6,6 +6,7 @@ on any worker thread, :func:`configure_slot_netns` runs inside the slot (through
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import socket
@@ -30,6 +31,9 @@ __all__ = [
 @contextlib.contextmanager
 def _netlink(what: str) -> Iterator[IPRoute]:
     """An rtnetlink socket in the calling thread's namespace; netlink errors become wrenbox errors."""
+    if _loop_running():
+        # pyroute2's sync API drives its own asyncio loop, which cannot run inside another one.
+        raise RuntimeError(f"{what}: blocking netlink call on an event loop; use anyio.to_thread.run_sync")
     try:
         with IPRoute() as ipr:
             yield ipr
@@ -40,6 +44,14 @@ def _netlink(what: str) -> Iterator[IPRoute]:
         if exc.code == errno.EEXIST:
             raise AlreadyExists(message) from exc
         raise WrenboxError(message) from exc
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _index(ipr: IPRoute, name: str) -> int:

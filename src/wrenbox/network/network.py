@@ -11,8 +11,9 @@ Typical use by the sandbox manager::
     ...                                        # QEMU runs inside slot.netns, host talks to slot.host_ip
     await network.remove(slot)
 
-The methods are async and run the (short, blocking) netlink and nft work on a worker thread. A
-cancelled ``create`` removes whatever it had built before re-raising.
+The methods are async and run the (short, blocking) netlink and nft work on a worker thread. They
+are not interruptible: a cancellation waits for the step to finish and is delivered afterwards, so a
+caller never has to guess whether a slot half-exists.
 """
 
 from __future__ import annotations
@@ -85,13 +86,7 @@ class Network:
         AlreadyExists (and nothing changed) if its namespace exists. On failure everything built so
         far is removed again.
         """
-        egress = egress or EgressPolicy()
-        try:
-            await anyio.to_thread.run_sync(self._create, slot, egress)
-        except anyio.get_cancelled_exc_class():
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._remove, slot)
-            raise
+        await anyio.to_thread.run_sync(self._create, slot, egress or EgressPolicy())
 
     async def remove(self, slot: NetworkSlot) -> None:
         """Remove ``slot``; works on half-created and already-removed slots. Every step is attempted."""
