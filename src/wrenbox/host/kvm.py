@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from wrenbox.command import spawn
 
-__all__ = ["KvmVerdict", "find_guest_kernel", "probe_kvm", "real_mode_probe_firmware"]
+__all__ = ["KvmVerdict", "find_guest_kernel", "probe_kvm", "real_mode_probe_firmware", "watch_console"]
 
 _LINUX_MARKER = b"Linux version"
 _FIRMWARE_MARKER = b"WRENBOX-KVM-PROBE-OK"
@@ -72,7 +72,7 @@ def probe_kvm(*, qemu: str | None, qemu_version: str, images_dir: Path, cache_fi
 
 def _boot_linux(qemu: str, kernel: Path, kernel_id: str) -> KvmVerdict:
     args = ["-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 reboot=t"]
-    seen, console, seconds = _run_guest(qemu, args, _LINUX_MARKER)
+    seen, console, seconds = watch_console(qemu, args, _LINUX_MARKER)
     if seen:
         return KvmVerdict(
             usable=True,
@@ -98,7 +98,7 @@ def _boot_real_mode(qemu: str) -> KvmVerdict:
     with tempfile.TemporaryDirectory(prefix="wrenbox-kvm-") as tmp:
         firmware = Path(tmp) / "probe.bin"
         firmware.write_bytes(real_mode_probe_firmware())
-        seen, _, seconds = _run_guest(qemu, ["-bios", str(firmware)], _FIRMWARE_MARKER)
+        seen, _, seconds = watch_console(qemu, ["-bios", str(firmware)], _FIRMWARE_MARKER)
     detail = (
         "KVM ran real-mode code, but no guest kernel was available to prove a Linux guest boots; "
         "build an image (wrenbox image build) and run wrenbox doctor again"
@@ -108,7 +108,9 @@ def _boot_real_mode(qemu: str) -> KvmVerdict:
     return KvmVerdict(usable=False, method="real-mode", detail=detail, seconds=seconds)
 
 
-def _run_guest(qemu: str, extra: list[str], marker: bytes, accel: str = "kvm") -> tuple[bool, bytes, float]:
+def watch_console(
+    qemu: str, extra: list[str], marker: bytes, accel: str = "kvm"
+) -> tuple[bool, bytes, float]:
     """Start a throwaway VM, wait up to _WAIT_S for ``marker`` on its serial console, then kill it."""
     with tempfile.TemporaryDirectory(prefix="wrenbox-kvm-") as tmp:
         console = Path(tmp) / "console"

@@ -84,18 +84,22 @@ def _installed_files(dist: metadata.Distribution) -> tuple[tuple[Path, Path], ..
     return tuple(sorted(out, key=lambda pair: str(pair[1])))
 
 
-def _wrenbox_files() -> tuple[tuple[Path, Path], ...]:
-    package = Path(wrenbox.__file__).resolve().parent
+def _wrenbox_files(package: Path) -> tuple[tuple[Path, Path], ...]:
     out = []
     for src in sorted(package.rglob("*")):
-        rel = src.relative_to(package.parent)
+        rel = Path("wrenbox") / src.relative_to(package)
         if src.is_file() and not (_SKIP_PARTS & set(rel.parts)) and src.suffix != ".pyc":
             out.append((src, rel))
     return tuple(out)
 
 
-def guest_packages(requirements: tuple[str, ...] = GUEST_REQUIREMENTS) -> GuestPackages:
-    """Resolve ``requirements`` and their dependencies against the host's installed distributions."""
+def guest_packages(
+    requirements: tuple[str, ...] = GUEST_REQUIREMENTS, *, wrenbox_dir: Path | None = None
+) -> GuestPackages:
+    """Resolve ``requirements`` and their dependencies against the host's installed distributions.
+
+    ``wrenbox_dir`` is the ``wrenbox`` package directory to install (default: the one running now).
+    """
     versions: dict[str, str] = {}
     files: dict[str, tuple[tuple[Path, Path], ...]] = {}
     pending = list(requirements)
@@ -114,5 +118,5 @@ def guest_packages(requirements: tuple[str, ...] = GUEST_REQUIREMENTS) -> GuestP
         files[name] = _installed_files(dist)
         pending.extend(_dependencies(dist))
     versions["wrenbox"] = wrenbox.__version__
-    files["wrenbox"] = _wrenbox_files()
+    files["wrenbox"] = _wrenbox_files(wrenbox_dir or Path(wrenbox.__file__).resolve().parent)
     return GuestPackages(versions, files)

@@ -75,6 +75,7 @@ class ImageConfig:
     busybox: Path = Path("/bin/busybox")  # Debian busybox-static
     headroom_mib: int = 128  # free space in rootfs.ext4; a sandbox's disk may be larger still
     keep_builds: int = 2  # the current build and the one before it
+    agent_source: Path | None = None  # the wrenbox package to install in the guest; default: this one
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: object) -> ImageConfig:
@@ -191,7 +192,7 @@ class _Inputs:
     def gather(cls, config: ImageConfig) -> _Inputs:
         pkg = kernel.resolve_kernel(config.kernel_package)
         recipe = rootfs.BaseRecipe(config.suite, config.mirror, tuple(sorted(config.packages)))
-        packages = guest_packages()
+        packages = guest_packages(wrenbox_dir=config.agent_source)
         busybox = _sha256(config.busybox.read_bytes())
         base_key = _key(recipe.suite, recipe.mirror, recipe.packages, recipe.revision)
         init_key = _key(
