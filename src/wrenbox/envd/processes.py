@@ -69,7 +69,8 @@ class AsyncProcesses:
         stream, default from the config). ``stdin``, when given, is fed and then closed.
 
         A non-zero exit is a result, not an error. At ``timeout`` (default from the config) the
-        process is killed and :class:`Timeout` raised: a foreground command leaves nothing behind.
+        process is killed and :class:`Timeout` raised. It is killed too when the call fails or is
+        cancelled after the start: nobody could reach a foreground command left behind.
         """
         config = self._channel.config
         limit = config.exec_timeout if isinstance(timeout, _Default) else timeout
@@ -85,10 +86,11 @@ class AsyncProcesses:
                         await self.close_stdin(stream.pid)
                     return await stream.collect(cap)
         except TimeoutError:
-            if stream.pid:
-                with anyio.move_on_after(config.request_timeout, shield=True):
-                    await self._kill_quietly(stream.pid)
+            await self._abandon(stream.pid)
             raise Timeout(f"command did not finish within {limit:g} s; process {stream.pid} killed") from None
+        except BaseException:
+            await self._abandon(stream.pid)
+            raise
 
     def exec_stream(
         self,
@@ -180,8 +182,14 @@ class AsyncProcesses:
         request = pr.SendInputRequest(process=_selector(target), input=pr.ProcessInput(input=data))
         await self._channel.unary(_SEND_INPUT, request)
 
-    async def _kill_quietly(self, pid: int) -> None:
-        with contextlib.suppress(NotFound, Unavailable, Timeout):  # gone already, or the agent is
+    async def _abandon(self, pid: int) -> None:
+        """Kill a process whose caller is gone, even from a cancelled task; never raise."""
+        if not pid:
+            return
+        with (
+            anyio.move_on_after(self._channel.config.request_timeout, shield=True),
+            contextlib.suppress(NotFound, Unavailable, Timeout),  # gone already, or the agent is
+        ):
             await self.kill(pid)
 
 

@@ -1,0 +1,133 @@
+"""Agent-wide calls (health, init, envs, metrics), the access token, and failures of the link."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from wrenbox.envd import EnvdConfig
+from wrenbox.errors import InvalidArgument, Timeout, Unauthenticated, Unavailable
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_init_sets_env_vars_for_new_processes(envd: Any) -> None:
+    await envd.init(env_vars={"WRENBOX_ENVD_TEST": "from-init"})
+    assert (await envd.envs())["WRENBOX_ENVD_TEST"] == "from-init"
+    result = await envd.processes.exec('echo "$WRENBOX_ENVD_TEST"')
+    assert result.stdout == b"from-init\n"
+
+
+async def test_metrics(envd: Any) -> None:
+    metrics = await envd.metrics()
+    assert metrics.cpu_count >= 1
+    assert 0 < metrics.mem_used <= metrics.mem_total
+    assert 0 < metrics.disk_used <= metrics.disk_total
+
+
+async def test_access_token_is_enforced_after_init(fresh_agent: Any, connect: Any) -> None:
+    owner = connect(fresh_agent.url)
+    await owner.wait_healthy(timeout=30)
+    await owner.init(access_token="s3cret-token")
+    # The client that set the token uses it from then on.
+    assert (await owner.processes.exec(["true"])).ok
+    assert isinstance(await owner.envs(), dict)
+
+    for stranger in (connect(fresh_agent.url), connect(fresh_agent.url, access_token="wrong")):
+        with pytest.raises(Unauthenticated):
+            await stranger.processes.exec(["true"])
+        with pytest.raises(Unauthenticated):
+            await stranger.processes.list()
+        with pytest.raises(Unauthenticated):
+            await stranger.files.stat("/")
+        with pytest.raises(Unauthenticated):
+            async with stranger.files.download("/etc/hostname") as chunks:
+                async for _ in chunks:
+                    pass
+        with pytest.raises(Unauthenticated):
+            await stranger.envs()
+
+    configured = connect(fresh_agent.url, access_token="s3cret-token")
+    assert (await configured.processes.exec(["true"])).ok
+
+
+@pytest.fixture
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """Accepts connections and never answers: the client's own deadlines must fire."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def test_unreachable_agent_is_unavailable(connect: Any, closed_port: int) -> None:
+    envd = connect(f"http://127.0.0.1:{closed_port}")
+    with pytest.raises(Unavailable):
+        await envd.processes.list()
+    with pytest.raises(Unavailable):
+        await envd.files.upload("/tmp/x", b"x")
+    with pytest.raises(Timeout, match="not healthy"):
+        await envd.wait_healthy(timeout=0.3, interval=0.05)
+
+
+async def test_silent_agent_times_out(connect: Any, silent_server: str) -> None:
+    envd = connect(silent_server, request_timeout=0.3)
+    for call in (envd.processes.list, envd.envs, lambda: envd.files.stat("/")):
+        with anyio.fail_after(5), pytest.raises(Timeout):
+            await call()
+    with anyio.fail_after(5), pytest.raises(Timeout):
+        async with envd.processes.exec_stream(["true"]):
+            pass
+    with anyio.fail_after(5), pytest.raises(Timeout):
+        await envd.processes.exec(["true"], timeout=0.5)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"base_url": "ftp://host"},
+        {"base_url": "http://"},
+        {"base_url": "http://h?x=1"},
+        {"request_timeout": 0},
+        {"connect_timeout": float("nan")},
+        {"output_cap": -1},
+        {"keepalive_interval": 0},
+        {"headers": {"X-Bad": "a\nb"}},
+    ],
+)
+def test_config_rejects_bad_values(bad: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgument):
+        EnvdConfig(**bad)
+
+
+def test_config_is_frozen_all_the_way_down() -> None:
+    headers = {"E2b-Sandbox-Id": "abc"}
+    config = EnvdConfig(headers=headers)
+    headers["E2b-Sandbox-Id"] = "changed"
+    assert config.headers["E2b-Sandbox-Id"] == "abc"
+    with pytest.raises(TypeError):
+        config.headers["x"] = "y"  # type: ignore[index]
+
+
+async def test_http2_prior_knowledge(agent: Any, connect: Any, tmp_path: Any) -> None:
+    envd = connect(agent.url, http2=True)
+    assert (await envd.processes.exec("echo h2")).stdout == b"h2\n"
+    await envd.files.upload(str(tmp_path / "f"), b"over h2")
+    async with envd.files.download(str(tmp_path / "f")) as chunks:
+        assert b"".join([chunk async for chunk in chunks]) == b"over h2"
+    async with envd.processes.exec_stream(["sh", "-c", "echo one; echo two"]) as proc:
+        await proc.collect(100)
+    if hasattr(envd, "_channel"):  # the async flavour: check the wire really was HTTP/2
+        response = await envd._channel.http.get("/health")
+        assert response.http_version == "HTTP/2"
