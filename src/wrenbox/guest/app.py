@@ -66,6 +66,7 @@ class AgentApp:
             return  # no websockets here
         send = _with_cors(send)
         request = Request(scope, receive)
+        log.debug("%s %s HTTP/%s", request.method, request.path, scope.get("http_version"))
         try:
             await self._dispatch(request, receive, send)
         except WrenboxError as err:
