@@ -95,8 +95,6 @@ async def test_guest_cannot_reach_the_host(
 
 async def test_guest_cannot_reach_its_slot_namespace(network: Network, make_guest: MakeGuest) -> None:
     slot, guest = await make_guest(1, "alpha", egress=ALLOW_ALL)
-    echo_in_slot = call_in_netns(slot.netns, subprocess.Popen, ["sleep", "0"])  # warm the path
-    echo_in_slot.wait()
     before = counter(network.config.prefix, "guest to slot namespace", netns=slot.netns)
     assert guest.probe(slot.ns_veth_ip, GUEST_PORT) == "timeout"
     assert counter(network.config.prefix, "guest to slot namespace", netns=slot.netns) > before
@@ -115,6 +113,21 @@ async def test_slots_cannot_reach_each_other(network: Network, make_guest: MakeG
     # Control: both guests are up and reachable from the host.
     assert probe(None, a.host_ip, GUEST_PORT).startswith("alpha ")
     assert probe(None, b.host_ip, GUEST_PORT).startswith("beta ")
+
+
+async def test_outside_world_cannot_open_connections_into_a_slot(
+    network: Network, internet: Internet, make_guest: MakeGuest
+) -> None:
+    slot, _ = await make_guest(1, "alpha")
+
+    def route_host_range_to_host() -> None:
+        run(["ip", "route", "replace", str(network.config.host_range), "via", internet.host_address])
+
+    call_in_netns(internet.netns, route_host_range_to_host)  # a LAN neighbour routing slot IPs to us
+    before = counter(network.config.prefix, "unsolicited traffic into a slot")
+    assert probe(internet.netns, slot.host_ip, GUEST_PORT) == "timeout"
+    assert counter(network.config.prefix, "unsolicited traffic into a slot") > before
+    assert probe(None, slot.host_ip, GUEST_PORT).startswith("alpha ")  # control: the host still can
 
 
 async def test_egress_default_deny_and_per_sandbox_lists(
