@@ -26,10 +26,10 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from wrenbox.command import arun, require_tool, spawn
-from wrenbox.errors import InvalidArgument, NotFound, Unsupported, WrenboxError
+from wrenbox.errors import InvalidArgument, MissingTool, NotFound, Unsupported, WrenboxError
 from wrenbox.pids import ProcessRef
 from wrenbox.vmm.base import (
     SNAPSHOT_STATE,
@@ -42,6 +42,9 @@ from wrenbox.vmm.base import (
     VmConfig,
 )
 from wrenbox.vmm.qmp import Qmp, session
+
+if TYPE_CHECKING:
+    from wrenbox.host.capabilities import HostCapabilities
 
 __all__ = ["QemuConfig", "QemuDriver", "QemuVm", "qemu_argv"]
 
@@ -79,6 +82,13 @@ class QemuConfig:
             raise InvalidArgument(f"unknown accelerator {self.accel!r}; expected 'tcg' or 'kvm'")
         if self.tsc_khz is not None and not 0 < self.tsc_khz < 100_000_000:
             raise InvalidArgument(f"implausible TSC frequency {self.tsc_khz} kHz")
+
+    @classmethod
+    def from_host(cls, caps: HostCapabilities, **overrides: Any) -> QemuConfig:
+        """The configuration the host probe decided on: KVM only where it proved to work."""
+        if caps.qemu is None:
+            raise MissingTool("qemu-system-x86_64", "qemu-system-x86")
+        return cls(**{"accel": caps.accel, "tsc_khz": caps.tsc_khz, "binary": caps.qemu.path, **overrides})
 
     def transfer_timeout(self, nbytes: int) -> float:
         return self.command_timeout_s + nbytes / self.migrate_min_rate

@@ -86,15 +86,19 @@ async def session(
     client = QMPClient(socket.name)
     deadline = time.monotonic() + connect_timeout
     while True:
-        try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
-                await client.connect(str(socket))
-            break
-        except (QMPError, OSError, TimeoutError) as exc:
-            if not alive():
-                raise Unavailable(f"QEMU exited before its monitor answered{why_gone()}") from exc
-            if time.monotonic() >= deadline:
-                raise Timeout(f"QEMU monitor {socket} did not answer within {connect_timeout} s") from exc
+        error: BaseException | None = None
+        # Until QEMU created the socket there is nothing to try (and qemu.qmp logs every failure).
+        if socket.exists():  # noqa: ASYNC240 (one stat of a local file)
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
+                    await client.connect(str(socket))
+                break
+            except (QMPError, OSError, TimeoutError) as exc:
+                error = exc
+        if not alive():
+            raise Unavailable(f"QEMU exited before its monitor answered{why_gone()}") from error
+        if time.monotonic() >= deadline:
+            raise Timeout(f"QEMU monitor {socket} did not answer within {connect_timeout} s") from error
         await asyncio.sleep(_CONNECT_RETRY_S)
     try:
         yield Qmp(client, command_timeout=command_timeout, why_gone=why_gone)
