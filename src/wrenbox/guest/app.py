@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 from typing import TYPE_CHECKING
@@ -76,7 +77,9 @@ class AgentApp:
                 await send_error(send, err)
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
-            await send_error(send, WrenboxError("internal error in the agent"))
+            # The response may have started already; then the connection just ends.
+            with contextlib.suppress(Exception):
+                await send_error(send, WrenboxError("internal error in the agent"))
 
     async def _dispatch(self, request: Request, receive: Receive, send: Send) -> None:
         method, path = request.method, request.path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import AsyncIterator
 
@@ -104,7 +105,12 @@ class ProcessService:
         if any("\0" in s for s in (*argv, *envs, *envs.values())) or any("=" in k for k in envs):
             raise InvalidArgument("command, arguments and environment must not contain NUL ('=' in a name)")
         user = acting_user(self._agent, ctx)
-        cwd = resolve(config.cwd if config.has_field("cwd") else "", user, self._agent.default_workdir)
+        if config.has_field("cwd") and config.cwd:
+            cwd = resolve(config.cwd, user, self._agent.default_workdir)
+        else:
+            cwd = resolve("", user, self._agent.default_workdir)
+            if not os.path.isdir(cwd):  # e.g. nobody's /nonexistent home: start in / rather than fail
+                cwd = "/"
         size = request.pty.size if request.pty is not None else None
         return Spawn(
             argv=argv,

@@ -3,6 +3,11 @@ and the generated modules are the bulk of the agent's import time."""
 
 from __future__ import annotations
 
+from connectrpc.code import Code
+from connectrpc.codec import Codec, proto_binary_codec, proto_json_codec
+from connectrpc.errors import ConnectError
+from protobuf import Message
+
 from wrenbox.proto.filesystem.filesystem_connect import FilesystemASGIApplication
 from wrenbox.proto.process.process_connect import ProcessASGIApplication
 
@@ -18,9 +23,10 @@ class RpcRouter:
     """Dispatches ``/process.Process/*`` and ``/filesystem.Filesystem/*`` to their applications."""
 
     def __init__(self, agent: Agent) -> None:
+        codecs = [_StrictCodec(proto_binary_codec()), _StrictCodec(proto_json_codec())]
         self._apps = {
-            "/process.Process/": ProcessASGIApplication(ProcessService(agent)),
-            "/filesystem.Filesystem/": FilesystemASGIApplication(FilesystemService(agent)),
+            "/process.Process/": ProcessASGIApplication(ProcessService(agent), codecs=codecs),
+            "/filesystem.Filesystem/": FilesystemASGIApplication(FilesystemService(agent), codecs=codecs),
         }
 
     def handles(self, path: str) -> bool:
@@ -31,3 +37,26 @@ class RpcRouter:
             if scope["path"].startswith(prefix):
                 await app(scope, receive, send)  # type: ignore[arg-type]
                 return
+
+
+class _StrictCodec:
+    """connectrpc's JSON/binary codec, but an undecodable request is the client's error (400), not 500."""
+
+    def __init__(self, inner: Codec) -> None:
+        self._inner = inner
+
+    def name(self) -> str:
+        return self._inner.name()
+
+    def encode(self, message: Message) -> bytes:
+        return self._inner.encode(message)
+
+    def decode(self, data: bytes | bytearray, message_class: type[Message]) -> Message:
+        try:
+            return self._inner.decode(data, message_class)
+        except ConnectError:
+            raise
+        except Exception as err:
+            raise ConnectError(
+                Code.INVALID_ARGUMENT, f"cannot decode {message_class.__name__}: {err}"
+            ) from None
