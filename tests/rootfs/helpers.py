@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import struct
 import subprocess
 from collections import deque
 from collections.abc import Sequence
@@ -34,6 +35,17 @@ def make_base(path: Path, size: int = 8 * MiB, seed: int = 1) -> bytes:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def expected_digest(content: bytes) -> str:
+    """The documented content digest, computed naively from the bytes (no holes, no extents)."""
+    digest = hashlib.sha256()
+    for offset in range(0, len(content), 64 * 1024):
+        block = content[offset : offset + 64 * 1024]
+        if block.count(0) != len(block):
+            digest.update(struct.pack("<QQ", offset, len(block)) + block)
+    digest.update(struct.pack("<Q", len(content)))
+    return f"sha256-blocks64k:{digest.hexdigest()}"
 
 
 def allocated(path: Path) -> int:

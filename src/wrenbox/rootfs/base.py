@@ -6,9 +6,10 @@ Every backend turns ``create(base, disk_id, size)`` into a :class:`Disk` record 
 persists; the record is all a later ``persist`` / ``restore`` / ``flatten`` / ``remove`` / ``reclaim``
 needs, in this process or after a restart.
 
-Base images are fingerprinted at create (size, inode, mtime and sha256). ``restore`` checks the cheap
-part first and re-hashes only when it differs, so an image that was modified is refused with
-:class:`~wrenbox.errors.CorruptData` instead of silently corrupting the disks built on it.
+Base images are fingerprinted at create: size, inode, mtime and a SHA-256 content digest (see
+:func:`wrenbox.rootfs.sparse.content_digest`; it skips holes, so a sparse 5 GiB image costs what its data
+costs). ``restore`` checks the cheap part first and re-hashes only when it differs, so an image that was
+modified is refused with :class:`~wrenbox.errors.CorruptData` instead of corrupting the disks built on it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import hashlib
 import os
 import secrets
 import stat
@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from wrenbox.command import Completed, arun
 from wrenbox.errors import AlreadyExists, CommandFailed, CorruptData, InvalidArgument, NotFound
 from wrenbox.names import validate_name
+from wrenbox.rootfs.sparse import content_digest
 
 if TYPE_CHECKING:
     from wrenbox.config import Settings
@@ -109,7 +110,7 @@ class BaseImage(_Record):
 
     path: Path
     size: int = Field(gt=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    digest: str = Field(pattern=r"^sha256-blocks64k:[0-9a-f]{64}$")
     device: int
     inode: int
     mtime_ns: int
@@ -160,12 +161,12 @@ class Fingerprints:
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         digest = self._known.get(key)
         if digest is None:
-            digest = await asyncio.to_thread(_sha256, path)
+            digest = await asyncio.to_thread(content_digest, path)
             self._known[key] = digest
         return BaseImage(
             path=path,
             size=st.st_size,
-            sha256=digest,
+            digest=digest,
             device=st.st_dev,
             inode=st.st_ino,
             mtime_ns=st.st_mtime_ns,
@@ -181,11 +182,11 @@ class Fingerprints:
         if base.same_file_as(st):
             return base
         current = await self.of(base.path)
-        if current.sha256 != base.sha256 or current.size != base.size:
+        if current.digest != base.digest or current.size != base.size:
             raise CorruptData(
                 f"base image {base.path} changed since the disk was created "
-                f"(size {base.size} -> {current.size}, sha256 {base.sha256[:12]}… -> "
-                f"{current.sha256[:12]}…); disks built on it cannot be used"
+                f"(size {base.size} -> {current.size}, digest {base.digest} -> {current.digest}); "
+                f"disks built on it cannot be used"
             )
         return current
 
@@ -205,11 +206,6 @@ def _stat_image(path: Path) -> os.stat_result:
     if st.st_size == 0 or st.st_size % SECTOR:
         raise InvalidArgument(f"base image {path} has size {st.st_size}; expected a multiple of {SECTOR}")
     return st
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_size(size: int | None, base: BaseImage) -> int:

@@ -49,8 +49,8 @@ from wrenbox.rootfs.base import (
     check_size,
     fsync_path,
 )
-from wrenbox.rootfs.copy import sparse_copy
 from wrenbox.rootfs.loops import LoopDevice, LoopRegistry, Losetup
+from wrenbox.rootfs.sparse import sparse_copy
 
 __all__ = ["DmSnapshotBackend", "cow_size", "device_mapper_available", "parse_dmsetup_ls"]
 

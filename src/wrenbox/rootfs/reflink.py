@@ -19,8 +19,8 @@ from pathlib import Path
 
 from wrenbox.errors import Unsupported
 from wrenbox.rootfs.base import Disk
-from wrenbox.rootfs.copy import sparse_copy
 from wrenbox.rootfs.filedisk import FileDiskBackend
+from wrenbox.rootfs.sparse import sparse_copy
 
 __all__ = ["ReflinkBackend", "clone_file", "filesystem_type", "supports_reflink"]
 

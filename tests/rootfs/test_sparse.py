@@ -1,4 +1,4 @@
-"""sparse_copy: exact content, holes kept, zero blocks turned into holes, block devices as sources."""
+"""Sparse images: copies keep content and holes; the content digest depends on content only."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from wrenbox.rootfs.copy import sparse_copy
+from wrenbox.rootfs.sparse import content_digest, sparse_copy
 
-from .helpers import MiB, allocated, make_base
+from .helpers import MiB, allocated, expected_digest, make_base, overwrite
 
 
 def test_copy_keeps_content_and_holes(tmp_path: Path) -> None:
@@ -61,3 +61,27 @@ def test_block_device_source(tmp_path: Path) -> None:
         subprocess.run(["losetup", "--detach", loop], check=True)
     assert dst.read_bytes() == content
     assert allocated(dst) <= 4 * MiB + 64 * 1024
+
+
+def test_digest_is_the_documented_one(tmp_path: Path) -> None:
+    image = tmp_path / "image"
+    content = make_base(image, size=6 * MiB + 4096)  # a partial last block too
+    assert content_digest(image) == expected_digest(content)
+
+
+def test_digest_ignores_allocation_but_sees_every_byte(tmp_path: Path) -> None:
+    sparse, dense = tmp_path / "sparse", tmp_path / "dense"
+    content = make_base(sparse, size=4 * MiB)
+    dense.write_bytes(content)  # same bytes, zeros written out
+    assert allocated(dense) > allocated(sparse)
+    digest = content_digest(sparse)
+    assert content_digest(dense) == digest
+
+    for offset in (0, MiB + 12345, 4 * MiB - 1):  # in data, in a hole, the last byte
+        changed = tmp_path / f"changed-{offset}"
+        changed.write_bytes(content)
+        overwrite(changed, offset, bytes([content[offset] ^ 1]))
+        assert content_digest(changed) != digest
+    longer = tmp_path / "longer"
+    longer.write_bytes(content + bytes(512))  # more zeros is different content
+    assert content_digest(longer) != digest
