@@ -142,6 +142,17 @@ class ServerStream(Generic[Res]):
         self._buffer = bytearray()
         self._ended = False
 
+    @property
+    def ended(self) -> bool:
+        """The end-of-stream message arrived."""
+        return self._ended
+
+    async def drain(self) -> None:
+        """Read what follows the end-of-stream message (nothing, or HTTP framing), so that the
+        connection goes back to the pool instead of being closed."""
+        async for _ in self._chunks:
+            pass
+
     async def receive(self) -> Res | None:
         """The next message, or ``None`` once the stream ended cleanly."""
         while not self._ended:
@@ -215,6 +226,10 @@ async def server_stream(
             with translate_errors(rpc.path):
                 await response.aread()
             raise error_for_response(response.status_code, response.content, rpc.path)
-        yield ServerStream(rpc, response, idle_timeout)
+        stream = ServerStream(rpc, response, idle_timeout)
+        yield stream
+        if stream.ended:
+            with anyio.move_on_after(1.0), translate_errors(rpc.path):
+                await stream.drain()
     finally:
         await response.aclose()

@@ -7,12 +7,14 @@ detaches: the process keeps running in the guest and can be reattached by pid or
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
+import anyio
 from protobuf import Oneof
 
 from wrenbox.envd.connect import ServerStream, translate_errors
@@ -26,7 +28,7 @@ from wrenbox.envd.models import (
     Stdout,
     WatchEvent,
 )
-from wrenbox.errors import Unavailable
+from wrenbox.errors import Unavailable, WrenboxError
 
 __all__ = ["EventStream", "ProcessStream", "WatchStream"]
 
@@ -64,8 +66,21 @@ class EventStream(Generic[T]):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         assert self._stack is not None
-        self._done = True
-        await self._stack.aclose()
+        assert self._stream is not None
+        try:
+            if exc_type is None and self._done and not self._stream.ended:
+                await self._read_to_end(self._stream)
+        finally:
+            self._done = True
+            await self._stack.aclose()
+
+    @staticmethod
+    async def _read_to_end(stream: ServerStream[Any]) -> None:
+        """After the last event the agent ends the stream at once; reading that end lets the
+        connection be reused. Whatever goes wrong here no longer matters to the caller."""
+        with anyio.move_on_after(1.0), contextlib.suppress(WrenboxError):
+            while await stream.receive() is not None:
+                pass
 
     def __aiter__(self) -> Self:
         return self
