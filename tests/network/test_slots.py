@@ -26,7 +26,7 @@ from tests.network.fakeguest import (
 )
 
 from wrenbox.command import run
-from wrenbox.errors import AlreadyExists, CommandFailed, Conflict, InvalidArgument, NotFound
+from wrenbox.errors import AlreadyExists, CommandFailed, Conflict, InvalidArgument, NotFound, Unavailable
 from wrenbox.network import GUEST_IP, TAP, TAP_MAC, EgressPolicy, Network, NetworkSlot, call_in_netns
 from wrenbox.network.links import add_veth_pair, overlapping_routes
 from wrenbox.network.netns import NETNS_DIR, create_netns, open_netns
@@ -302,6 +302,13 @@ async def test_cancelled_create_is_all_or_nothing(network: Network) -> None:
     assert host_state(network) == before
 
 
+async def test_create_refuses_to_run_without_the_host_table() -> None:
+    network = Network(unique_config())  # setup never ran: nothing would isolate the guest
+    with pytest.raises(Unavailable, match="host firewall table"):
+        await network.create(network.slot(1))
+    assert leftovers(network.config.prefix) == []
+
+
 async def test_foreign_or_mismatched_slots_are_refused(network: Network) -> None:
     other = unique_config().slot(1)
     with pytest.raises(InvalidArgument):
@@ -321,6 +328,7 @@ async def test_reclaim_after_a_crash(network: Network) -> None:
     kept = crashed.slot(2)
     guest = await anyio.to_thread.run_sync(FakeGuest, kept, "kept")
     other = Network(unique_config())  # another prefix: never ours to reclaim
+    await other.setup()
     try:
         (NETNS_DIR / network.config.netns_name(6)).touch()  # died between mount point and mount
         del crashed
@@ -337,7 +345,7 @@ async def test_reclaim_after_a_crash(network: Network) -> None:
         assert other.slot(1).netns in leftovers(other.config.prefix)
     finally:
         guest.close()
-        await other.remove(other.slot(1))
+        await other.teardown()
 
 
 # -- setup ---------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
+from pyroute2.nftables.main import NFTables
+
 from wrenbox.command import run
 from wrenbox.network.plan import GUEST_IP, NS_VETH, TAP, NetworkConfig, NetworkSlot, parse_cidrs
 
@@ -27,6 +29,7 @@ __all__ = [
     "apply_egress",
     "apply_slot_rules",
     "host_ruleset",
+    "host_table_present",
     "install_host_table",
     "remove_host_table",
     "slot_ruleset",
@@ -43,6 +46,9 @@ class EgressPolicy:
     def __post_init__(self) -> None:
         object.__setattr__(self, "allow", parse_cidrs(self.allow, "egress allow list"))
         object.__setattr__(self, "deny", parse_cidrs(self.deny, "egress deny list"))
+
+
+_NFPROTO_INET = 1
 
 
 def _elements(nets: Iterable[IPv4Network]) -> str:
@@ -133,6 +139,12 @@ def slot_ruleset(config: NetworkConfig, slot: NetworkSlot, egress: EgressPolicy)
 def install_host_table(config: NetworkConfig) -> None:
     """Create or atomically replace the host table (idempotent)."""
     _nft(host_ruleset(config))
+
+
+def host_table_present(config: NetworkConfig) -> bool:
+    """Whether the host table exists (in-process netlink, ~1 ms: cheap enough to check on every create)."""
+    with NFTables(nfgen_family=_NFPROTO_INET) as nft:
+        return any(t.get_attr("NFTA_TABLE_NAME") == config.prefix for t in nft.get_tables())
 
 
 def remove_host_table(config: NetworkConfig) -> None:

@@ -11,6 +11,10 @@ started with ``subprocess.Popen`` inherits the namespace of the thread that star
     sock = call_in_netns(slot.netns, socket.create_connection, ("169.254.0.21", 49983))
     qemu = call_in_netns(slot.netns, subprocess.Popen, argv)
 
+(A child started this way must not use ``PR_SET_PDEATHSIG``: the "parent" it watches is the thread,
+which ends as soon as the call returns. ``nsenter --net=/run/netns/<name>`` as a launcher has no
+such catch.)
+
 Everything here blocks briefly; from async code call it through ``anyio.to_thread.run_sync``.
 """
 

@@ -27,11 +27,12 @@ from pathlib import Path
 import anyio
 
 from wrenbox.command import require_tool
-from wrenbox.errors import Conflict, InvalidArgument, WrenboxError
+from wrenbox.errors import Conflict, InvalidArgument, Unavailable, WrenboxError
 from wrenbox.network.firewall import (
     EgressPolicy,
     apply_egress,
     apply_slot_rules,
+    host_table_present,
     install_host_table,
     remove_host_table,
 )
@@ -83,8 +84,8 @@ class Network:
     async def create(self, slot: NetworkSlot, egress: EgressPolicy | None = None) -> None:
         """Build ``slot``: namespace, veth pair, tap, routes, NAT and filtering.
 
-        AlreadyExists (and nothing changed) if its namespace exists. On failure everything built so
-        far is removed again.
+        AlreadyExists (and nothing changed) if its namespace exists; Unavailable if the host table
+        that isolates guests is missing. On failure everything built so far is removed again.
         """
         await anyio.to_thread.run_sync(self._create, slot, egress or EgressPolicy())
 
@@ -132,6 +133,12 @@ class Network:
     def _create(self, slot: NetworkSlot, egress: EgressPolicy) -> None:
         if slot != self.config.slot(slot.index):
             raise InvalidArgument(f"network slot {slot!r} does not match this host's network configuration")
+        if not host_table_present(self.config):
+            # Without it a guest could reach the host and other slots: refuse rather than run unisolated.
+            raise Unavailable(
+                f"the host firewall table 'inet {self.config.prefix}' is missing (network setup not run, or "
+                "the nftables ruleset was flushed); refusing to create an unisolated slot"
+            )
         with Rollback(f"network slot {slot.index}") as rollback:
             create_netns(slot.netns)
             rollback.push(f"network namespace {slot.netns}", remove_netns, slot.netns)
