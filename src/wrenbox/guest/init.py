@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from wrenbox.errors import InvalidArgument
+from wrenbox.errors import InvalidArgument, Unauthenticated
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -85,7 +85,12 @@ class InitRequest:
 
 
 def apply_init(agent: Agent, request: InitRequest) -> None:
-    user = agent.user_for(request.default_user) if request.default_user else None  # may raise
+    user = None
+    if request.default_user:
+        try:
+            user = agent.user_for(request.default_user)
+        except Unauthenticated as err:  # in a request body it is bad input, not bad credentials
+            raise InvalidArgument(err.message) from None
     host = agent.host
     if request.timestamp is not None and request.timestamp > host.now():
         try:
