@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,7 +27,7 @@ def parse(raw: bytes, cuts: list[int]) -> list[tuple[str | None, bytes]]:
     parser = MultipartParser(BOUNDARY)
     parts: list[tuple[str | None, bytes]] = []
     positions = sorted({0, *[c % (len(raw) + 1) for c in cuts], len(raw)})
-    for start, end in zip(positions, positions[1:], strict=False):
+    for start, end in itertools.pairwise(positions):
         for event in parser.feed(raw[start:end]):
             if isinstance(event, PartStart):
                 parts.append((event.filename, b""))

@@ -84,7 +84,7 @@ def test_agent_imports_stay_lean() -> None:
     # Everything the agent ever loads (the RPC machinery included) and nothing of the host side.
     probe = (
         "import sys, json, wrenbox.guest.__main__, wrenbox.guest.server, wrenbox.guest.services,"
-        " wrenbox.guest.watch; print(json.dumps(sorted(sys.modules)))"
+        " wrenbox.guest.watch, hypercorn.asyncio, hypercorn.config; print(json.dumps(sorted(sys.modules)))"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
