@@ -28,6 +28,9 @@ __all__ = [
 ]
 
 
+_LOOPBACK = 1  # the kernel gives "lo" ifindex 1 in every namespace
+
+
 @contextlib.contextmanager
 def _netlink(what: str) -> Iterator[IPRoute]:
     """An rtnetlink socket in the calling thread's namespace; netlink errors become wrenbox errors."""
@@ -79,7 +82,7 @@ def configure_host_veth(slot: NetworkSlot) -> None:
 def configure_slot_netns(slot: NetworkSlot) -> None:
     """Inside the slot namespace: ``lo``, ``eth0``, ``tap0`` (fixed MAC, gateway address), default route."""
     with _netlink(f"configure namespace {slot.netns}") as ipr:
-        ipr.link("set", index=_index(ipr, "lo"), state="up")
+        ipr.link("set", index=_LOOPBACK, state="up")
         eth = _index(ipr, NS_VETH)
         ipr.addr("add", index=eth, address=str(slot.ns_veth_ip), prefixlen=31)
         ipr.link("set", index=eth, state="up")
@@ -87,9 +90,8 @@ def configure_slot_netns(slot: NetworkSlot) -> None:
         flags = {"no_pi": True, "vnet_hdr": True, "one_queue": False, "multi_queue": False}
         ipr.link("add", ifname=TAP, kind="tuntap", mode="tap", ifr=flags)
         tap = _index(ipr, TAP)
-        ipr.link("set", index=tap, address=TAP_MAC)
         ipr.addr("add", index=tap, address=str(GATEWAY_IP), prefixlen=GUEST_NETWORK.prefixlen)
-        ipr.link("set", index=tap, state="up")
+        ipr.link("set", index=tap, address=TAP_MAC, state="up")
         ipr.route("add", dst="0.0.0.0/0", gateway=str(slot.host_veth_ip), oif=eth)
 
 
