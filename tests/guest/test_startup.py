@@ -117,6 +117,7 @@ def test_agent_imports_stay_lean() -> None:
         "pyqwest",
         "typing_extensions",
         "__main__",
+        "__mp_main__",  # multiprocessing (stdlib), imported by hypercorn
         "_cffi_backend",
     }
     assert third_party <= allowed, third_party - allowed
