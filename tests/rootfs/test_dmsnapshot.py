@@ -407,7 +407,9 @@ async def test_real_device_mapper_round_trip(tmp_path: Path) -> None:
         overwrite(disk.path, 6 * MiB, b"\x33" * MiB)
         expected = content + bytes(2 * MiB) + b"\x33" * MiB + bytes(MiB)
         await backend.persist(disk)
-        restored = await DmSnapshotBackend(backend.config).restore(disk)
+
+        backend = DmSnapshotBackend(backend.config)  # as after a restart
+        restored = await backend.restore(disk)
         assert restored.path.read_bytes() == expected
         await backend.persist(restored)
         image = await backend.flatten(disk, tmp_path / "template.ext4")

@@ -83,6 +83,9 @@ class RootfsConfig:
     flatten_timeout: float = 3600.0
 
     def __post_init__(self) -> None:
+        # Records store absolute paths: a later change of working directory must not move disks.
+        object.__setattr__(self, "disks_dir", absolute(self.disks_dir))
+        object.__setattr__(self, "image_roots", tuple(absolute(r) for r in self.image_roots))
         if self.remove_attempts < 1 or self.remove_retry_delay < 0:
             raise InvalidArgument("remove_attempts must be >= 1 and remove_retry_delay >= 0")
         if not self.dm_prefix or "/" in self.dm_prefix or "@" in self.dm_prefix:
