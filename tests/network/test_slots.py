@@ -16,6 +16,7 @@ from pyroute2 import IPRoute
 from tests.network.conftest import MakeGuest, leftovers, unique_config
 from tests.network.fakeguest import (
     GUEST_PORT,
+    Echo,
     FakeGuest,
     Internet,
     counter,
@@ -27,7 +28,16 @@ from tests.network.fakeguest import (
 
 from wrenbox.command import run
 from wrenbox.errors import AlreadyExists, CommandFailed, Conflict, InvalidArgument, NotFound, Unavailable
-from wrenbox.network import GUEST_IP, TAP, TAP_MAC, EgressPolicy, Network, NetworkSlot, call_in_netns
+from wrenbox.network import (
+    GATEWAY_IP,
+    GUEST_IP,
+    TAP,
+    TAP_MAC,
+    EgressPolicy,
+    Network,
+    NetworkSlot,
+    call_in_netns,
+)
 from wrenbox.network.links import add_veth_pair, overlapping_routes
 from wrenbox.network.netns import NETNS_DIR, create_netns, open_netns
 
@@ -95,9 +105,15 @@ async def test_guest_cannot_reach_the_host(
 
 async def test_guest_cannot_reach_its_slot_namespace(network: Network, make_guest: MakeGuest) -> None:
     slot, guest = await make_guest(1, "alpha", egress=ALLOW_ALL)
-    before = counter(network.config.prefix, "guest to slot namespace", netns=slot.netns)
-    assert guest.probe(slot.ns_veth_ip, GUEST_PORT) == "timeout"
-    assert counter(network.config.prefix, "guest to slot namespace", netns=slot.netns) > before
+    service = Echo(slot.netns, "slot")  # something listening in the slot namespace, e.g. a VMM port
+    try:
+        assert probe(None, slot.ns_veth_ip, service.port).startswith("slot ")  # control: host reaches it
+        before = counter(network.config.prefix, "guest to slot namespace", netns=slot.netns)
+        for address in (slot.ns_veth_ip, GATEWAY_IP):
+            assert guest.probe(address, service.port) == "timeout"
+        assert counter(network.config.prefix, "guest to slot namespace", netns=slot.netns) >= before + 2
+    finally:
+        service.stop()
 
 
 async def test_slots_cannot_reach_each_other(network: Network, make_guest: MakeGuest) -> None:
