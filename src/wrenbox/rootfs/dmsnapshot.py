@@ -227,7 +227,7 @@ class DmSnapshotBackend(RootfsBackend):
         base = disk.base.path
         origin = await self.loops.acquire(base, holder)
         rb.push(f"loop device of {base}", _shielded, self.loops.release, base, holder)
-        origin_size = int((await self._run(["blockdev", "--getsize64", origin])).text.strip())
+        origin_size = await self._size_of(origin)
         if origin_size != disk.base.size:
             raise CorruptData(
                 f"loop device {origin} of {base} is {origin_size} bytes; the base image is {disk.base.size}"
@@ -255,6 +255,13 @@ class DmSnapshotBackend(RootfsBackend):
             await self.losetup.detach(loop.device)
         for name in names:
             await self.loops.release(disk.base.path, name.removeprefix(self.config.dm_prefix))
+
+    async def _size_of(self, device: str) -> int:
+        argv = ["blockdev", "--getsize64", device]
+        output = (await self._run(argv)).text.strip()
+        if not output.isdigit():
+            raise CommandFailed(argv, 0, f"unexpected output {output[:100]!r}")
+        return int(output)
 
     async def _exists(self, name: str) -> bool:
         return (await self._try(["dmsetup", "info", name])).returncode == 0
