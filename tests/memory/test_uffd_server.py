@@ -50,7 +50,7 @@ def make_memory(path: Path, size: int, seed: int = 1) -> Path:
 
 
 def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    return len(list(Path("/proc/self/fd").iterdir()))
 
 
 class Child:

@@ -24,25 +24,21 @@ import array
 import itertools
 import json
 import os
-import select
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from wrenbox.errors import InvalidArgument, Timeout
 from wrenbox.memory import uffd_abi
 from wrenbox.memory.uffd_source import BLOCK_SIZE
 
-__all__ = ["GuestRegion", "Stopped", "parse_regions", "receive_handshake"]
+__all__ = ["GuestRegion", "parse_regions", "receive_handshake"]
 
 _READ_SIZE = 64 * 1024
 _MAX_FDS = 8  # room to see (and close) what a broken peer sends beyond the one descriptor we want
 _MAX_PAGE_SIZE = 1 << 30
 _ADDRESS_LIMIT = 1 << 64
-
-
-class Stopped(Exception):
-    """The server was asked to stop while waiting (not an error)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,20 +141,14 @@ def _take_fds(ancillary: list[tuple[int, int, bytes]], into: list[int]) -> None:
             into.extend(fds)
 
 
-def _receive(conn: socket.socket, deadline: float, max_bytes: int, stop_fd: int, fds: list[int]) -> bytes:
-    poller = select.poll()
-    poller.register(conn, select.POLLIN)
-    poller.register(stop_fd, select.POLLIN)
+def _receive(
+    conn: socket.socket, deadline: float, max_bytes: int, wait: Callable[[int, float], bool], fds: list[int]
+) -> bytes:
     data = bytearray()
     while True:
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or not wait(conn.fileno(), remaining):
             raise Timeout(f"the VMM sent no complete handshake within the time allowed ({len(data)} bytes)")
-        events = dict(poller.poll(remaining * 1000))
-        if stop_fd in events:
-            raise Stopped
-        if not events:
-            continue
         try:
             chunk, ancillary, flags, _ = conn.recvmsg(
                 _READ_SIZE, socket.CMSG_SPACE(_MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
@@ -180,16 +170,17 @@ def _receive(conn: socket.socket, deadline: float, max_bytes: int, stop_fd: int,
 
 
 def receive_handshake(
-    conn: socket.socket, *, timeout: float, max_bytes: int, stop_fd: int
+    conn: socket.socket, *, timeout: float, max_bytes: int, wait: Callable[[int, float], bool]
 ) -> tuple[bytes, int]:
     """Read Firecracker's one message from ``conn``: (JSON payload, userfaultfd).
 
-    Raises InvalidArgument for a malformed message, Timeout when it is not complete in ``timeout``
-    seconds, Stopped when ``stop_fd`` becomes readable. Only on success does the caller own the fd.
+    ``wait(fd, timeout)`` blocks until ``fd`` is readable (True) or the timeout passes (False); whatever
+    it raises (a stop request) propagates. Raises InvalidArgument for a malformed message and Timeout when
+    it is not complete in ``timeout`` seconds. Only on success does the caller own the fd.
     """
     fds: list[int] = []
     try:
-        payload = _receive(conn, time.monotonic() + timeout, max_bytes, stop_fd, fds)
+        payload = _receive(conn, time.monotonic() + timeout, max_bytes, wait, fds)
         if len(fds) != 1:
             raise InvalidArgument(f"handshake must carry exactly one userfaultfd, it carried {len(fds)}")
         if not uffd_abi.is_userfaultfd(fds[0]):
