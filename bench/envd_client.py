@@ -1,16 +1,18 @@
 """The host-side envd client: exec round trip and file transfer speed, against the official e2b SDK.
 
-Starts one guest agent on a free loopback port and measures, in the same run against that agent:
+Starts one guest agent on a free loopback port; everything below runs against that agent, in one run,
+with the cases taken in turns (so load from elsewhere on the host hits them alike):
 
-* ``exec_rtt_p50_ms`` for ``true`` over N runs through our async client, our blocking client, our
-  async client over h2c, and the ``e2b`` SDK (``Sandbox`` in debug mode pointed at the agent, its
-  default HTTP/2). The SDK runs every command as ``/bin/bash -l -c <cmd>``; our clients run the same
-  argv for the ``*_vs_e2b_ratio`` figures (same work in the guest), and plain ``true`` for the
-  client's own figure.
-* ``upload_mb_s`` / ``download_mb_s`` for one file through our client, and through the SDK as the
-  baseline (``*_vs_e2b_ratio``).
+* ``exec_rtt`` — ``true`` through our async client (HTTP/1.1), our blocking client, our async
+  client over h2c.
+* ``exec_rtt_bash`` vs ``e2b_exec_rtt_bash`` — the ``e2b`` SDK (``Sandbox`` in debug mode pointed at
+  the agent, its default HTTP/2) runs every command as ``/bin/bash -l -c <cmd>``; our client runs the
+  same argv, so the guest does the same work (HOME is an empty directory to keep host dotfiles out).
+* ``unary_rtt`` vs ``e2b_unary_rtt`` — ``List`` processes: client + protocol cost without a spawn.
+* ``upload_mb_s`` / ``download_mb_s`` for one file, ours vs the SDK's streamed write/read.
 
-Prints JSON lines ``{"figure", "value", "unit"}``.
+Prints JSON lines ``{"figure", "value", "unit"}``; ``*_ratio`` is ours / e2b (lower is better for
+times, higher for speeds).
 
     python bench/envd_client.py [--quick]
 """
@@ -18,6 +20,7 @@ Prints JSON lines ``{"figure", "value", "unit"}``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -26,9 +29,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -64,46 +68,44 @@ def p50_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
-def timed(runs: int, call: Callable[[], object]) -> list[float]:
-    call()  # warm: connection open, code paths loaded
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - start)
-    return samples
-
-
-async def atimed(runs: int, call: Callable[[], Awaitable[object]]) -> list[float]:
-    await call()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        await call()
-        samples.append(time.perf_counter() - start)
-    return samples
-
-
-def ours_async(url: str, runs: int, argv: list[str], http2: bool = False) -> float:
-    async def measure() -> list[float]:
-        async with AsyncEnvdClient(EnvdConfig(base_url=url, http2=http2)) as envd:
-            await envd.wait_healthy()
-            return await atimed(runs, lambda: envd.processes.exec(argv))
-
-    return p50_ms(anyio.run(measure))
-
-
-def ours_sync(url: str, runs: int, argv: list[str]) -> float:
-    with EnvdClient(EnvdConfig(base_url=url)) as envd:
-        return p50_ms(timed(runs, lambda: envd.processes.exec(argv)))
-
-
-def e2b_sandbox(url: str):  # e2b is imported late: it reads its environment at import
+def e2b_sandbox(url: str) -> Any:
+    # e2b is imported late: it reads its environment at import time.
     os.environ["E2B_DEBUG"] = "true"
     os.environ["E2B_SANDBOX_URL"] = url
     from e2b import Sandbox
 
     return Sandbox.create()
+
+
+async def round_trips(url: str, runs: int, home: str) -> dict[str, list[float]]:
+    """Samples per case, taken in turns so that load from elsewhere on the host hits all alike."""
+    sandbox = e2b_sandbox(url)
+    # bash -l reads ~/.profile: an empty HOME keeps host dotfiles out of the comparison.
+    envs = {"HOME": home}
+    async with (
+        AsyncEnvdClient(EnvdConfig(base_url=url)) as ours,
+        AsyncEnvdClient(EnvdConfig(base_url=url, http2=True)) as ours_h2,
+    ):
+        with EnvdClient(EnvdConfig(base_url=url)) as ours_sync:
+            cases: dict[str, Callable[[], Any]] = {
+                "exec_rtt": lambda: ours.processes.exec(["true"]),
+                "exec_rtt_sync": lambda: ours_sync.processes.exec(["true"]),
+                "exec_rtt_h2": lambda: ours_h2.processes.exec(["true"]),
+                "exec_rtt_bash": lambda: ours.processes.exec(SDK_TRUE, envs=envs),
+                "e2b_exec_rtt_bash": lambda: sandbox.commands.run("true", envs=envs),
+                "unary_rtt": lambda: ours.processes.list(),
+                "e2b_unary_rtt": lambda: sandbox.commands.list(),
+            }
+            samples: dict[str, list[float]] = {name: [] for name in cases}
+            for round_ in range(runs + 1):  # round 0 warms up: connections, code paths
+                for name, call in cases.items():
+                    start = time.perf_counter()
+                    result = call()
+                    if inspect.isawaitable(result):
+                        await result
+                    if round_:
+                        samples[name].append(time.perf_counter() - start)
+    return samples
 
 
 def transfers(url: str, workdir: Path, size: int) -> dict[str, float]:
@@ -141,15 +143,11 @@ def main() -> None:
     runs, size = (20, 10 * MiB) if args.quick else (100, 50 * MiB)
 
     with agent() as url, tempfile.TemporaryDirectory() as tmp:
-        emit("exec_rtt_p50_ms", ours_async(url, runs, ["true"]), "ms")
-        emit("exec_rtt_sync_p50_ms", ours_sync(url, runs, ["true"]), "ms")
-        emit("exec_rtt_h2_p50_ms", ours_async(url, runs, ["true"], http2=True), "ms")
-        ours_bash = ours_async(url, runs, SDK_TRUE)
-        sandbox = e2b_sandbox(url)
-        e2b = p50_ms(timed(runs, lambda: sandbox.commands.run("true")))
-        emit("exec_rtt_bash_p50_ms", ours_bash, "ms")
-        emit("e2b_exec_rtt_p50_ms", e2b, "ms")
-        emit("exec_rtt_vs_e2b_ratio", ours_bash / e2b, "ratio")
+        samples = anyio.run(round_trips, url, runs, tmp)
+        for name, values in samples.items():
+            emit(f"{name}_p50_ms", p50_ms(values), "ms")
+        for case in ("exec_rtt_bash", "unary_rtt"):
+            emit(f"{case}_vs_e2b_ratio", p50_ms(samples[case]) / p50_ms(samples[f"e2b_{case}"]), "ratio")
 
         speeds = transfers(url, Path(tmp), size)
         for direction in ("upload", "download"):
