@@ -48,7 +48,7 @@ from wrenbox.rootfs import BaseImage, RootfsBackend
 from wrenbox.rootfs.reflink import clone_file
 from wrenbox.vmm.base import Drive, Driver, Kernel, Machine, MemoryFile, Nic, Snapshot, Vm, VmConfig
 
-__all__ = ["Placement", "Template", "TemplateConfig", "TemplateManifest", "Templates"]
+__all__ = ["Placement", "Template", "TemplateConfig", "TemplateManifest", "Templates", "agent_ready"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,6 @@ class TemplateConfig:
     memory_mib: int = 512
     boot_timeout_s: float = 180.0  # cold boot to agent under TCG is ~5 s on a quiet host
     ready_timeout_s: float = 30.0  # restore to agent
-    poll_interval_s: float = 0.01
 
 
 class TemplateManifest(BaseModel):
@@ -251,7 +250,7 @@ class Templates:
         )
         vm = await self.driver.boot(config)
         try:
-            await self._ready(vm, slot, self.config.boot_timeout_s, init=False)
+            await agent_ready(vm, slot, timeout=self.config.boot_timeout_s, init=False)
             await self._warm_up(slot)
             (build_dir / SNAPSHOT_DIR).mkdir()
             return await vm.snapshot(build_dir / SNAPSHOT_DIR)
@@ -278,7 +277,7 @@ class Templates:
                 rb.push(f"RAM file {placement.memory}", placement.memory.unlink, True)
             vm = await self.driver.restore(config, snapshot)
             rb.push(f"VM {vm.pid}", vm.destroy)
-            await self._ready(vm, placement.slot, self.config.ready_timeout_s, init=True)
+            await agent_ready(vm, placement.slot, timeout=self.config.ready_timeout_s)
             rb.commit()
         return vm
 
@@ -289,26 +288,30 @@ class Templates:
             for argv in WARM_UP:
                 await agent.processes.exec(argv, timeout=self.config.boot_timeout_s)
 
-    async def _ready(self, vm: Vm, slot: NetworkSlot, timeout: float, *, init: bool) -> None:
-        """Wait until the agent in ``vm`` answers (then ``/init`` it); errors carry the console's end."""
-        deadline = time.monotonic() + timeout
-        async with _agent(slot) as agent:
-            while True:
-                try:
-                    await agent.wait_healthy(min(1.0, timeout), interval=self.config.poll_interval_s)
-                    break
-                except Timeout:
-                    if not vm.alive():
-                        raise Unavailable(
-                            f"VM {vm.pid} exited before its agent answered; console:\n{vm.console_tail()}"
-                        ) from None
-                    if time.monotonic() > deadline:
-                        raise Timeout(
-                            f"the agent of VM {vm.pid} did not answer within {timeout:g} s; "
-                            f"console:\n{vm.console_tail()}"
-                        ) from None
-            if init:
-                await agent.init()
+
+async def agent_ready(
+    vm: Vm, slot: NetworkSlot, *, timeout: float, init: bool = True, poll_interval: float = 0.01
+) -> None:
+    """Wait until the agent in ``vm`` (reached through ``slot``) answers, then, with ``init``, set its
+    clock and reseed its CRNG (``POST /init``). Errors carry the end of the VM's console."""
+    deadline = time.monotonic() + timeout
+    async with _agent(slot) as agent:
+        while True:
+            try:
+                await agent.wait_healthy(min(1.0, timeout), interval=poll_interval)
+                break
+            except Timeout:
+                if not vm.alive():
+                    raise Unavailable(
+                        f"VM {vm.pid} exited before its agent answered; console:\n{vm.console_tail()}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise Timeout(
+                        f"the agent of VM {vm.pid} did not answer within {timeout:g} s; "
+                        f"console:\n{vm.console_tail()}"
+                    ) from None
+        if init:
+            await agent.init()
 
 
 class _Stepper:

@@ -1,0 +1,220 @@
+"""Real VMs from one template per session: the guest image (cached per machine), a network of our own,
+qcow2 root disks, QEMU under whatever the host probe chose (TCG here).
+
+``template`` is built once per session (one cold boot). ``sandboxes`` starts VMs from it in fresh slots
+and releases everything it made when the test ends, whatever happened.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import pytest
+from tests.support.images import image_settings
+
+from wrenbox.envd import AsyncEnvdClient, EnvdConfig, ExecResult
+from wrenbox.host.capabilities import HostCapabilities
+from wrenbox.images import Image
+from wrenbox.network import Network, NetworkConfig, NetworkSlot
+from wrenbox.network.links import link_names
+from wrenbox.network.netns import NETNS_DIR, list_netns
+from wrenbox.rootfs import Disk, RootfsBackend, RootfsConfig, backend_for
+from wrenbox.templates import Placement, Template, TemplateConfig, Templates, agent_ready
+from wrenbox.vmm.base import Drive, MemoryFile, Snapshot, Vm, VmConfig
+from wrenbox.vmm.qemu import QemuConfig, QemuDriver
+
+GUEST_MEMORY_MIB = 256
+
+
+def processes_using(path: Path) -> list[int]:
+    """PIDs whose command line mentions ``path`` (QEMU names its RAM, disk and socket paths)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if bytes(path) in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def network_leftovers(prefix: str) -> list[str]:
+    return [n for n in list_netns() + link_names() if n.startswith(prefix)]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("wrenbox-data")
+    yield path
+    assert processes_using(path) == [], "a QEMU outlived the tests"
+
+
+@pytest.fixture(scope="session")
+def network() -> Iterator[Network]:
+    suffix = secrets.randbelow(250)
+    network = Network(
+        NetworkConfig(
+            prefix=f"wt{secrets.token_hex(2)}",
+            host_range=f"10.252.{suffix}.0/27",
+            transfer_range=f"10.252.{suffix}.32/27",
+        )
+    )
+    anyio.run(network.setup)
+    try:
+        yield network
+    finally:
+        anyio.run(network.teardown)
+    assert network_leftovers(network.config.prefix) == []
+
+
+@pytest.fixture(scope="session")
+def driver() -> QemuDriver:
+    return QemuDriver(QemuConfig.from_host(HostCapabilities.probe(image_settings())))
+
+
+@pytest.fixture(scope="session")
+def rootfs(data_dir: Path) -> RootfsBackend:
+    (data_dir / "disks").mkdir()
+    return backend_for("qcow2", RootfsConfig(disks_dir=data_dir / "disks"))
+
+
+@pytest.fixture(scope="session")
+def templates(data_dir: Path, driver: QemuDriver, rootfs: RootfsBackend) -> Templates:
+    config = TemplateConfig(data_dir / "templates", memory_mib=GUEST_MEMORY_MIB)
+    return Templates(config, driver=driver, rootfs=rootfs)
+
+
+@pytest.fixture(scope="session")
+def template(templates: Templates, guest_image: Image, network: Network) -> Template:
+    """Built once per session, in slot 1 (created for the build and removed after it)."""
+
+    async def build() -> Template:
+        slot = network.slot(1)
+        await network.create(slot)
+        try:
+            return await templates.build("minimal", guest_image, slot)
+        finally:
+            await network.remove(slot)
+
+    return anyio.run(build)
+
+
+@dataclass
+class Sandbox:
+    slot: NetworkSlot
+    disk: Disk
+    dir: Path
+    vm: Vm
+    agent: AsyncEnvdClient
+
+    @property
+    def drive(self) -> Drive:
+        return Drive(self.disk.path, self.disk.format)
+
+    async def sh(self, script: str) -> str:
+        """Run ``script`` with /bin/sh in the guest; its stdout (it must succeed)."""
+        result: ExecResult = await self.agent.processes.exec(["/bin/sh", "-c", script], timeout=60)
+        assert result.exit_code == 0, result
+        return result.stdout.decode()
+
+
+@dataclass
+class Sandboxes:
+    """Slots, disks and VMs made for one test; :meth:`close` releases all of them."""
+
+    network: Network
+    rootfs: RootfsBackend
+    templates: Templates
+    template: Template
+    root: Path
+    slots: dict[int, NetworkSlot] = field(default_factory=dict)
+    made: list[Sandbox] = field(default_factory=list)
+
+    async def slot(self, index: int) -> NetworkSlot:
+        if index not in self.slots:
+            slot = self.network.slot(index)
+            await self.network.create(slot)
+            self.slots[index] = slot
+        return self.slots[index]
+
+    async def remove_slot(self, index: int) -> None:
+        await self.network.remove(self.slots.pop(index))
+
+    async def start(self, index: int, *, copy_memory: bool = False) -> Sandbox:
+        """A VM from the template in slot ``index``, with a disk of its own."""
+        slot = await self.slot(index)
+        name = f"sbx{index}-{secrets.token_hex(3)}"
+        directory = self.root / name
+        directory.mkdir()
+        disk = await self.rootfs.create(self.template.rootfs_image(), name)
+        placement = Placement(
+            run_dir=directory / "run",
+            disk=Drive(disk.path, disk.format),
+            slot=slot,
+            memory=directory / "memory" if copy_memory else None,
+        )
+        try:
+            vm = await self.templates.start(self.template, placement)
+        except BaseException:
+            await self.rootfs.remove(disk)
+            raise
+        sandbox = Sandbox(slot, disk, directory, vm, agent_for(slot))
+        self.made.append(sandbox)
+        return sandbox
+
+    async def pause(self, sandbox: Sandbox) -> Snapshot:
+        """Snapshot the sandbox's VM into a new directory of its own and end the VM."""
+        dest = sandbox.dir / f"pause-{secrets.token_hex(3)}"
+        dest.mkdir()
+        snapshot = await sandbox.vm.snapshot(dest)
+        await sandbox.vm.destroy()
+        await sandbox.agent.aclose()
+        sandbox.disk = await self.rootfs.persist(sandbox.disk)
+        return snapshot
+
+    async def resume(self, sandbox: Sandbox, snapshot: Snapshot, index: int) -> None:
+        """Restore a paused sandbox into slot ``index``, with RAM in its own file ``<dir>/memory``."""
+        slot = await self.slot(index)
+        sandbox.disk = await self.rootfs.restore(sandbox.disk)
+        config = VmConfig(
+            machine=self.template.machine(sandbox.drive),
+            memory=MemoryFile(sandbox.dir / "memory"),
+            run_dir=sandbox.dir / f"run-{secrets.token_hex(3)}",
+            netns=NETNS_DIR / slot.netns,
+        )
+        sandbox.vm = await self.templates.driver.restore(config, snapshot)
+        sandbox.slot, sandbox.agent = slot, agent_for(slot)
+        await agent_ready(sandbox.vm, slot, timeout=30)
+
+    async def close(self) -> None:
+        for sandbox in reversed(self.made):
+            await sandbox.agent.aclose()
+            await sandbox.vm.destroy()
+            await self.rootfs.remove(sandbox.disk)
+            shutil.rmtree(sandbox.dir, ignore_errors=True)
+        for index in list(self.slots):
+            await self.remove_slot(index)
+
+
+def agent_for(slot: NetworkSlot) -> AsyncEnvdClient:
+    return AsyncEnvdClient(EnvdConfig(base_url=f"http://{slot.host_ip}:49983"))
+
+
+@pytest.fixture
+async def sandboxes(
+    network: Network, rootfs: RootfsBackend, templates: Templates, template: Template, data_dir: Path
+) -> AsyncIterator[Sandboxes]:
+    root = data_dir / "sandboxes"
+    root.mkdir(exist_ok=True)
+    made = Sandboxes(network, rootfs, templates, template, root)
+    try:
+        yield made
+    finally:
+        with anyio.CancelScope(shield=True):
+            await made.close()

@@ -1,0 +1,156 @@
+"""Sandboxes from a template, end to end on real VMs: restore, exec, pause, restore elsewhere, clones."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import anyio
+import pytest
+from tests.templates.conftest import Sandbox, Sandboxes, network_leftovers, processes_using
+
+from wrenbox.command import run
+from wrenbox.network import Network
+from wrenbox.rootfs import RootfsBackend
+from wrenbox.templates import Placement, Template, Templates
+from wrenbox.vmm.base import Drive
+from wrenbox.vmm.qemu import QemuDriver
+
+pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.slow, pytest.mark.anyio]
+
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /dev/shm/counter; sleep 0.05; done"
+
+
+async def counter(sandbox: Sandbox) -> int:
+    return int((await sandbox.sh("cat /dev/shm/counter")).strip())
+
+
+async def counts_on(sandbox: Sandbox, at_least: int) -> int:
+    """The counter's value once it has moved past ``at_least``: the counting process is alive."""
+    deadline = time.monotonic() + 20
+    while (value := await counter(sandbox)) <= at_least:
+        assert time.monotonic() < deadline, f"counter stuck at {value}"
+        await asyncio.sleep(0.1)
+    return value
+
+
+async def test_restore_exec_pause_and_restore_into_another_slot(
+    sandboxes: Sandboxes, network: Network, rootfs: RootfsBackend, template: Template
+) -> None:
+    a = await sandboxes.start(2)
+    assert (await a.sh("uname -r")).strip() == template.manifest.kernel_release
+    guest_now = float(await a.sh("date +%s.%N"))
+    assert abs(guest_now - time.time()) < 3, "POST /init set the guest clock"
+
+    pid = await a.agent.processes.start(["/bin/sh", "-c", COUNTER], tag="counter")
+    token = secrets.token_hex(16)
+    await a.sh(f"echo {token} > /dev/shm/marker && echo {token} > $HOME/on-disk && sync")
+    before = await counts_on(a, 3)
+
+    # Pause: this clone maps the template's RAM privately, so the RAM goes into the state file.
+    first = await sandboxes.pause(a)
+    assert first.meta.memory == "in_state"
+    assert processes_using(a.dir) == []
+    await sandboxes.remove_slot(2)
+
+    await sandboxes.resume(a, first, 3)
+    assert (await a.sh("cat /dev/shm/marker $HOME/on-disk")).split() == [token, token]
+    survived = await counter(a)
+    assert survived >= before, "the counter restarted: the process's memory was lost"
+    await counts_on(a, survived)
+    (info,) = [p for p in await a.agent.processes.list() if p.tag == "counter"]
+    assert info.pid == pid
+
+    # Now it has a RAM file of its own: a pause writes only the device state.
+    second = await sandboxes.pause(a)
+    assert second.meta.memory == "external"
+    assert second.meta.state_bytes < 1 << 20
+    await sandboxes.resume(a, second, 4)
+    assert (await a.sh("cat /dev/shm/marker")).strip() == token
+    await counts_on(a, await counter(a))
+
+    # Destroy: nothing of the sandbox may remain.
+    slot = a.slot
+    await sandboxes.close()
+    assert processes_using(a.dir) == []
+    assert not a.dir.exists()
+    assert not any(p.name.startswith(a.disk.id) for p in rootfs.config.disks_dir.iterdir())
+    assert await anyio.to_thread.run_sync(network_leftovers, network.config.prefix) == []
+    ruleset = run(["nft", "list", "ruleset"]).text
+    assert str(slot.host_ip) not in ruleset
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+async def test_two_clones_at_once_are_independent_and_differ_in_random_state(
+    sandboxes: Sandboxes, template: Template
+) -> None:
+    before = {p: sha256(p) for p in (template.memory, template.rootfs)}
+    # One maps the template's RAM privately, the other gets its own copy: both must work.
+    c, d = await asyncio.gather(sandboxes.start(5), sandboxes.start(6, copy_memory=True))
+    assert (c.dir / "memory").exists() is False
+    assert (d.dir / "memory").stat().st_size == template.manifest.memory_mib << 20
+
+    random_bytes = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
+    rc, rd = await asyncio.gather(c.sh(random_bytes), d.sh(random_bytes))
+    assert len(rc) == len(rd) == 64
+    assert rc != rd, "clones of one snapshot produced the same random bytes: /init did not reseed"
+
+    await c.sh("echo c > $HOME/who && echo c > /dev/shm/who")
+    assert await d.sh("cat $HOME/who /dev/shm/who 2>/dev/null || echo none") == "none\n"
+    await d.sh("echo d > $HOME/who")
+    assert (await c.sh("cat $HOME/who")).strip() == "c"
+
+    await sandboxes.close()
+    assert {p: sha256(p) for p in before} == before, "a clone wrote into the template"
+
+
+async def test_snapshot_then_resume_keeps_the_vm_running(sandboxes: Sandboxes) -> None:
+    e = await sandboxes.start(7)
+    await e.sh("echo before > $HOME/f && sync")
+    dest = e.dir / "snap"
+    dest.mkdir()
+    snapshot = await e.vm.snapshot(dest)
+    assert snapshot.state_path.stat().st_size == snapshot.meta.state_bytes
+    assert await e.vm.status() == "postmigrate"
+    await e.vm.resume()
+    assert await e.vm.status() == "running"
+    # Migration handed the disk over; after resume the VM must own (and write) it again.
+    assert (await e.sh("echo after >> $HOME/f && sync && cat $HOME/f")).split() == ["before", "after"]
+
+    await e.vm.pause()
+    assert await e.vm.status() == "paused"
+    await e.vm.resume()
+    assert (await e.sh("echo ok")).strip() == "ok"
+
+
+async def test_destroy_kills_a_vmm_that_does_not_answer(
+    sandboxes: Sandboxes, templates: Templates, template: Template, rootfs: RootfsBackend, data_dir: Path
+) -> None:
+    patience = replace(templates.driver.config, quit_timeout_s=0.5, kill_grace_s=0.5)
+    impatient = Templates(templates.config, driver=QemuDriver(patience), rootfs=rootfs)
+    slot = await sandboxes.slot(8)
+    directory = data_dir / "sandboxes" / "hung"
+    directory.mkdir()
+    disk = await rootfs.create(template.rootfs_image(), "hung")
+    try:
+        vm = await impatient.start(
+            template, Placement(directory / "run", Drive(disk.path, disk.format), slot)
+        )
+        os.kill(vm.pid, signal.SIGSTOP)  # QEMU can no longer answer its monitor, nor SIGTERM
+        t0 = time.monotonic()
+        await vm.destroy()
+        assert time.monotonic() - t0 < 5
+        assert not vm.alive()
+        assert processes_using(directory) == []
+    finally:
+        await rootfs.remove(disk)
