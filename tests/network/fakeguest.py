@@ -177,9 +177,7 @@ class Internet:
     def close(self) -> None:
         with contextlib.suppress(AttributeError):
             self.echo.stop()
-        with IPRoute() as ipr:
-            for found in ipr.link_lookup(ifname=self.link):
-                ipr.link("del", index=found)  # takes its routes with it
+        _del_link(self.link)  # takes its routes with it
         remove_netns(self.netns)
 
 

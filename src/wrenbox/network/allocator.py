@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from wrenbox.errors import AlreadyExists, InvalidArgument, Unavailable
+from wrenbox.network.plan import check_index
 
 __all__ = ["SlotAllocator"]
 
@@ -30,7 +31,7 @@ class SlotAllocator:
 
     def reserve(self, index: int) -> None:
         """Mark ``index`` taken (reconcile at start); AlreadyExists if it already is."""
-        self._check(index)
+        check_index(index, self.capacity)
         with self._lock:
             if index in self._used:
                 raise AlreadyExists(f"network slot {index} is already in use")
@@ -38,14 +39,10 @@ class SlotAllocator:
 
     def release(self, index: int) -> None:
         """Give ``index`` back. Releasing a free slot does nothing, so undo steps may run twice."""
-        self._check(index)
+        check_index(index, self.capacity)
         with self._lock:
             self._used.discard(index)
 
     def in_use(self) -> frozenset[int]:
         with self._lock:
             return frozenset(self._used)
-
-    def _check(self, index: int) -> None:
-        if not isinstance(index, int) or isinstance(index, bool) or not 1 <= index <= self.capacity:
-            raise InvalidArgument(f"invalid network slot {index!r}: expected 1 … {self.capacity}")

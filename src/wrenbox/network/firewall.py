@@ -65,10 +65,14 @@ def _nft(ruleset: str) -> None:
     run(["nft", "-f", "-"], input=ruleset.encode(), timeout=30.0)
 
 
+def _drop_table(name: str) -> str:
+    # Declaring the table first makes the delete valid when it does not exist yet.
+    return f"table inet {name} {{}}\ndelete table inet {name}\n"
+
+
 def _replace_table(name: str, body: str) -> str:
-    # Declaring the table first makes the delete valid when it does not exist yet; the whole
-    # file is one transaction, so the table is never seen missing or half-built.
-    return f"table inet {name} {{}}\ndelete table inet {name}\ntable inet {name} {{\n{body}}}\n"
+    # One transaction: the table is never seen missing or half-built.
+    return f"{_drop_table(name)}table inet {name} {{\n{body}}}\n"
 
 
 def host_ruleset(config: NetworkConfig) -> str:
@@ -149,7 +153,7 @@ def host_table_present(config: NetworkConfig) -> bool:
 
 def remove_host_table(config: NetworkConfig) -> None:
     """Delete the host table if it exists (idempotent). Never touches any other table."""
-    _nft(f"table inet {config.prefix} {{}}\ndelete table inet {config.prefix}\n")
+    _nft(_drop_table(config.prefix))
 
 
 def apply_slot_rules(config: NetworkConfig, slot: NetworkSlot, egress: EgressPolicy) -> None:

@@ -63,6 +63,8 @@ _IP_FORWARD = "net/ipv4/ip_forward"
 
 
 class Network:
+    """The slots of one host (one ``NetworkConfig``, one prefix): setup, create, remove, reclaim."""
+
     def __init__(self, config: NetworkConfig | None = None) -> None:
         self.config = config or NetworkConfig()
 

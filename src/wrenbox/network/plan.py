@@ -33,6 +33,7 @@ __all__ = [
     "TAP_MAC",
     "NetworkConfig",
     "NetworkSlot",
+    "check_index",
     "kernel_ip_arg",
     "parse_cidrs",
 ]
@@ -78,6 +79,13 @@ def kernel_ip_arg(device: str = "eth0") -> str:
     """The guest kernel's ``ip=`` argument that configures the fixed guest address at boot."""
     mask = GUEST_NETWORK.netmask
     return f"ip={GUEST_IP}::{GATEWAY_IP}:{mask}::{device}:off"
+
+
+def check_index(index: object, capacity: int) -> int:
+    """``index`` if it is a slot index in ``1 … capacity``, else InvalidArgument."""
+    if not isinstance(index, int) or isinstance(index, bool) or not 1 <= index <= capacity:
+        raise InvalidArgument(f"invalid network slot {index!r}: expected 1 … {capacity}")
+    return index
 
 
 def _network(value: object, what: str) -> IPv4Network:
@@ -149,9 +157,7 @@ class NetworkConfig:
         return fits if self.max_slots is None else min(fits, self.max_slots)
 
     def check_index(self, index: object) -> int:
-        if not isinstance(index, int) or isinstance(index, bool) or not 1 <= index <= self.capacity:
-            raise InvalidArgument(f"invalid network slot {index!r}: expected 1 … {self.capacity}")
-        return index
+        return check_index(index, self.capacity)
 
     def netns_name(self, index: int) -> str:
         return f"{self.prefix}-ns-{index}"
