@@ -69,6 +69,23 @@ async def test_exec_feeds_stdin(envd: Any) -> None:
     assert result.stdout == b"HELLO\nend\n"
 
 
+async def test_exec_stdin_for_a_command_that_exits_without_reading(envd: Any) -> None:
+    result = await envd.processes.exec(["true"], stdin=b"unread")
+    assert result.ok
+
+
+async def test_concurrent_execs(async_envd: AsyncEnvdClient) -> None:
+    results: dict[int, bytes] = {}
+
+    async def run(i: int) -> None:
+        results[i] = (await async_envd.processes.exec(["sh", "-c", f"sleep 0.2; echo {i}"])).stdout
+
+    async with anyio.create_task_group() as tg:
+        for i in range(8):
+            tg.start_soon(run, i)
+    assert results == {i: f"{i}\n".encode() for i in range(8)}
+
+
 async def test_exec_timeout_kills_the_process(envd: Any, tmp_path: Path) -> None:
     pid_file = anyio.Path(tmp_path / "pid")
     with pytest.raises(Timeout, match="killed"):

@@ -93,7 +93,7 @@ def translate_errors(what: str, timeout: float | None = None) -> Iterator[None]:
         raise Timeout(f"{what}: no answer within {timeout:g} s") from exc
     except httpx.TimeoutException as exc:
         raise Timeout(f"{what}: timed out ({type(exc).__name__})") from exc
-    except httpx.TransportError as exc:
+    except httpx.RequestError as exc:
         raise Unavailable(f"{what}: agent unreachable ({type(exc).__name__}: {exc})") from exc
 
 

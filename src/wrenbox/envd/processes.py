@@ -82,8 +82,7 @@ class AsyncProcesses:
             with anyio.fail_after(limit):
                 async with stream:
                     if stdin is not None:
-                        await self.send_stdin(stream.pid, stdin)
-                        await self.close_stdin(stream.pid)
+                        await self._feed(stream.pid, stdin)
                     return await stream.collect(cap)
         except TimeoutError:
             await self._abandon(stream.pid)
@@ -181,6 +180,13 @@ class AsyncProcesses:
     async def _send_input(self, target: Target, data: Oneof) -> None:
         request = pr.SendInputRequest(process=_selector(target), input=pr.ProcessInput(input=data))
         await self._channel.unary(_SEND_INPUT, request)
+
+    async def _feed(self, pid: int, data: bytes) -> None:
+        """All of ``data``, then EOF — unless the command exits first and wants none of it."""
+        with contextlib.suppress(NotFound):
+            if data:
+                await self.send_stdin(pid, data)
+            await self.close_stdin(pid)
 
     async def _abandon(self, pid: int) -> None:
         """Kill a process whose caller is gone, even from a cancelled task; never raise."""

@@ -48,11 +48,13 @@ class EventStream(Generic[T]):
         self._stream: ServerStream[Any] | None = None
         self._pending: list[T] = []
         self._done = False
+        self.opened_at = 0.0
 
     async def __aenter__(self) -> Self:
         if self._stack is not None:
             raise RuntimeError(f"this {self.what} was already opened")
         self._stack = AsyncExitStack()
+        self.opened_at = time.monotonic()
         try:
             with translate_errors(f"opening a {self.what}", self._open_timeout):
                 self._stream = await self._stack.enter_async_context(self._opener())
@@ -119,11 +121,9 @@ class ProcessStream(EventStream[ProcessEvent]):
     def __init__(self, opener: Opener, open_timeout: float | None) -> None:
         super().__init__(opener, open_timeout)
         self.pid = 0
-        self._opened_at = time.monotonic()
 
     async def _confirm(self) -> None:
         assert self._stream is not None
-        self._opened_at = time.monotonic()
         first = await self._stream.receive()
         event = self._decode(first) if first is not None else None
         if not isinstance(event, Started):
@@ -163,7 +163,7 @@ class ProcessStream(EventStream[ProcessEvent]):
                         exit_code=exit_code,
                         stdout=bytes(stdout),
                         stderr=bytes(stderr),
-                        duration=time.monotonic() - self._opened_at,
+                        duration=time.monotonic() - self.opened_at,
                         stdout_truncated=stdout_cut,
                         stderr_truncated=stderr_cut,
                         error=error,
