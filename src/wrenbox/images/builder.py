@@ -79,8 +79,11 @@ class ImageConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: object) -> ImageConfig:
+        """Layout from ``settings``; ``overrides`` replace any field (the cache stays in the settings' data
+        dir even when ``images_dir`` is overridden, so layers are shared)."""
         images = settings.images_dir
-        return cls(images_dir=images, cache_dir=images / ".cache", **overrides)  # type: ignore[arg-type]
+        fields: dict[str, object] = {"images_dir": images, "cache_dir": images / ".cache", **overrides}
+        return cls(**fields)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,14 +152,18 @@ def build_image(
     _check_static(config.busybox)
     steps = _Steps(on_step)
     builds = config.images_dir / ".builds"
+    with steps.step("resolve"):
+        inputs = _Inputs.gather(config)
+    # Publishing is an atomic symlink switch, so an up-to-date image can be recognised without the lock.
+    current = _current(config.images_dir, name)
+    if current is not None and not force and current.manifest.build_key == inputs.build_key:
+        return BuildResult(current, cached=True, timings=steps.timings)
     with exclusive_lock(config.images_dir / ".lock"), exclusive_lock(config.cache_dir / ".lock"):
         cache = LayerCache(config.cache_dir)
         cache.remove_stale()
         for stale in builds.glob(".tmp-*"):
             remove_tree(stale)
-        with steps.step("resolve"):
-            inputs = _Inputs.gather(config)
-        current = _current(config.images_dir, name)
+        current = _current(config.images_dir, name)  # another builder may have finished meanwhile
         if current is not None and not force and current.manifest.build_key == inputs.build_key:
             return BuildResult(current, cached=True, timings=steps.timings)
         builds.mkdir(parents=True, exist_ok=True)
