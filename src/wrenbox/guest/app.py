@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from wrenbox.errors import NotFound, Unauthenticated, WrenboxError
@@ -61,13 +62,19 @@ class AgentApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await _lifespan(receive, send, on_startup=self.preload)
             return
         if scope["type"] != "http":
             return  # no websockets here
         send = _with_cors(send)
         request = Request(scope, receive)
-        log.debug("%s %s HTTP/%s", request.method, request.path, scope.get("http_version"))
+        log.debug(
+            "%s %s HTTP/%s accept-encoding=%s",
+            request.method,
+            request.path,
+            scope.get("http_version"),
+            request.headers.get("accept-encoding"),
+        )
         try:
             await self._dispatch(request, receive, send)
         except WrenboxError as err:
@@ -127,10 +134,11 @@ def _with_cors(send: Send) -> Send:
     return send_with_cors
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def _lifespan(receive: Receive, send: Send, on_startup: Callable[[], None]) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            on_startup()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})

@@ -30,8 +30,7 @@ async def serve(agent: Agent, sock: socket.socket) -> None:
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config
 
-    app = AgentApp(agent)
-    app.preload()
+    app = AgentApp(agent)  # it loads the RPC machinery in a thread once hypercorn starts up
     config = Config()
     config.bind = [f"fd://{sock.fileno()}"]
     config.accesslog = None
