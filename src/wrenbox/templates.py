@@ -208,6 +208,10 @@ class Templates:
             finally:
                 await self.rootfs.remove(disk)
             with step("publish"):
+                # Durable first: ext4 allocates delayed writes only now, and the manifest records the size.
+                await asyncio.to_thread(
+                    _freeze, build_dir / MEMORY, build_dir / ROOTFS, build_dir / SNAPSHOT_DIR
+                )
                 manifest = TemplateManifest(
                     name=name,
                     created_at=datetime.now().astimezone(),
@@ -222,11 +226,13 @@ class Templates:
                     state_bytes=snapshot.meta.state_bytes,
                     timings=timings,
                 )
-                await asyncio.to_thread(_seal, build_dir, manifest)
+                (build_dir / MANIFEST).write_text(manifest.model_dump_json(indent=1))
+                await asyncio.to_thread(_freeze, build_dir / MANIFEST, build_dir)
                 try:
                     build_dir.rename(self.root / name)
                 except OSError as exc:  # ENOTEMPTY / EEXIST: someone published this name meanwhile
                     raise AlreadyExists(f"template {name!r} already exists; templates are immutable") from exc
+                await asyncio.to_thread(_freeze, self.root)
         finally:
             if build_dir.exists():
                 shutil.rmtree(build_dir, ignore_errors=True)
@@ -372,18 +378,11 @@ def _clone_or_copy(src: Path, dst: Path) -> None:
         os.close(sfd)
 
 
-def _seal(build_dir: Path, manifest: TemplateManifest) -> None:
-    """Write the manifest, make the files read-only and everything durable before the rename."""
-    (build_dir / MANIFEST).write_text(manifest.model_dump_json(indent=1))
-    for path in (build_dir / MEMORY, build_dir / ROOTFS, build_dir / MANIFEST):
-        path.chmod(0o444)
-    for path in (
-        build_dir / MEMORY,
-        build_dir / ROOTFS,
-        build_dir / MANIFEST,
-        build_dir / SNAPSHOT_DIR,
-        build_dir,
-    ):
+def _freeze(*paths: Path) -> None:
+    """Make files read-only, and files and directories durable."""
+    for path in paths:
+        if path.is_file():
+            path.chmod(0o444)
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
