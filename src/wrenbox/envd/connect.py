@@ -2,7 +2,7 @@
 
 Why not connectrpc's generated clients: they are bound to pyqwest, a second HTTP stack with its own
 connection pool, timeout model and error types, next to the httpx we need anyway for the plain
-endpoints (``/files`` multipart streaming, ``/init``, ``/health``). The parts of Connect the agent
+endpoints (streamed ``/files``, ``/init``, ``/health``). The parts of Connect the agent
 uses are small and stable — unary calls (a POST of one message) and server streams (5-byte framed
 envelopes ending in a JSON end-of-stream message) — so this module implements them over the same
 ``httpx.AsyncClient``: one connection pool per agent, one way to time out, one error translation.

@@ -1,0 +1,41 @@
+"""How HTTP error answers become wrenbox errors (pure function: every shape an agent or proxy sends)."""
+
+from __future__ import annotations
+
+import pytest
+
+from wrenbox.envd.connect import error_for_response
+from wrenbox.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Timeout,
+    Unauthenticated,
+    Unavailable,
+    WrenboxError,
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind", "message"),
+    [
+        # A Connect error: its code wins over the HTTP status.
+        (400, b'{"code": "already_exists", "message": "path exists"}', AlreadyExists, "path exists"),
+        (404, b'{"code": "not_found", "message": "no process 7"}', NotFound, "no process 7"),
+        # envd's /files errors carry the HTTP status as a number.
+        (404, b'{"code": 404, "message": "file missing"}', NotFound, "file missing"),
+        (401, b'{"code": 401, "message": "bad token"}', Unauthenticated, "bad token"),
+        # A proxy's plain page: the status decides, the text is the message.
+        (403, b"forbidden by proxy", PermissionDenied, "forbidden by proxy"),
+        (502, b"<html>bad gateway</html>", Unavailable, "bad gateway"),
+        (504, b"", Timeout, "HTTP 504"),
+        (400, b"", InvalidArgument, "HTTP 400"),
+        (418, b"teapot", WrenboxError, "teapot"),
+    ],
+)
+def test_error_for_response(status: int, body: bytes, kind: type[WrenboxError], message: str) -> None:
+    error = error_for_response(status, body, "GET /files")
+    assert type(error) is kind
+    assert error.message.startswith("GET /files: ")
+    assert message in error.message
