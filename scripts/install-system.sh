@@ -8,6 +8,7 @@ packages=(
   debootstrap busybox-static cpio kmod e2fsprogs   # guest image builder
   nftables iproute2       # network slots
   xfsprogs btrfs-progs    # reflink-capable filesystems for copy-on-write tests
+  dmsetup                 # dm-snapshot root disks (hosts whose kernel has device-mapper)
   zstd socat
 )
 
