@@ -45,7 +45,8 @@ class ProcessLimits:
     high_water: int = 8 << 20
     low_water: int = 1 << 20
     stall_timeout: float = 10.0
-    exited_retention: float = 60.0
+    exited_retention: float = 60.0  # seconds an exited process stays attachable (its ring replays)
+    max_exited: int = 256  # and at most this many: each holds up to ring_bytes of output
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +370,8 @@ class ProcessTable:
         if self._running.get(process.pid) is process:
             del self._running[process.pid]
             self._exited[process.pid] = process
+            while len(self._exited) > self.limits.max_exited:
+                del self._exited[next(iter(self._exited))]  # the oldest
             loop = asyncio.get_running_loop()
             loop.call_later(self.limits.exited_retention, self._forget, process)
 
