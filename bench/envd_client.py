@@ -11,8 +11,8 @@ with the cases taken in turns (so load from elsewhere on the host hits them alik
 * ``unary_rtt`` vs ``e2b_unary_rtt`` — ``List`` processes: client + protocol cost without a spawn.
 * ``upload_mb_s`` / ``download_mb_s`` for one file, ours vs the SDK's streamed write/read.
 
-Prints JSON lines ``{"figure", "value", "unit"}``; ``*_ratio`` is ours / e2b (lower is better for
-times, higher for speeds).
+Prints JSON lines ``{"figure", "value", "unit"}``, every name prefixed ``envd_client_``; ``*_ratio``
+is ours / e2b (lower is better for times, higher for speeds).
 
     python bench/envd_client.py [--quick]
 """
@@ -39,6 +39,7 @@ import anyio
 from wrenbox.envd import AsyncEnvdClient, EnvdClient, EnvdConfig
 
 MiB = 1 << 20
+PREFIX = "envd_client_"  # bench/agent.py reports the agent's own figures under the bare names
 SDK_TRUE = ["/bin/bash", "-l", "-c", "true"]  # what e2b's commands.run("true") starts
 
 
@@ -145,15 +146,17 @@ def main() -> None:
     with agent() as url, tempfile.TemporaryDirectory() as tmp:
         samples = anyio.run(round_trips, url, runs, tmp)
         for name, values in samples.items():
-            emit(f"{name}_p50_ms", p50_ms(values), "ms")
+            emit(f"{PREFIX}{name}_p50_ms", p50_ms(values), "ms")
         for case in ("exec_rtt_bash", "unary_rtt"):
-            emit(f"{case}_vs_e2b_ratio", p50_ms(samples[case]) / p50_ms(samples[f"e2b_{case}"]), "ratio")
+            ratio = p50_ms(samples[case]) / p50_ms(samples[f"e2b_{case}"])
+            emit(f"{PREFIX}{case}_vs_e2b_ratio", ratio, "ratio")
 
         speeds = transfers(url, Path(tmp), size)
         for direction in ("upload", "download"):
-            emit(f"{direction}_mb_s", speeds[direction], "MB/s")
-            emit(f"e2b_{direction}_mb_s", speeds[f"e2b_{direction}"], "MB/s")
-            emit(f"{direction}_vs_e2b_ratio", speeds[direction] / speeds[f"e2b_{direction}"], "ratio")
+            emit(f"{PREFIX}{direction}_mb_s", speeds[direction], "MB/s")
+            emit(f"{PREFIX}e2b_{direction}_mb_s", speeds[f"e2b_{direction}"], "MB/s")
+            ratio = speeds[direction] / speeds[f"e2b_{direction}"]
+            emit(f"{PREFIX}{direction}_vs_e2b_ratio", ratio, "ratio")
 
 
 if __name__ == "__main__":
