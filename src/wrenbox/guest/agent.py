@@ -5,10 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .init import HostClock
 from .processes import ProcessLimits, ProcessTable
 from .users import User, default_user, lookup_user
+
+if TYPE_CHECKING:
+    from .watch import Watchers
 
 __all__ = ["Agent", "AgentConfig"]
 
@@ -44,10 +48,11 @@ class Agent:
         self.env_vars: dict[str, str] = {}
         self.access_token: str | None = None
         self.processes = ProcessTable(config.processes)
-        self._watchers: object | None = None
+        self._watchers: Watchers | None = None
 
     @property
-    def watchers(self):
+    def watchers(self) -> Watchers:
+        """Directory watchers; the inotify module loads on first use."""
         if self._watchers is None:
             from .watch import Watchers
 
@@ -77,4 +82,4 @@ class Agent:
     def shutdown(self) -> None:
         self.processes.kill_all()
         if self._watchers is not None:
-            self._watchers.close_all()  # type: ignore[attr-defined]
+            self._watchers.close_all()
