@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -174,3 +175,21 @@ def test_old_builds_are_pruned_beyond_keep(scratch_images: Path, tmp_path: Path)
     builds = sorted(p for p in (scratch_images / ".builds").iterdir())
     assert builds == paths[1:]  # keep_builds=2: the current and the one before
     assert load_image(scratch_images, "minimal").path == paths[-1]
+
+
+def test_cli_image_build_json(guest_image: Image) -> None:
+    from tests.support.images import TEST_DATA_DIR
+    from typer.testing import CliRunner
+
+    from wrenbox.cli import app
+
+    result = CliRunner().invoke(
+        app, ["image", "build", "--json"], env={"WRENBOX_DATA_DIR": str(TEST_DATA_DIR)}
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert manifest["kernel"] == guest_image.manifest.kernel.model_dump()
+    assert manifest["layers"]["base"] == guest_image.manifest.layers["base"]
+    built = load_image(TEST_DATA_DIR / "images", "minimal")
+    assert manifest["build_key"] == built.manifest.build_key
+    assert "✓ resolve" in result.stderr  # progress goes to stderr when stdout carries JSON

@@ -224,3 +224,26 @@ def test_bad_image_name_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument):
         build_image(config, "../evil")
     assert not (tmp_path / "images").exists()
+
+
+def test_cli_image_build_reports_errors_with_meaningful_exit_codes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from wrenbox.cli import app
+
+    env = {"WRENBOX_DATA_DIR": str(tmp_path)}
+    bad_name = CliRunner().invoke(app, ["image", "build", "--name", "../x"], env=env)
+    assert bad_name.exit_code == 2
+    assert "invalid image name" in bad_name.stderr
+    real_which = shutil.which
+
+    def which(name: str, *args: object, **kwargs: object) -> str | None:
+        return None if name == "depmod" else real_which(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shutil, "which", which)
+    missing = CliRunner().invoke(app, ["image", "build"], env=env)
+    assert missing.exit_code == 3
+    assert "'depmod'" in missing.stderr
+    assert "'kmod'" in missing.stderr  # the Debian package to install
