@@ -7,11 +7,11 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .init import HostClock
 from .processes import ProcessLimits, ProcessTable
 from .users import User, default_user, lookup_user
 
 if TYPE_CHECKING:
+    from .init import HostClock
     from .watch import Watchers
 
 __all__ = ["Agent", "AgentConfig"]
@@ -36,7 +36,7 @@ class Agent:
 
     def __init__(self, config: AgentConfig, host: HostClock | None = None) -> None:
         self.config = config
-        self.host = host or HostClock()
+        self._host = host
         self.default_user, sandbox_user = default_user()
         if not sandbox_user:
             log.warning(
@@ -49,6 +49,15 @@ class Agent:
         self.access_token: str | None = None
         self.processes = ProcessTable(config.processes)
         self._watchers: Watchers | None = None
+
+    @property
+    def host(self) -> HostClock:
+        """The privileged kernel operations of /init (loaded on first use)."""
+        if self._host is None:
+            from .init import HostClock
+
+            self._host = HostClock()
+        return self._host
 
     @property
     def watchers(self) -> Watchers:

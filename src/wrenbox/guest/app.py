@@ -11,14 +11,12 @@ from typing import TYPE_CHECKING
 
 from wrenbox.errors import NotFound, Unauthenticated, WrenboxError
 
-from . import files
 from .agent import Agent
 from .asgi import Message, Receive, Request, Scope, Send, send_error, send_json, send_status
 from .auth import check_token, verify_file_signature
-from .init import InitRequest, apply_init
-from .metrics import MetricsSampler
 
 if TYPE_CHECKING:
+    from .metrics import MetricsSampler
     from .services import RpcRouter
 
 __all__ = ["AgentApp"]
@@ -38,18 +36,24 @@ PREFLIGHT_HEADERS = [
 ]
 
 
+# Everything but the router loads after the server is up, in a thread: /health answers meanwhile.
+LAZY_MODULES = ("wrenbox.guest.files", "wrenbox.guest.init", "wrenbox.guest.metrics")
+
+
 class AgentApp:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        self._metrics = MetricsSampler()
+        self._metrics: MetricsSampler | None = None
         self._rpc: RpcRouter | None = None
         self._rpc_loading: asyncio.Future[object] | None = None
 
     def preload(self) -> None:
-        """Start importing the RPC machinery in a thread, so /health answers meanwhile."""
+        """Start importing the RPC machinery (and the other endpoints) in a thread."""
         if self._rpc_loading is None:
             loop = asyncio.get_running_loop()
-            self._rpc_loading = loop.run_in_executor(None, importlib.import_module, "wrenbox.guest.services")
+            self._rpc_loading = loop.run_in_executor(
+                None, _import_all, "wrenbox.guest.services", *LAZY_MODULES
+            )
 
     async def rpc(self) -> RpcRouter:
         if self._rpc is None:
@@ -99,16 +103,22 @@ class AgentApp:
         self._authorize(request)
         if path.startswith(RPC_PREFIXES):
             await (await self.rpc())(request.scope, receive, send)
-        elif path == "/files" and method == "GET":
-            await files.download(self.agent, request, send)
-        elif path == "/files" and method == "POST":
-            await files.upload(self.agent, request, send)
+        elif path == "/files" and method in ("GET", "POST"):
+            from . import files
+
+            await (files.download if method == "GET" else files.upload)(self.agent, request, send)
         elif path == "/init" and method == "POST":
+            from .init import InitRequest, apply_init
+
             apply_init(self.agent, InitRequest.parse(await request.json()))
             await send_status(send, 204, [(b"cache-control", b"no-store")])
         elif path == "/envs" and method == "GET":
             await send_json(send, 200, self.agent.env_vars)
         elif path == "/metrics" and method == "GET":
+            if self._metrics is None:
+                from .metrics import MetricsSampler
+
+                self._metrics = MetricsSampler()
             await send_json(send, 200, self._metrics.sample())
         else:
             raise NotFound(f"no endpoint {method} {path}")
@@ -123,6 +133,13 @@ class AgentApp:
             verify_file_signature(token, request.query, operation)
             return
         raise Unauthenticated("missing or wrong X-Access-Token")
+
+
+def _import_all(first: str, *more: str) -> object:
+    module = importlib.import_module(first)
+    for name in more:
+        importlib.import_module(name)
+    return module
 
 
 def _with_cors(send: Send) -> Send:
