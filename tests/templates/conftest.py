@@ -11,22 +11,31 @@ import secrets
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import anyio
 import pytest
 from tests.support.images import image_settings
 
-from wrenbox.envd import AsyncEnvdClient, EnvdConfig, ExecResult
+from wrenbox.config import SandboxDefaults, Settings
+from wrenbox.envd import AsyncEnvdClient, ExecResult
 from wrenbox.host.capabilities import HostCapabilities
 from wrenbox.images import Image
 from wrenbox.network import Network, NetworkConfig, NetworkSlot
 from wrenbox.network.links import link_names
 from wrenbox.network.netns import NETNS_DIR, list_netns
-from wrenbox.rootfs import Disk, RootfsBackend, RootfsConfig, backend_for
-from wrenbox.templates import Placement, Template, TemplateConfig, Templates, agent_ready
+from wrenbox.rootfs import Disk, RootfsBackend
+from wrenbox.templates import (
+    Placement,
+    Template,
+    Templates,
+    agent_client,
+    agent_ready,
+    build_template,
+    host_templates,
+)
 from wrenbox.vmm.base import Drive, MemoryFile, Snapshot, Vm, VmConfig
-from wrenbox.vmm.qemu import QemuConfig, QemuDriver
 
 GUEST_MEMORY_MIB = 256
 
@@ -74,35 +83,34 @@ def network() -> Iterator[Network]:
 
 
 @pytest.fixture(scope="session")
-def driver() -> QemuDriver:
-    return QemuDriver(QemuConfig.from_host(HostCapabilities.probe(image_settings())))
+def settings(data_dir: Path, guest_image: Image) -> Settings:
+    """Settings for a data dir of our own, with the test image linked into its images dir."""
+    settings = Settings(data_dir=data_dir, defaults=SandboxDefaults(memory_mb=GUEST_MEMORY_MIB))
+    settings.images_dir.mkdir()
+    (settings.images_dir / guest_image.name).symlink_to(guest_image.path)
+    return settings
 
 
 @pytest.fixture(scope="session")
-def rootfs(data_dir: Path) -> RootfsBackend:
-    (data_dir / "disks").mkdir()
-    return backend_for("qcow2", RootfsConfig(disks_dir=data_dir / "disks"))
+def caps() -> HostCapabilities:
+    """The host probe, cached with the test image (probing a fresh data dir would try KVM again)."""
+    return HostCapabilities.probe(image_settings())
 
 
 @pytest.fixture(scope="session")
-def templates(data_dir: Path, driver: QemuDriver, rootfs: RootfsBackend) -> Templates:
-    config = TemplateConfig(data_dir / "templates", memory_mib=GUEST_MEMORY_MIB)
-    return Templates(config, driver=driver, rootfs=rootfs)
+def templates(settings: Settings, caps: HostCapabilities) -> Templates:
+    return host_templates(settings, caps)
 
 
 @pytest.fixture(scope="session")
-def template(templates: Templates, guest_image: Image, network: Network) -> Template:
-    """Built once per session, in slot 1 (created for the build and removed after it)."""
+def rootfs(templates: Templates) -> RootfsBackend:
+    return templates.rootfs
 
-    async def build() -> Template:
-        slot = network.slot(1)
-        await network.create(slot)
-        try:
-            return await templates.build("minimal", guest_image, slot)
-        finally:
-            await network.remove(slot)
 
-    return anyio.run(build)
+@pytest.fixture(scope="session")
+def template(settings: Settings, caps: HostCapabilities, network: Network) -> Template:
+    """Built once per session the way ``wrenbox template build`` builds one."""
+    return anyio.run(partial(build_template, settings, "minimal", caps=caps, network=network))
 
 
 @dataclass
@@ -164,7 +172,7 @@ class Sandboxes:
         except BaseException:
             await self.rootfs.remove(disk)
             raise
-        sandbox = Sandbox(slot, disk, directory, vm, agent_for(slot))
+        sandbox = Sandbox(slot, disk, directory, vm, agent_client(slot))
         self.made.append(sandbox)
         return sandbox
 
@@ -189,7 +197,7 @@ class Sandboxes:
             netns=NETNS_DIR / slot.netns,
         )
         sandbox.vm = await self.templates.driver.restore(config, snapshot)
-        sandbox.slot, sandbox.agent = slot, agent_for(slot)
+        sandbox.slot, sandbox.agent = slot, agent_client(slot)
         await agent_ready(sandbox.vm, slot, timeout=30)
 
     async def close(self) -> None:
@@ -200,10 +208,6 @@ class Sandboxes:
             shutil.rmtree(sandbox.dir, ignore_errors=True)
         for index in list(self.slots):
             await self.remove_slot(index)
-
-
-def agent_for(slot: NetworkSlot) -> AsyncEnvdClient:
-    return AsyncEnvdClient(EnvdConfig(base_url=f"http://{slot.host_ip}:49983"))
 
 
 @pytest.fixture

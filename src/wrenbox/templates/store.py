@@ -1,29 +1,8 @@
-"""Templates: pre-booted snapshots that sandboxes are restored from, never cold-booted.
-
-Building one boots an image once, waits for the guest agent, snapshots the VM and flattens its root
-disk. A template directory is immutable once published (built under a temporary name, renamed into
-place)::
-
-    <templates_dir>/<name>/
-        manifest.json      what it was built from and for which machine (:class:`TemplateManifest`)
-        snapshot/          the VMM's snapshot: vmstate + snapshot.json (machine pinned)
-        memory             guest RAM at the snapshot (sparse)
-        rootfs.ext4        the root disk at the snapshot, flattened: the base of every sandbox disk
-
-Starting a VM from a template (:meth:`Templates.start`) maps the template's RAM privately by default:
-nothing is copied, clones share the pages they have not written through the page cache, and the
-template file never changes. Pausing such a clone writes its RAM into the state file (about what the
-guest uses, ~0.2 s); the VM it is resumed into then has a RAM file of its own, and every later pause
-costs only the device state. A placement can instead ask for its own copy of the RAM up front (a reflink
-where the filesystem can, else a copy of the data extents), which makes the first pause cheap too at
-the price of the copy on the create path (~0.1 s for a 256 MiB guest on ext4). Every start ends with the
-agent's ``/init``: clones of one snapshot would otherwise share the guest's clock and CRNG state.
-"""
+"""The template store: build, publish, list, delete, and start VMs from templates (see the package doc)."""
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import secrets
@@ -33,22 +12,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from wrenbox.envd import AsyncEnvdClient, EnvdConfig
-from wrenbox.envd.config import ENVD_PORT
-from wrenbox.errors import AlreadyExists, CorruptData, NotFound, Timeout, Unavailable
+from wrenbox.errors import AlreadyExists, CorruptData, NotFound
 from wrenbox.images import Image, guest_kernel_args
 from wrenbox.names import validate_name
 from wrenbox.network import GATEWAY_IP, GUEST_IP, GUEST_NETWORK, NetworkSlot
-from wrenbox.network.netns import NETNS_DIR
 from wrenbox.rollback import Rollback
 from wrenbox.rootfs import BaseImage, RootfsBackend
-from wrenbox.rootfs.reflink import clone_file
+from wrenbox.templates.vm import agent_client, agent_ready, copy_ram, netns_path
 from wrenbox.vmm.base import Drive, Driver, Kernel, Machine, MemoryFile, Nic, Snapshot, Vm, VmConfig
 
-__all__ = ["Placement", "Template", "TemplateConfig", "TemplateManifest", "Templates", "agent_ready"]
+if TYPE_CHECKING:
+    from wrenbox.config import Settings
+
+__all__ = ["Placement", "Template", "TemplateConfig", "TemplateManifest", "Templates"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +46,18 @@ class TemplateConfig:
     memory_mib: int = 512
     boot_timeout_s: float = 180.0  # cold boot to agent under TCG is ~5 s on a quiet host
     ready_timeout_s: float = 30.0  # restore to agent
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> TemplateConfig:
+        defaults = settings.defaults
+        return cls(
+            **{
+                "templates_dir": settings.templates_dir,
+                "vcpus": defaults.vcpus,
+                "memory_mib": defaults.memory_mb,
+                **overrides,
+            }
+        )
 
 
 class TemplateManifest(BaseModel):
@@ -125,14 +117,6 @@ class Placement:
     disk: Drive
     slot: NetworkSlot
     memory: Path | None = None
-
-
-def _netns(slot: NetworkSlot) -> Path:
-    return NETNS_DIR / slot.netns
-
-
-def _agent(slot: NetworkSlot) -> AsyncEnvdClient:
-    return AsyncEnvdClient(EnvdConfig(base_url=f"http://{slot.host_ip}:{ENVD_PORT}"))
 
 
 class Templates:
@@ -252,7 +236,7 @@ class Templates:
             memory=MemoryFile(build_dir / MEMORY),
             run_dir=build_dir / "run",
             kernel=Kernel(image.kernel, image.initramfs, " ".join(args)),
-            netns=_netns(slot),
+            netns=netns_path(slot),
         )
         vm = await self.driver.boot(config)
         try:
@@ -274,12 +258,12 @@ class Templates:
                 else MemoryFile(placement.memory)
             ),
             run_dir=placement.run_dir,
-            netns=_netns(placement.slot),
+            netns=netns_path(placement.slot),
         )
         snapshot = template.snapshot()
         async with Rollback(f"start from template {template.name}") as rb:
             if placement.memory is not None:
-                await asyncio.to_thread(_clone_or_copy, template.memory, placement.memory)
+                await asyncio.to_thread(copy_ram, template.memory, placement.memory)
                 rb.push(f"RAM file {placement.memory}", placement.memory.unlink, True)
             vm = await self.driver.restore(config, snapshot)
             rb.push(f"VM {vm.pid}", vm.destroy)
@@ -290,34 +274,9 @@ class Templates:
     async def _warm_up(self, slot: NetworkSlot) -> None:
         """Run a few commands before the snapshot, so that what every sandbox's first command needs (the
         agent's lazy imports, the guest's page cache) is already in the template's memory."""
-        async with _agent(slot) as agent:
+        async with agent_client(slot) as client:
             for argv in WARM_UP:
-                await agent.processes.exec(argv, timeout=self.config.boot_timeout_s)
-
-
-async def agent_ready(
-    vm: Vm, slot: NetworkSlot, *, timeout: float, init: bool = True, poll_interval: float = 0.01
-) -> None:
-    """Wait until the agent in ``vm`` (reached through ``slot``) answers, then, with ``init``, set its
-    clock and reseed its CRNG (``POST /init``). Errors carry the end of the VM's console."""
-    deadline = time.monotonic() + timeout
-    async with _agent(slot) as agent:
-        while True:
-            try:
-                await agent.wait_healthy(min(1.0, timeout), interval=poll_interval)
-                break
-            except Timeout:
-                if not vm.alive():
-                    raise Unavailable(
-                        f"VM {vm.pid} exited before its agent answered; console:\n{vm.console_tail()}"
-                    ) from None
-                if time.monotonic() > deadline:
-                    raise Timeout(
-                        f"the agent of VM {vm.pid} did not answer within {timeout:g} s; "
-                        f"console:\n{vm.console_tail()}"
-                    ) from None
-        if init:
-            await agent.init()
+                await client.processes.exec(argv, timeout=self.config.boot_timeout_s)
 
 
 class _Stepper:
@@ -342,40 +301,6 @@ class _Step:
 
     def __exit__(self, *exc: object) -> None:
         self.timings[self.name] = round(time.monotonic() - self.t0, 3)
-
-
-def _clone_or_copy(src: Path, dst: Path) -> None:
-    """``dst`` becomes an independent copy of ``src``: a reflink where the filesystem can, else a copy of
-    its data extents in the kernel (``copy_file_range``), holes kept."""
-    try:
-        clone_file(src, dst)
-        return
-    except OSError:
-        dst.unlink(missing_ok=True)
-    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            size = os.fstat(sfd).st_size
-            os.ftruncate(dfd, size)
-            offset = 0
-            while offset < size:
-                try:
-                    start = os.lseek(sfd, offset, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:  # only a hole after offset
-                        break
-                    raise
-                offset = os.lseek(sfd, start, os.SEEK_HOLE)
-                while start < offset:
-                    copied = os.copy_file_range(sfd, dfd, offset - start, start, start)
-                    if copied == 0:
-                        raise CorruptData(f"{src} shrank while being copied")
-                    start += copied
-        finally:
-            os.close(dfd)
-    finally:
-        os.close(sfd)
 
 
 def _freeze(*paths: Path) -> None:

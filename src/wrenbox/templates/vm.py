@@ -1,0 +1,85 @@
+"""What building and starting templates do with a VM beyond the VMM: reach its agent, copy its RAM."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+from wrenbox.envd import AsyncEnvdClient, EnvdConfig
+from wrenbox.envd.config import ENVD_PORT
+from wrenbox.errors import CorruptData, Timeout, Unavailable
+from wrenbox.network import NetworkSlot
+from wrenbox.network.netns import NETNS_DIR
+from wrenbox.rootfs.reflink import clone_file
+from wrenbox.vmm.base import Vm
+
+__all__ = ["agent_client", "agent_ready", "copy_ram", "netns_path"]
+
+
+def netns_path(slot: NetworkSlot) -> Path:
+    return NETNS_DIR / slot.netns
+
+
+def agent_client(slot: NetworkSlot) -> AsyncEnvdClient:
+    return AsyncEnvdClient(EnvdConfig(base_url=f"http://{slot.host_ip}:{ENVD_PORT}"))
+
+
+async def agent_ready(
+    vm: Vm, slot: NetworkSlot, *, timeout: float, init: bool = True, poll_interval: float = 0.01
+) -> None:
+    """Wait until the agent in ``vm`` (reached through ``slot``) answers, then, with ``init``, set its
+    clock and reseed its CRNG (``POST /init``). Errors carry the end of the VM's console."""
+    deadline = time.monotonic() + timeout
+    async with agent_client(slot) as client:
+        while True:
+            try:
+                await client.wait_healthy(min(1.0, timeout), interval=poll_interval)
+                break
+            except Timeout:
+                if not vm.alive():
+                    raise Unavailable(
+                        f"VM {vm.pid} exited before its agent answered; console:\n{vm.console_tail()}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise Timeout(
+                        f"the agent of VM {vm.pid} did not answer within {timeout:g} s; "
+                        f"console:\n{vm.console_tail()}"
+                    ) from None
+        if init:
+            await client.init()
+
+
+def copy_ram(src: Path, dst: Path) -> None:
+    """``dst`` becomes an independent copy of ``src``: a reflink where the filesystem can, else a copy of
+    its data extents in the kernel (``copy_file_range``), holes kept."""
+    try:
+        clone_file(src, dst)
+        return
+    except OSError:
+        dst.unlink(missing_ok=True)
+    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            size = os.fstat(sfd).st_size
+            os.ftruncate(dfd, size)
+            offset = 0
+            while offset < size:
+                try:
+                    start = os.lseek(sfd, offset, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:  # only a hole after offset
+                        break
+                    raise
+                offset = os.lseek(sfd, start, os.SEEK_HOLE)
+                while start < offset:
+                    copied = os.copy_file_range(sfd, dfd, offset - start, start, start)
+                    if copied == 0:
+                        raise CorruptData(f"{src} shrank while being copied")
+                    start += copied
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
