@@ -9,8 +9,9 @@ managers and iterators, async iterables of upload chunks become plain iterables.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar
@@ -114,7 +115,7 @@ class Processes(_Bridge):
         self,
         cmd: Command,
         *,
-        envs: dict[str, str] | None = None,
+        envs: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
         tag: str | None = None,
@@ -134,7 +135,7 @@ class Processes(_Bridge):
         rows: int,
         *,
         cmd: Command = PTY_COMMAND,
-        envs: dict[str, str] | None = None,
+        envs: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
         tag: str | None = None,
@@ -190,16 +191,18 @@ class EnvdClient(_Bridge):
 
     def __init__(
         self, config: EnvdConfig | None = None, *, transport: httpx.AsyncBaseTransport | None = None
-    ):
-        self._stack = ExitStack()
-        self._portal = self._stack.enter_context(start_blocking_portal(name="wrenbox-envd"))
+    ) -> None:
+        loop_thread = start_blocking_portal(name="wrenbox-envd")
+        self._portal = loop_thread.__enter__()
         try:
             # Built on the loop thread: the connection pool belongs to that loop.
             self._async = self._portal.call(_new_client, config, transport)
         except BaseException:
-            self._stack.close()
+            loop_thread.__exit__(None, None, None)
             raise
-        self._stack.callback(self._portal.call, self._async.aclose)
+        # Runs on close(), when the client is collected, or at interpreter exit while threads still
+        # run: a client nobody closed must neither leak its thread nor hang the exit.
+        self._finalizer = weakref.finalize(self, _shutdown, loop_thread, self._portal, self._async)
         self.config = self._async.config
         self.processes = Processes(self._portal, self._async.processes)
         self.files = Files(self._portal, self._async.files)
@@ -213,7 +216,7 @@ class EnvdClient(_Bridge):
         self.close()
 
     def close(self) -> None:
-        self._stack.close()
+        self._finalizer()
 
     wait_healthy = _blocking(AsyncEnvdClient.wait_healthy)
     init = _blocking(AsyncEnvdClient.init)
@@ -225,3 +228,12 @@ async def _new_client(
     config: EnvdConfig | None, transport: httpx.AsyncBaseTransport | None
 ) -> AsyncEnvdClient:
     return AsyncEnvdClient(config, transport=transport)
+
+
+def _shutdown(
+    loop_thread: AbstractContextManager[BlockingPortal], portal: BlockingPortal, client: AsyncEnvdClient
+) -> None:
+    try:
+        portal.call(client.aclose)
+    finally:
+        loop_thread.__exit__(None, None, None)
