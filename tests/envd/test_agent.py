@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -20,6 +21,16 @@ async def test_init_sets_env_vars_for_new_processes(envd: Any) -> None:
     assert (await envd.envs())["WRENBOX_ENVD_TEST"] == "from-init"
     result = await envd.processes.exec('echo "$WRENBOX_ENVD_TEST"')
     assert result.stdout == b"from-init\n"
+
+
+async def test_init_defaults_apply_to_later_commands(fresh_agent: Any, connect: Any, tmp_path: Any) -> None:
+    envd = connect(fresh_agent.url)
+    await envd.wait_healthy(timeout=30)
+    await envd.init(default_workdir=str(tmp_path), default_user="root", entropy=b"\x01" * 32)
+    result = await envd.processes.exec("pwd; id -un")
+    assert result.stdout.decode().split() == [str(tmp_path), "root"]
+    with pytest.raises(InvalidArgument, match="timezone"):
+        await envd.init(timestamp=datetime(2030, 1, 1))
 
 
 async def test_metrics(envd: Any) -> None:

@@ -32,7 +32,7 @@ from wrenbox.envd.connect import error_for_response, translate_errors
 from wrenbox.envd.files import AsyncFiles
 from wrenbox.envd.models import Metrics
 from wrenbox.envd.processes import AsyncProcesses
-from wrenbox.errors import Timeout, Unavailable
+from wrenbox.errors import InvalidArgument, Timeout, Unavailable
 
 __all__ = ["ENTROPY_BYTES", "AsyncEnvdClient"]
 
@@ -101,6 +101,8 @@ class AsyncEnvdClient:
 
         With ``access_token`` the agent demands that token from now on, and this client sends it.
         """
+        if timestamp is not None and timestamp.utcoffset() is None:
+            raise InvalidArgument("init timestamp must be timezone-aware (e.g. datetime.now(UTC))")
         body: dict[str, Any] = {
             "timestamp": (timestamp or datetime.now(UTC)).isoformat(),
             "entropy": base64.b64encode(entropy or os.urandom(ENTROPY_BYTES)).decode(),
