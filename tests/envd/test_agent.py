@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import socket
 from collections.abc import Iterator
 from datetime import datetime
@@ -26,9 +27,10 @@ async def test_init_sets_env_vars_for_new_processes(envd: Any) -> None:
 async def test_init_defaults_apply_to_later_commands(fresh_agent: Any, connect: Any, tmp_path: Any) -> None:
     envd = connect(fresh_agent.url)
     await envd.wait_healthy(timeout=30)
-    await envd.init(default_workdir=str(tmp_path), default_user="root", entropy=b"\x01" * 32)
+    me = getpass.getuser()  # the agent runs as us; it can only switch to users it may become
+    await envd.init(default_workdir=str(tmp_path), default_user=me, entropy=b"\x01" * 32)
     result = await envd.processes.exec("pwd; id -un")
-    assert result.stdout.decode().split() == [str(tmp_path), "root"]
+    assert result.stdout.decode().split() == [str(tmp_path), me]
     with pytest.raises(InvalidArgument, match="timezone"):
         await envd.init(timestamp=datetime(2030, 1, 1))
 
