@@ -9,9 +9,10 @@ from datetime import datetime
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
-from wrenbox.envd import EnvdConfig
+from wrenbox.envd import AsyncEnvdClient, EnvdConfig
 from wrenbox.errors import InvalidArgument, Timeout, Unauthenticated, Unavailable
 
 pytestmark = pytest.mark.anyio
@@ -144,3 +145,47 @@ async def test_http2_prior_knowledge(agent: Any, connect: Any, tmp_path: Any) ->
     if hasattr(envd, "_channel"):  # the async flavour: check the wire really was HTTP/2
         response = await envd._channel.http.get("/health")
         assert response.http_version == "HTTP/2"
+
+
+class RecordingTransport(httpx.AsyncBaseTransport):
+    """The routing seam: a transport that forwards to the real agent and remembers each request."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.requests: list[httpx.Request] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_every_request_goes_through_the_transport_seam(agent: Any, tmp_path: Any) -> None:
+    transport = RecordingTransport()
+    config = EnvdConfig(base_url=agent.url, user="root", headers={"E2b-Sandbox-Id": "sbx1"})
+    async with AsyncEnvdClient(config, transport=transport) as envd:
+        await envd.processes.exec(["true"])
+        await envd.files.upload(str(tmp_path / "f"), b"x")
+        await envd.files.stat(str(tmp_path / "f"))
+    start, upload, stat = transport.requests
+    assert all(request.headers["E2b-Sandbox-Id"] == "sbx1" for request in transport.requests)
+    assert start.url.path == "/process.Process/Start"
+    assert start.headers["Authorization"] == "Basic cm9vdDo="  # "root:" — user name, empty password
+    assert start.headers["Content-Type"] == "application/connect+proto"
+    assert start.headers["Keepalive-Ping-Interval"] == "30"
+    assert (upload.url.path, upload.url.params["username"]) == ("/files", "root")
+    assert upload.headers["Content-Type"] == "application/octet-stream"
+    assert stat.url.path == "/filesystem.Filesystem/Stat"
+    assert stat.headers["Content-Type"] == "application/proto"
+
+
+@pytest.mark.root
+async def test_commands_and_files_as_another_user(envd: Any, tmp_path: Any) -> None:
+    assert (await envd.processes.exec("id -un", user="nobody")).stdout == b"nobody\n"
+    tmp_path.chmod(0o777)
+    await envd.files.upload(str(tmp_path / "owned"), b"x", user="nobody")
+    assert (await envd.files.stat(str(tmp_path / "owned"))).owner == "nobody"
+    with pytest.raises(Unauthenticated, match="does not exist"):
+        await envd.processes.exec("true", user="no-such-user")
