@@ -309,11 +309,28 @@ def _publish(images_dir: Path, name: str, build: Path) -> None:
 
 
 def _prune(builds: Path, name: str, *, keep: int, current: Path) -> None:
-    """Remove builds of ``name`` beyond the newest ``keep`` (names sort by build time)."""
+    """Remove builds of ``name`` beyond the newest ``keep`` (names sort by build time), except any that
+    a running process (a VM using the kernel or the disk) still has open."""
     mine = sorted(p for p in builds.glob(f"{name}-*") if p.is_dir() and p.name.rsplit("-", 2)[0] == name)
-    for old in mine[: max(0, len(mine) - keep)]:
-        if old != current:
+    candidates = [old for old in mine[: max(0, len(mine) - keep)] if old != current]
+    if not candidates:
+        return
+    in_use = _open_files()
+    for old in candidates:
+        prefix = f"{old.resolve()}/"
+        if not any(path.startswith(prefix) for path in in_use):
             remove_tree(old)
+
+
+def _open_files() -> set[str]:
+    """Paths of the files open in any process on this host (the ones we are allowed to see)."""
+    paths = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    paths.add(str(fd.readlink()))
+    return paths
 
 
 def _check_static(busybox: Path) -> None:
