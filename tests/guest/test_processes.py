@@ -8,7 +8,8 @@ import os
 import pytest
 
 from wrenbox.errors import Unavailable
-from wrenbox.guest.processes import Exit, ProcessLimits, ProcessTable, Spawn, Subscription
+from wrenbox.guest.processes import Exit, ProcessLimits, ProcessTable, Subscription
+from wrenbox.guest.spawn import Spawn
 from wrenbox.guest.users import default_user
 
 

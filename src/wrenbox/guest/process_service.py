@@ -17,8 +17,9 @@ from wrenbox.proto.process import process_pb as pb
 
 from .agent import Agent
 from .paths import resolve
-from .processes import Exit, ManagedProcess, Spawn, Subscription
+from .processes import Exit, ManagedProcess, Subscription
 from .rpc import StreamClock, acting_user, connect_errors, deadline_error, require
+from .spawn import Spawn
 
 __all__ = ["ProcessService"]
 

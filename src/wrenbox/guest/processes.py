@@ -18,21 +18,19 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import TypeAlias
 
-from wrenbox.errors import Conflict, InvalidArgument, NotFound, PermissionDenied, Unavailable, WrenboxError
+from wrenbox.errors import Conflict, InvalidArgument, NotFound, Unavailable, WrenboxError
 
 from . import pty
-from .users import User
+from .spawn import Launched, OutputKind, Spawn, launch
 
-__all__ = ["Exit", "ManagedProcess", "Output", "ProcessLimits", "ProcessTable", "Spawn", "Subscription"]
+__all__ = ["Exit", "ManagedProcess", "Output", "ProcessLimits", "ProcessTable", "Subscription"]
 
-OutputKind: TypeAlias = Literal["stdout", "stderr", "pty"]
 Output: TypeAlias = tuple[OutputKind, bytes]
 
 PIPE_CHUNK = 32 * 1024  # as envd: 32 KiB reads from pipes, 16 KiB from a PTY
@@ -65,19 +63,6 @@ class Exit:
             return cls(returncode, True, status, status if returncode else None)
         name = (signal.strsignal(-returncode) or f"signal {-returncode}").lower()
         return cls(-1, False, f"signal: {name}", f"signal: {name}")
-
-
-@dataclass(frozen=True, slots=True)
-class Spawn:
-    """Everything needed to start one process (already resolved and validated by the caller)."""
-
-    argv: list[str]
-    env: dict[str, str]
-    cwd: str
-    user: User
-    tag: str | None = None
-    stdin: bool = True
-    pty_size: tuple[int, int] | None = None  # (cols, rows)
 
 
 class Subscription:
@@ -121,14 +106,13 @@ class Subscription:
 class ManagedProcess:
     def __init__(
         self,
-        popen: subprocess.Popen[bytes],
+        launched: Launched,
         spawn: Spawn,
         config: object,
         limits: ProcessLimits,
-        outputs: dict[int, OutputKind],
-        input_fd: int | None,
         on_finish: Callable[[ManagedProcess], None],
     ) -> None:
+        popen, outputs, input_fd = launched.popen, launched.outputs, launched.input_fd
         self.pid = popen.pid
         self.tag = spawn.tag
         self.config = config  # the request's ProcessConfig, reported back by List
@@ -346,7 +330,8 @@ class ProcessTable:
     def start(self, spawn: Spawn, config: object) -> ManagedProcess:
         if spawn.tag is not None and any(p.tag == spawn.tag for p in self._running.values()):
             raise InvalidArgument(f"a running process already has the tag {spawn.tag!r}")
-        process = _start(spawn, config, self.limits, self._finished)
+        launched = launch(spawn)
+        process = ManagedProcess(launched, spawn, config, self.limits, self._finished)
         self._running[process.pid] = process
         self._exited.pop(process.pid, None)
         return process
@@ -378,94 +363,3 @@ class ProcessTable:
     def _forget(self, process: ManagedProcess) -> None:
         if self._exited.get(process.pid) is process:
             del self._exited[process.pid]
-
-
-def _start(
-    spawn: Spawn, config: object, limits: ProcessLimits, on_finish: Callable[[ManagedProcess], None]
-) -> ManagedProcess:
-    spawn.user.check_can_act_as()
-    if not os.path.isdir(spawn.cwd):
-        raise InvalidArgument(f"cwd {spawn.cwd!r} does not exist")
-    credentials: dict[str, object] = {}
-    if os.geteuid() == 0 and spawn.user.uid != 0:
-        credentials = {"user": spawn.user.uid, "group": spawn.user.gid, "extra_groups": spawn.user.groups()}
-    if spawn.pty_size is not None:
-        return _start_pty(spawn, config, limits, on_finish, credentials)
-    # Our own pipes (not Popen's file objects): the agent reads and writes the raw fds.
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    in_r, in_w = os.pipe2(os.O_CLOEXEC) if spawn.stdin else (subprocess.DEVNULL, None)
-    child_ends = [out_w, err_w] + ([in_r] if in_w is not None else [])
-    try:
-        popen = subprocess.Popen(
-            spawn.argv,
-            stdin=in_r,
-            stdout=out_w,
-            stderr=err_w,
-            cwd=spawn.cwd,
-            env=spawn.env,
-            start_new_session=True,
-            **credentials,  # type: ignore[arg-type]
-        )
-    except BaseException as err:
-        for fd in (out_r, err_r, *([in_w] if in_w is not None else [])):
-            os.close(fd)
-        if isinstance(err, OSError):
-            raise _spawn_error(err, spawn) from None
-        raise
-    finally:
-        for fd in child_ends:
-            os.close(fd)
-    outputs: dict[int, OutputKind] = {out_r: "stdout", err_r: "stderr"}
-    for fd in (out_r, err_r, *([in_w] if in_w is not None else [])):
-        os.set_blocking(fd, False)
-    input_fd = in_w
-    _lower_oom_priority(popen.pid)
-    return ManagedProcess(popen, spawn, config, limits, outputs, input_fd, on_finish)
-
-
-def _start_pty(
-    spawn: Spawn,
-    config: object,
-    limits: ProcessLimits,
-    on_finish: Callable[[ManagedProcess], None],
-    credentials: dict[str, object],
-) -> ManagedProcess:
-    assert spawn.pty_size is not None
-    master, slave = pty.open_pty(*spawn.pty_size)
-    try:
-        popen = subprocess.Popen(
-            spawn.argv,
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            cwd=spawn.cwd,
-            env=spawn.env,
-            start_new_session=True,
-            preexec_fn=pty.make_controlling_terminal,
-            **credentials,  # type: ignore[arg-type]
-        )
-    except OSError as err:
-        os.close(master)
-        raise _spawn_error(err, spawn) from None
-    except BaseException:
-        os.close(master)
-        raise
-    finally:
-        os.close(slave)
-    _lower_oom_priority(popen.pid)
-    return ManagedProcess(popen, spawn, config, limits, {master: "pty"}, master, on_finish)
-
-
-def _spawn_error(err: OSError, spawn: Spawn) -> WrenboxError:
-    if isinstance(err, FileNotFoundError):
-        return NotFound(f"command {spawn.argv[0]!r} not found")
-    if isinstance(err, PermissionError):
-        return PermissionDenied(f"cannot execute {spawn.argv[0]!r}: {err.strerror}")
-    return InvalidArgument(f"cannot start {spawn.argv[0]!r}: {err.strerror or err}")
-
-
-def _lower_oom_priority(pid: int) -> None:
-    # As envd: user processes are what the OOM killer should pick, never the agent.
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/oom_score_adj", "w") as f:
-        f.write("100")
