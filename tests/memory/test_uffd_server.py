@@ -172,7 +172,9 @@ def test_several_regions_with_the_legacy_page_size_key(tmp_path, memfile, spawn)
     )
 
 
-def test_removed_ranges_read_as_zeros_and_are_not_served_again(tmp_path, memfile, spawn):
+@pytest.mark.parametrize("prefetch", [False, True], ids=["faults-only", "with-prefetch"])
+def test_removed_ranges_read_as_zeros_and_are_not_served_again(tmp_path, memfile, spawn, prefetch):
+    # With prefetch, the background fill runs while pages are removed: it must never refill them.
     steps = [
         {"do": "compare", "region": 0, "offset": 0, "length": 8 * MiB},  # populate the first 8 MiB
         {"do": "remove", "region": 0, "offset": 2 * MiB, "length": MiB},  # present pages removed
@@ -183,7 +185,7 @@ def test_removed_ranges_read_as_zeros_and_are_not_served_again(tmp_path, memfile
         {"do": "compare", "region": 0, "offset": 3 * MiB, "length": 17 * MiB},
         {"do": "compare", "region": 0, "offset": 22 * MiB, "length": 10 * MiB},
     ]
-    config = PageServerConfig(chunk_size=256 * 1024, prefetch=False)
+    config = PageServerConfig(chunk_size=256 * 1024, prefetch=prefetch, prefetch_chunk_size=4096)
     with PageServer(tmp_path / "uffd.sock", FileSource(memfile), config) as server:
         child = spawn(plan(server, memfile, [{"size": 32 * MiB, "offset": 0}], steps))
         server.wait_ready(timeout=30)
@@ -444,3 +446,21 @@ def test_socket_path_too_long_is_refused(tmp_path, memfile):
             PageServer(tmp_path / ("x" * 120), source)
     finally:
         source.close()
+
+
+def test_pages_dropped_without_a_remove_event_read_as_zeros(tmp_path, memfile, spawn):
+    # A VMM that did not ask for EVENT_REMOVE drops pages silently: the re-fault is the only sign.
+    steps = [
+        {"do": "compare", "region": 0, "offset": 0, "length": 4 * MiB},
+        {"do": "remove", "region": 0, "offset": MiB, "length": MiB},
+        {"do": "expect_zero", "region": 0, "offset": MiB, "length": MiB},
+        {"do": "compare", "region": 0, "offset": 2 * MiB, "length": 30 * MiB},
+    ]
+    with PageServer(tmp_path / "uffd.sock", FileSource(memfile), NO_PREFETCH) as server:
+        child = spawn(plan(server, memfile, [{"size": 32 * MiB, "offset": 0}], steps, features=0))
+        server.wait_ready(timeout=30)
+        results = child.results(timeout=20)
+        stats = server.stats
+    assert by_step(results, "expect_zero")[0]["zero"] is True
+    assert [r["mismatched_pages"] for r in by_step(results, "compare")] == [0, 0]
+    assert stats.removes == 0

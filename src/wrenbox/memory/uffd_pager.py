@@ -10,6 +10,8 @@
   from then on and is never filled with snapshot content again; ``UFFD_EVENT_UNMAP`` marks it gone;
 * a copy that meets a present page (``EEXIST``) skips it and wakes its waiters; a copy refused while the
   address space changes (``EAGAIN``) reads the pending events first, then looks again at what is needed;
+* a fault on a page already filled is a duplicate (woken), or the page was dropped by a VMM that did not
+  ask for remove events: then it gets zeros, as dropped anonymous memory reads;
 * with nothing to answer, it prefetches the rest of memory one step at a time, looking at the uffd between
   two steps, so faults always go first and there is no second thread to race with.
 
@@ -19,6 +21,7 @@ one byte: missing, present, removed or gone.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import logging
@@ -55,7 +58,7 @@ class PagerStats:
     copy_calls: int = 0
     zeropage_calls: int = 0
     exists: int = 0
-    """Copies that found a page already present (EEXIST)."""
+    """Fills that found a page already present (EEXIST): duplicate faults, racing fills."""
     retries: int = 0
     """Copies stopped early or refused while the address space changed (EAGAIN)."""
     removes: int = 0
@@ -155,20 +158,17 @@ class Pager:
             except BlockingIOError:
                 batch = b""
             if batch:
-                self._handle(batch)
+                self._dispatch(batch)
             elif steps is not None:
                 if next(steps, None) is None:
                     steps = None
                     self._counters.prefetch_done = True
             else:
                 self._wait(self._uffd, None)
+            while self._deferred:  # faults read while a fill waited for pending events
+                self._fault(self._deferred.pop())
 
     # -- events ---------------------------------------------------------------------------------------
-
-    def _handle(self, batch: bytes) -> None:
-        self._dispatch(batch)
-        while self._deferred:
-            self._fault(self._deferred.pop())
 
     def _dispatch(self, batch: bytes, *, defer_faults: bool = False) -> None:
         counters = self._counters
@@ -202,19 +202,10 @@ class Pager:
         self._dispatch(batch, defer_faults=True)
 
     def _region_at(self, address: int) -> _Region | None:
-        regions = self._regions
-        if len(regions) == 1:
-            r = regions[0]
-            return r if r.base <= address < r.end else None
-        lo, hi = 0, len(regions)
-        while lo < hi:  # bisect over the region bases
-            mid = (lo + hi) // 2
-            if self._bases[mid] <= address:
-                lo = mid + 1
-            else:
-                hi = mid
-        r = regions[lo - 1] if lo else None
-        return r if r is not None and address < r.end else None
+        i = bisect.bisect_right(self._bases, address) - 1
+        if i < 0 or address >= self._regions[i].end:
+            return None
+        return self._regions[i]
 
     def _mark(self, start: int, end: int, value: int) -> None:
         for r in self._regions:
@@ -232,9 +223,11 @@ class Pager:
             log.error("page server %s: fault at %#x is outside the VMM's regions", self._name, address)
             return
         if r.state[page] == _PRESENT:
-            # Filled by prefetch or a neighbour's chunk after this fault was queued; the copy woke the
-            # thread, unless the page came through an EEXIST path: wake it to be sure.
-            uffd_abi.wake(self._uffd, r.base + page * r.page_size, r.page_size)
+            # Usually a duplicate: another thread faulted on the same chunk, or prefetch filled it after
+            # the message was queued; the zero fill then meets the page (EEXIST) and just wakes the
+            # thread. But a VMM that did not ask for EVENT_REMOVE drops pages silently (MADV_DONTNEED),
+            # and then this re-fault is the only sign: the page reads as zeros, as dropped memory does.
+            self._fill_zeros(r, r.base + page * r.page_size, r.page_size)
             return
         first = page - page % r.chunk_pages
         self._populate(r, first, min(first + r.chunk_pages, r.pages))
