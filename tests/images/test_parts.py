@@ -247,3 +247,17 @@ def test_cli_image_build_reports_errors_with_meaningful_exit_codes(
     assert missing.exit_code == 3
     assert "'depmod'" in missing.stderr
     assert "'kmod'" in missing.stderr  # the Debian package to install
+
+
+def test_an_unreadable_manifest_is_corrupt_data_and_gets_rebuilt_over(tmp_path: Path) -> None:
+    from wrenbox.errors import CorruptData
+    from wrenbox.images import load_image
+
+    build = tmp_path / ".builds" / "minimal-old"
+    build.mkdir(parents=True)
+    (build / "manifest.json").write_text('{"format": 0}')
+    (tmp_path / "minimal").symlink_to(".builds/minimal-old")
+    with pytest.raises(CorruptData, match="manifest"):
+        load_image(tmp_path, "minimal")
+    with pytest.raises(NotFound, match="not built"):
+        load_image(tmp_path, "other")

@@ -31,6 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+from pydantic import ValidationError
+
 from wrenbox.command import require_tool
 from wrenbox.config import Settings
 from wrenbox.errors import Conflict, CorruptData, MissingTool, NotFound
@@ -139,6 +141,10 @@ def load_image(images_dir: Path, name: str) -> Image:
         manifest = Manifest.model_validate_json((path / MANIFEST).read_bytes())
     except FileNotFoundError:
         raise NotFound(f"image {name!r} is not built (wrenbox image build --name {name})") from None
+    except ValidationError as exc:
+        raise CorruptData(
+            f"image {name!r}: unreadable {MANIFEST} in {path}: {exc.error_count()} errors"
+        ) from None
     return Image(name, path, manifest)
 
 
@@ -289,8 +295,8 @@ def _build(
 def _current(images_dir: Path, name: str) -> Image | None:
     try:
         image = load_image(images_dir, name)
-    except NotFound:
-        return None
+    except (NotFound, CorruptData):
+        return None  # rebuilt and published over
     for info in image.manifest.files.values():  # cheap check; verify() re-hashes
         path = image.path / info.name
         if not path.is_file() or path.stat().st_size != info.size:
