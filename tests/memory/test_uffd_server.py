@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from wrenbox.errors import AlreadyExists, Conflict, InvalidArgument, Timeout
+from wrenbox.errors import AlreadyExists, Conflict, CorruptData, InvalidArgument, Timeout
 from wrenbox.memory import uffd_abi
-from wrenbox.memory.uffd import FileSource, PageServer, PageServerConfig, ServerState
+from wrenbox.memory.uffd import FileSource, PageServer, PageServerConfig, PageSource, ServerState
 
 VMM = Path(__file__).with_name("uffd_vmm.py")
 MiB = 1 << 20
@@ -464,3 +464,50 @@ def test_pages_dropped_without_a_remove_event_read_as_zeros(tmp_path, memfile, s
     assert by_step(results, "expect_zero")[0]["zero"] is True
     assert [r["mismatched_pages"] for r in by_step(results, "compare")] == [0, 0]
     assert stats.removes == 0
+
+
+class DamagedSource:
+    """A PageSource (not a file) whose data past ``bad_from`` fails its checksum."""
+
+    def __init__(self, inner: FileSource, bad_from: int) -> None:
+        self.inner, self.bad_from, self.closed = inner, bad_from, False
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    def extents(self, offset: int, length: int) -> list:
+        if offset + length > self.bad_from:
+            raise CorruptData(f"diff block at {offset} fails its checksum")
+        return self.inner.extents(offset, length)
+
+    def close(self) -> None:
+        self.inner.close()
+        self.closed = True
+
+
+def test_corrupt_source_data_is_never_served(tmp_path, memfile, spawn):
+    baseline = open_fds()
+    source = DamagedSource(FileSource(memfile), bad_from=16 * MiB)
+    assert isinstance(source, PageSource)
+    server = PageServer(tmp_path / "uffd.sock", source, NO_PREFETCH)
+    server.start()
+    steps = [
+        {"do": "compare", "region": 0, "offset": 0, "length": 4 * MiB},
+        {"do": "compare", "region": 0, "offset": 20 * MiB, "length": 4 * MiB},
+    ]
+    child = spawn(plan(server, memfile, [{"size": 32 * MiB, "offset": 0}], steps))
+    server.wait_ready(timeout=30)
+    assert child.line()["handoff"]
+    assert child.line() == {"step": "compare", "mismatched_pages": 0}
+    deadline = time.monotonic() + 30
+    while server.state is not ServerState.FAILED:
+        assert time.monotonic() < deadline, server.stats
+        time.sleep(0.01)
+    assert isinstance(server.error, CorruptData)
+    time.sleep(0.2)
+    assert child.proc.poll() is None  # blocked on the page, not running on wrong memory
+    child.kill()
+    server.stop()
+    assert source.closed
+    _settled(baseline)
