@@ -68,6 +68,7 @@ class ProcessRef:
         while True:
             self._reap()
             if not self.alive():
+                self._reap()  # it may have become a zombie after the first reap: don't leave it behind
                 return True
             if time.monotonic() >= deadline:
                 return False
