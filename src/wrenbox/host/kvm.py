@@ -115,7 +115,19 @@ def watch_console(
     with tempfile.TemporaryDirectory(prefix="wrenbox-kvm-") as tmp:
         console = Path(tmp) / "console"
         console.touch()
-        argv = [qemu, "-M", "microvm,acpi=on", "-accel", accel, "-cpu", "host" if accel == "kvm" else "max"]
+        # A hard deadline that outlives us: if the prober is killed, a hung guest still goes away.
+        argv = [
+            "timeout",
+            "-s",
+            "KILL",
+            str(int(_WAIT_S) + 10),
+            qemu,
+            "-M",
+            "microvm,acpi=on",
+            "-accel",
+            accel,
+        ]
+        argv += ["-cpu", "host" if accel == "kvm" else "max"]
         argv += ["-m", "128M", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none"]
         argv += ["-no-reboot", "-serial", f"file:{console}", *extra]
         start = time.monotonic()

@@ -169,6 +169,8 @@ def build_image(
         cache.remove_stale()
         for stale in builds.glob(".tmp-*"):
             remove_tree(stale)
+        for link in config.images_dir.glob(".tmp-link-*"):
+            link.unlink()
         current = _current(config.images_dir, name)  # another builder may have finished meanwhile
         if current is not None and not force and current.manifest.build_key == inputs.build_key:
             return BuildResult(current, cached=True, timings=steps.timings)
