@@ -20,18 +20,23 @@ Contract for implementers (the snapshot-chain reader is the next one):
   :class:`~wrenbox.errors.CorruptData`; the server then stops serving rather than hand out wrong memory.
 * ``close()`` releases every mapping and file; it is called once, by the page server that owns the source.
 * Calls come from the page server's own thread, one at a time.
+
+Python's :class:`mmap.mmap` does not give out the address of a read-only mapping; map files with
+:func:`wrenbox.memory.uffd_abi.map_file` (as :class:`FileSource` does) to have one. A chain of diff files
+maps each file once and turns each header mapping clipped to the range into one extent (zero build id →
+``None``, else the file's mapping address + storage offset).
 """
 
 from __future__ import annotations
 
 import bisect
-import errno
 import os
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from wrenbox.errors import CorruptData, InvalidArgument
 from wrenbox.memory import uffd_abi
+from wrenbox.memory.fileio import data_extents
 
 __all__ = ["BLOCK_SIZE", "Extent", "FileSource", "PageSource"]
 
@@ -59,15 +64,7 @@ def _data_runs(fd: int, size: int) -> tuple[list[int], list[int]]:
     """Block-aligned [start, end) runs of a file that hold data; everything else is a hole (zeros)."""
     starts: list[int] = []
     ends: list[int] = []
-    pos = 0
-    while pos < size:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data after pos
-                break
-            raise
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+    for data, hole in data_extents(fd, size):
         start = data - data % BLOCK_SIZE
         end = min(-(-hole // BLOCK_SIZE) * BLOCK_SIZE, size)
         if ends and start <= ends[-1]:
@@ -75,7 +72,6 @@ def _data_runs(fd: int, size: int) -> tuple[list[int], list[int]]:
         else:
             starts.append(start)
             ends.append(end)
-        pos = hole
     return starts, ends
 
 
