@@ -39,8 +39,7 @@ from pathlib import Path
 
 from wrenbox.errors import AlreadyExists, Conflict, InvalidArgument, Timeout, WrenboxError
 from wrenbox.memory.uffd_handshake import GuestRegion, parse_regions, receive_handshake
-from wrenbox.memory.uffd_pager import Pager, PeerGone
-from wrenbox.memory.uffd_pager import PagerStats as PageServerStats
+from wrenbox.memory.uffd_pager import Pager, PageServerStats, PeerGone
 from wrenbox.memory.uffd_source import BLOCK_SIZE, Extent, FileSource, PageSource
 
 __all__ = [
@@ -108,7 +107,10 @@ class _Stopped(Exception):
 
 
 class PageServer:
-    """Serves one VMM's guest memory from a :class:`PageSource` over userfaultfd. Owns the source."""
+    """Serves one VMM's guest memory from a :class:`PageSource` over userfaultfd.
+
+    Once constructed, the server owns ``source``: :meth:`stop` closes it.
+    """
 
     def __init__(
         self, socket_path: str | os.PathLike[str], source: PageSource, config: PageServerConfig | None = None
@@ -157,7 +159,7 @@ class PageServer:
         """Listen on the socket and serve in a background thread; returns at once."""
         with self._lock:
             if self._state is not ServerState.CREATED:
-                raise Conflict(f"page server on {self.socket_path} was already started")
+                raise Conflict(f"page server on {self.socket_path} can be started only once")
             try:
                 self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
                 self._listener = self._listen()

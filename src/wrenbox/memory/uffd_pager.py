@@ -36,7 +36,7 @@ from wrenbox.memory import uffd_abi
 from wrenbox.memory.uffd_handshake import GuestRegion
 from wrenbox.memory.uffd_source import BLOCK_SIZE, Extent, PageSource
 
-__all__ = ["Pager", "PagerStats", "PeerGone"]
+__all__ = ["PageServerStats", "Pager", "PeerGone"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ _TODO = re.compile(b"\x00+|\x02+")  # runs of pages to fill: missing (from the s
 
 
 @dataclass(frozen=True, slots=True)
-class PagerStats:
+class PageServerStats:
     faults: int = 0
     """Page-fault messages read."""
     fault_bytes: int = 0
@@ -73,11 +73,11 @@ class _Counters:
     """The loop's mutable tallies (only the server thread writes them)."""
 
     def __init__(self) -> None:
-        for f in fields(PagerStats):
+        for f in fields(PageServerStats):
             setattr(self, f.name, f.default)
 
-    def snapshot(self) -> PagerStats:
-        return PagerStats(**{f.name: getattr(self, f.name) for f in fields(PagerStats)})
+    def snapshot(self) -> PageServerStats:
+        return PageServerStats(**{f.name: getattr(self, f.name) for f in fields(PageServerStats)})
 
 
 class _Region:
@@ -135,7 +135,7 @@ class Pager:
         self._wait = wait
 
     @property
-    def stats(self) -> PagerStats:
+    def stats(self) -> PageServerStats:
         return self._counters.snapshot()
 
     def close(self) -> None:
