@@ -266,6 +266,27 @@ def test_serves_a_vmm_that_negotiated_no_events(tmp_path, memfile, spawn):
     assert by_step(results, "touch")[0]["mismatched_pages"] == 0
 
 
+def test_a_forked_uffd_is_closed(tmp_path, memfile, spawn):
+    baseline = open_fds()
+    features = uffd_abi.FEATURE_EVENT_REMOVE | 1 << 1  # UFFD_FEATURE_EVENT_FORK
+    steps = [
+        {"do": "compare", "region": 0, "offset": 0, "length": MiB},
+        {"do": "fork"},
+        {"do": "compare", "region": 0, "offset": MiB, "length": 31 * MiB},
+    ]
+    server = PageServer(tmp_path / "uffd.sock", FileSource(memfile), NO_PREFETCH)
+    server.start()
+    child = spawn(plan(server, memfile, [{"size": 32 * MiB, "offset": 0}], steps, features=features))
+    server.wait_ready(timeout=30)
+    results = child.results()
+    assert [r["mismatched_pages"] for r in by_step(results, "compare")] == [0, 0]
+    assert by_step(results, "fork") == [{"step": "fork", "status": 0}]
+    assert server.stats.other_events == 1
+    server.stop()
+    child.kill()  # closes our pipes to it
+    _settled(baseline)
+
+
 @pytest.fixture
 def huge_pages() -> Iterator[None]:
     """Reserve a few 2 MiB huge pages for the test and give them back after."""

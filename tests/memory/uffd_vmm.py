@@ -17,6 +17,7 @@ page_size_kib | both), wait_handoff, steps. Steps (``do``):
 * ``remove`` / ``unmap`` {region, offset, length}: madvise(MADV_DONTNEED) / munmap part of a region.
 * ``expect_zero`` {region, offset, length}: reports whether the range reads as zeros.
 * ``compare`` {region, offset, length}: reports mismatched pages of a range against the file.
+* ``fork``: fork a child that exits at once (with EVENT_FORK negotiated, the server gets its uffd).
 * ``pause``: print ``{"paused": true}`` and wait for a line on stdin.
 * ``baseline``: the kernel-only reference for the benchmark, no uffd involved: time an anonymous mmap
   with MAP_POPULATE of the size of region 0 plus a memcpy of the file into it plus the same memcmp that
@@ -133,6 +134,13 @@ class Vmm:
     def expect_zero(self, region: int, offset: int, length: int) -> dict:
         data = ctypes.string_at(self.maps[region].address + offset, length)
         return {"zero": data == bytes(length)}
+
+    def fork(self) -> dict:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        return {"status": status}
 
     def pause(self) -> dict:
         emit(paused=True)
