@@ -279,3 +279,64 @@ def test_round_trip(first: list[int], sequence: list[tuple[RawKind, dict[int, in
             assert (root / f"ram{step}").read_bytes() == image(*memory)
             assert files_in(current) == {HEADER_NAME, *(diff_name(b) for b in header.builds)}
             previous = current
+
+
+# -- blocks that differ from zero (or from their parent) in a single byte, anywhere -------------------
+def sparse_block(position: int | None, value: int = 1) -> bytes:
+    """A zero block, or one with a single non-zero byte at ``position`` (the scans sample a few bytes)."""
+    data = bytearray(K)
+    if position is not None:
+        data[position] = value
+    return bytes(data)
+
+
+positions = st.one_of(st.none(), st.integers(0, K - 1), st.sampled_from([0, 1, 1031, 2063, 3079, K - 1]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(positions, min_size=1, max_size=40), st.data())
+def test_single_byte_blocks_are_data_and_single_byte_changes_are_found(
+    layout: list[int | None], data: st.DataObject
+) -> None:
+    memory = b"".join(sparse_block(p) for p in layout)
+    expected_diff = b"".join(sparse_block(p) for p in layout if p is not None)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "raw").write_bytes(memory)
+        s0, s1 = new_dir(root, "s0"), new_dir(root, "s1")
+        header = process_full(root / "raw", s0)
+        stored = s0 / diff_name(header.build_id)
+        assert (stored.read_bytes() if stored.exists() else b"") == expected_diff
+        # change one byte of some blocks (to another value, or back to zero)
+        changed = bytearray(memory)
+        touched = data.draw(st.sets(st.integers(0, len(layout) - 1), max_size=len(layout)))
+        for index in touched:
+            offset = index * K + data.draw(st.integers(0, K - 1))
+            changed[offset] = 0 if changed[offset] else data.draw(st.integers(1, 255))
+        (root / "raw1").write_bytes(bytes(changed))
+        with Chain.open(s0) as parent:
+            h1 = process_diff(root / "raw1", parent, s1)
+        with Chain.open(s1) as chain:
+            assert chain.read(0, len(changed)) == bytes(changed)
+        really_changed = {
+            i for i in range(len(layout)) if changed[i * K : (i + 1) * K] != memory[i * K : (i + 1) * K]
+        }
+        new_blocks = {
+            m.offset // K + i for m in h1.mappings if m.build_id == h1.build_id for i in range(m.length // K)
+        }
+        new_zero = {i for i in really_changed if not any(changed[i * K : (i + 1) * K])}
+        assert new_blocks == really_changed - new_zero
+
+
+def test_long_zero_and_data_runs_at_every_alignment(tmp_path: Path) -> None:
+    # zero runs longer than the 64 KiB chunk, starting at every block offset inside a chunk
+    for shift in range(17):
+        layout = [1] * shift + [0] * 40 + [2] * 3 + [0] * 16 + [3]
+        memory = image(*layout)
+        raw = tmp_path / f"raw{shift}"
+        raw.write_bytes(memory)
+        dest = new_dir(tmp_path, f"s{shift}")
+        header = process_full(raw, dest)
+        assert (dest / diff_name(header.build_id)).read_bytes() == image(*(t for t in layout if t))
+        with Chain.open(dest) as chain:
+            assert chain.read(0, len(memory)) == memory

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -30,6 +31,8 @@ NEW = b"".join(bytes([(i * 3) % 7 if i % 4 else 0]) * K for i in range(32))
 _TARGETS = [
     (os, "open"),
     (os, "write"),
+    (os, "pwrite"),
+    (fcntl, "ioctl"),
     (os, "copy_file_range"),
     (os, "sendfile"),
     (os, "fsync"),
@@ -140,10 +143,11 @@ def count_steps(tmp_path: Path) -> list[str]:
 
 def test_steps_cover_the_operation_and_are_durable_before_the_swap(tmp_path: Path) -> None:
     calls = count_steps(tmp_path)
-    for name in ("open", "copy_file_range", "write", "fsync", "link", "mkdir", "_renameat2", "unlink"):
+    for name in ("open", "pwrite", "write", "fsync", "link", "mkdir", "_renameat2", "unlink"):
         assert name in calls, name
     swap = calls.index("_renameat2")
-    last_data = max(i for i, c in enumerate(calls) if c in ("write", "copy_file_range", "link"))
+    writes = ("write", "pwrite", "copy_file_range", "ioctl", "link")
+    last_data = max(i for i, c in enumerate(calls) if c in writes)
     assert last_data < swap
     assert "fsync" in calls[last_data:swap]  # files and directory synced before they are published
     assert "fsync" in calls[swap:]  # and the parent directory after

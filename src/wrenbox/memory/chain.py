@@ -32,7 +32,7 @@ from types import TracebackType
 from uuid import UUID
 
 from wrenbox.errors import AlreadyExists, CorruptData, InvalidArgument
-from wrenbox.memory.fileio import copy_range
+from wrenbox.memory.fileio import clone_range, write_at
 from wrenbox.memory.format import HEADER_NAME, DiffFile, Header, Location, Mapping, checksum, diff_name
 
 __all__ = ["LEGACY_DIFF_NAME", "Chain"]
@@ -65,8 +65,9 @@ class _Open:
             try:
                 self.map.close()
             except BufferError:
-                # A caller still holds a slice; the mapping goes away with the last view.
-                log.warning("a view of %s outlived its chain", self.path)
+                # Slices still referenced (by a caller, an exception's traceback): the mapping goes
+                # away with the last of them.
+                log.debug("a view of %s outlived its chain", self.path)
         os.close(self.fd)
 
 
@@ -168,7 +169,7 @@ class Chain:
     def materialize(self, dest: Path) -> None:
         """Write guest memory as one sparse raw file at ``dest`` (which must not exist).
 
-        Data runs are copied inside the kernel (reflinked where the filesystem can), zero runs stay holes.
+        Data runs are reflinked where the filesystem can, else written; zero runs stay holes.
         The file appears complete or not at all; it is not fsync'd (it can always be rebuilt).
         """
         dest = Path(dest)
@@ -177,9 +178,15 @@ class Chain:
         try:
             try:
                 os.ftruncate(fd, self.size)
+                clone = True  # until the filesystem says it cannot share blocks
                 for m in self.header.mappings:
-                    if not m.is_zero:
-                        copy_range(self.fileno(m.build_id), fd, m.storage_offset, m.offset, m.length)
+                    if m.is_zero:
+                        continue
+                    src = self.fileno(m.build_id)
+                    clone = clone and clone_range(src, fd, m.storage_offset, m.offset, m.length)
+                    if not clone:
+                        data = self.view(m.build_id)[m.storage_offset : m.storage_offset + m.length]
+                        write_at(fd, data, m.offset)
             finally:
                 os.close(fd)
             try:
