@@ -14,15 +14,8 @@ from wrenbox.memory import uffd_abi
 PAGE = 4096
 
 
-def _uffd_unusable() -> str | None:
-    try:
-        uffd_abi.probe_features()
-    except OSError as exc:
-        return f"needs userfaultfd (root or vm.unprivileged_userfaultfd=1): {exc}"
-    return None
-
-
-needs_uffd = pytest.mark.skipif(_uffd_unusable() is not None, reason=str(_uffd_unusable()))
+UNUSABLE = uffd_abi.unusable()
+needs_uffd = pytest.mark.skipif(bool(UNUSABLE), reason=f"needs userfaultfd: {UNUSABLE}")
 
 
 def test_ioctl_numbers_match_the_kernel_header():

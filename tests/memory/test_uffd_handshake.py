@@ -22,14 +22,6 @@ SOURCE_SIZE = 16 * MiB
 BASE = 0x7F00_0000_0000
 
 
-def _uffd_unusable() -> str | None:
-    try:
-        uffd_abi.probe_features()
-    except OSError as exc:
-        return f"needs userfaultfd (root or vm.unprivileged_userfaultfd=1): {exc}"
-    return None
-
-
 def open_fds() -> int:
     return len(list(Path("/proc/self/fd").iterdir()))
 
@@ -104,7 +96,8 @@ def test_malformed_messages_are_refused(payload, message):
 
 # -- through a real socket ------------------------------------------------------------------------------
 
-uffd_only = pytest.mark.skipif(_uffd_unusable() is not None, reason=str(_uffd_unusable()))
+UNUSABLE = uffd_abi.unusable()
+uffd_only = pytest.mark.skipif(bool(UNUSABLE), reason=f"needs userfaultfd: {UNUSABLE}")
 
 
 @pytest.fixture

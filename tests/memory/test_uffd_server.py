@@ -24,15 +24,8 @@ MiB = 1 << 20
 UNIT = 64 * 1024
 
 
-def _uffd_unusable() -> str | None:
-    try:
-        uffd_abi.probe_features()
-    except OSError as exc:
-        return f"needs userfaultfd (root or vm.unprivileged_userfaultfd=1): {exc}"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_uffd_unusable() is not None, reason=str(_uffd_unusable()))
+UNUSABLE = uffd_abi.unusable()
+pytestmark = pytest.mark.skipif(bool(UNUSABLE), reason=f"needs userfaultfd: {UNUSABLE}")
 
 
 def make_memory(path: Path, size: int, seed: int = 1) -> Path:

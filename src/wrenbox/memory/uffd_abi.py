@@ -43,8 +43,8 @@ __all__ = [
     "is_userfaultfd",
     "map_anonymous",
     "map_file",
-    "probe_features",
     "register",
+    "unusable",
     "userfaultfd",
     "wake",
     "zeropage",
@@ -131,13 +131,19 @@ def api(fd: int, features: int = 0) -> tuple[int, int]:
     return granted, ioctls
 
 
-def probe_features() -> int:
-    """Every feature this kernel offers (UFFDIO_API on a throwaway fd); OSError if userfaultfd is unusable."""
-    fd = userfaultfd()
+def unusable() -> str | None:
+    """Why this process cannot use userfaultfd as a VMM does (kernel-mode faults included), or None."""
     try:
-        return api(fd)[0]
+        fd = userfaultfd()
+    except OSError as exc:
+        return f"userfaultfd() failed: {exc.strerror} (needs root or vm.unprivileged_userfaultfd=1)"
+    try:
+        api(fd)
+    except OSError as exc:
+        return f"UFFDIO_API failed: {exc.strerror}"
     finally:
         os.close(fd)
+    return None
 
 
 def register(fd: int, start: int, length: int, mode: int = REGISTER_MODE_MISSING) -> int:
