@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -122,6 +122,13 @@ def by_step(results: list[dict], name: str) -> list[dict]:
 NO_PREFETCH = PageServerConfig(prefetch=False)
 
 
+def until(server: PageServer, condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, (server.state, server.stats)
+        time.sleep(0.005)
+
+
 @pytest.mark.parametrize("chunk", [4096, 64 * 1024, 2 * MiB])
 def test_random_touches_from_four_threads_see_every_byte(tmp_path, memfile, spawn, chunk):
     size = 32 * MiB
@@ -212,10 +219,7 @@ def test_prefetch_fills_memory_before_it_is_touched(tmp_path, memfile, spawn):
         server.wait_ready(timeout=30)
         assert child.line() == {"handoff": True, "pid": child.proc.pid}
         assert child.line() == {"paused": True}
-        deadline = time.monotonic() + 30
-        while not server.stats.prefetch_done:
-            assert time.monotonic() < deadline, server.stats
-            time.sleep(0.01)
+        until(server, lambda: server.stats.prefetch_done)
         child.resume()
         results = child.results()
         stats = server.stats
@@ -238,10 +242,7 @@ def test_unmapped_ranges_are_dropped_and_serving_goes_on(tmp_path, memfile, spaw
         child = spawn(plan(server, memfile, [{"size": 32 * MiB, "offset": 0}], steps, features=features))
         server.wait_ready(timeout=30)
         results = child.results()
-        deadline = time.monotonic() + 30
-        while not server.stats.prefetch_done:
-            assert time.monotonic() < deadline, server.stats
-            time.sleep(0.01)
+        until(server, lambda: server.stats.prefetch_done)
         stats, state = server.stats, server.state
     assert by_step(results, "unmap") == [{"step": "unmap", "rc": 0}]
     assert [r["mismatched_pages"] for r in by_step(results, "compare")] == [0, 0, 0]
@@ -370,10 +371,7 @@ def test_stop_while_serving(tmp_path, spawn):
     steps = [{"do": "touch", "pattern": "random", "threads": 4}]
     child = spawn(plan(server, memfile, [{"size": 128 * MiB, "offset": 0}], steps))
     server.wait_ready(timeout=30)
-    deadline = time.monotonic() + 30
-    while server.stats.faults < 500:
-        assert time.monotonic() < deadline, server.stats
-        time.sleep(0.005)
+    until(server, lambda: server.stats.faults >= 500)
     started = time.monotonic()
     server.stop()
     assert time.monotonic() - started < 1
@@ -392,10 +390,7 @@ def test_stop_after_the_vmm_died(tmp_path, memfile, spawn):
     server.wait_ready(timeout=30)
     assert child.line()["handoff"]
     child.kill()  # SIGKILL while the prefetch is filling its memory page by page
-    deadline = time.monotonic() + 30
-    while server.state is ServerState.SERVING and not server.stats.prefetch_done:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    until(server, lambda: server.state is not ServerState.SERVING or server.stats.prefetch_done)
     assert server.state is ServerState.FINISHED, server.stats
     assert server.error is None
     server.stop()
@@ -514,10 +509,7 @@ def test_corrupt_source_data_is_never_served(tmp_path, memfile, spawn):
     server.wait_ready(timeout=30)
     assert child.line()["handoff"]
     assert child.line() == {"step": "compare", "mismatched_pages": 0}
-    deadline = time.monotonic() + 30
-    while server.state is not ServerState.FAILED:
-        assert time.monotonic() < deadline, server.stats
-        time.sleep(0.01)
+    until(server, lambda: server.state is ServerState.FAILED)
     assert isinstance(server.error, CorruptData)
     time.sleep(0.2)
     assert child.proc.poll() is None  # blocked on the page, not running on wrong memory
