@@ -262,7 +262,7 @@ def test_serves_a_vmm_that_negotiated_no_events(tmp_path, memfile, spawn):
 
 def test_a_forked_uffd_is_closed(tmp_path, memfile, spawn):
     baseline = open_fds()
-    features = uffd_abi.FEATURE_EVENT_REMOVE | 1 << 1  # UFFD_FEATURE_EVENT_FORK
+    features = uffd_abi.FEATURE_EVENT_REMOVE | uffd_abi.FEATURE_EVENT_FORK
     steps = [
         {"do": "compare", "region": 0, "offset": 0, "length": MiB},
         {"do": "fork"},
