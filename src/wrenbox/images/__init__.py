@@ -5,16 +5,9 @@ opens a built one. ``guest_kernel_args`` is the kernel command line a VMM passes
 """
 
 from wrenbox.images.bootargs import guest_kernel_args
-from wrenbox.images.builder import (
-    AGENT_PORT,
-    BuildResult,
-    Image,
-    ImageConfig,
-    StepEvent,
-    build_image,
-    load_image,
-)
+from wrenbox.images.builder import AGENT_PORT, BuildResult, ImageConfig, StepEvent, build_image
 from wrenbox.images.manifest import Manifest
+from wrenbox.images.store import Image, load_image
 
 __all__ = [
     "AGENT_PORT",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import secrets
 import shutil
 import time
@@ -31,26 +30,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ValidationError
-
 from wrenbox.command import require_tool
 from wrenbox.config import Settings
-from wrenbox.errors import Conflict, CorruptData, MissingTool, NotFound
+from wrenbox.errors import MissingTool
 from wrenbox.images import initramfs, kernel, rootfs
 from wrenbox.images.agent import GuestPackages, guest_packages
 from wrenbox.images.cache import LayerCache, exclusive_lock, remove_tree
 from wrenbox.images.manifest import MANIFEST, KernelInfo, Manifest, file_info
+from wrenbox.images.store import FILES, Image, current_image, fsync_tree, prune, publish
 from wrenbox.names import validate_name
 
 __all__ = [
     "AGENT_PORT",
     "DEFAULT_MODULES",
     "BuildResult",
-    "Image",
     "ImageConfig",
     "StepEvent",
     "build_image",
-    "load_image",
 ]
 
 AGENT_PORT = 49983
@@ -58,7 +54,6 @@ AGENT_PORT = 49983
 # disk, the NIC, entropy and the balloon (free page reporting). ext4 is built into Debian's kernel.
 DEFAULT_MODULES = ("virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng", "virtio_balloon", "ext4")
 BASE_KERNEL_ARGS = ("console=ttyS0", "reboot=t", "panic=-1", "quiet")
-_FILES = {"kernel": "vmlinuz", "initramfs": "initramfs.cpio.gz", "rootfs": "rootfs.ext4"}
 # Bump when the code that assembles a layer changes in a way its inputs do not show.
 _INITRAMFS_REVISION = 1
 _TOP_REVISION = 2
@@ -89,34 +84,6 @@ class ImageConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class Image:
-    """A published image. ``path`` is the resolved, immutable build directory."""
-
-    name: str
-    path: Path
-    manifest: Manifest
-
-    @property
-    def kernel(self) -> Path:
-        return self.path / _FILES["kernel"]
-
-    @property
-    def initramfs(self) -> Path:
-        return self.path / _FILES["initramfs"]
-
-    @property
-    def rootfs(self) -> Path:
-        return self.path / _FILES["rootfs"]
-
-    def verify(self) -> None:
-        """Re-hash every file; CorruptData if one differs from the manifest."""
-        for role, expected in self.manifest.files.items():
-            actual = file_info(self.path / expected.name)
-            if actual.sha256 != expected.sha256 or actual.size != expected.size:
-                raise CorruptData(f"image {self.name}: {role} {expected.name} does not match its manifest")
-
-
-@dataclass(frozen=True, slots=True)
 class StepEvent:
     step: str
     status: Literal["start", "done", "cached"]
@@ -133,21 +100,6 @@ class BuildResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def load_image(images_dir: Path, name: str) -> Image:
-    validate_name(name, what="image name")
-    link = images_dir / name
-    try:
-        path = link.resolve(strict=True)
-        manifest = Manifest.model_validate_json((path / MANIFEST).read_bytes())
-    except FileNotFoundError:
-        raise NotFound(f"image {name!r} is not built (wrenbox image build --name {name})") from None
-    except ValidationError as exc:
-        raise CorruptData(
-            f"image {name!r}: unreadable {MANIFEST} in {path}: {exc.error_count()} errors"
-        ) from None
-    return Image(name, path, manifest)
-
-
 def build_image(
     config: ImageConfig, name: str = "minimal", *, force: bool = False, on_step: OnStep | None = None
 ) -> BuildResult:
@@ -161,7 +113,7 @@ def build_image(
     with steps.step("resolve"):
         inputs = _Inputs.gather(config)
     # Publishing is an atomic symlink switch, so an up-to-date image can be recognised without the lock.
-    current = _current(config.images_dir, name)
+    current = current_image(config.images_dir, name)
     if current is not None and not force and current.manifest.build_key == inputs.build_key:
         return BuildResult(current, cached=True, timings=steps.timings)
     with exclusive_lock(config.images_dir / ".lock"), exclusive_lock(config.cache_dir / ".lock"):
@@ -171,7 +123,7 @@ def build_image(
             remove_tree(stale)
         for link in config.images_dir.glob(".tmp-link-*"):
             link.unlink()
-        current = _current(config.images_dir, name)  # another builder may have finished meanwhile
+        current = current_image(config.images_dir, name)  # another builder may have finished meanwhile
         if current is not None and not force and current.manifest.build_key == inputs.build_key:
             return BuildResult(current, cached=True, timings=steps.timings)
         builds.mkdir(parents=True, exist_ok=True)
@@ -181,13 +133,13 @@ def build_image(
         tmp.mkdir()
         try:
             manifest = _build(config, name, inputs, cache, tmp, steps)
-            _fsync_dir_tree(tmp)
+            fsync_tree(tmp)
             tmp.rename(final)
         finally:
             if tmp.exists():
                 remove_tree(tmp)
-        _publish(config.images_dir, name, final)
-        _prune(builds, name, keep=config.keep_builds, current=final)
+        publish(config.images_dir, name, final)
+        prune(builds, name, keep=config.keep_builds, current=final)
     return BuildResult(Image(name, final, manifest), cached=False, timings=steps.timings)
 
 
@@ -231,7 +183,7 @@ def _build(
 ) -> Manifest:
     with steps.step("kernel") as s:
         tree, s.cached = kernel.fetch_kernel(cache, inputs.kernel)
-        shutil.copyfile(tree.vmlinuz, out / _FILES["kernel"])
+        shutil.copyfile(tree.vmlinuz, out / FILES["kernel"])
     modules = initramfs.resolve_modules(tree.modules_dir, config.modules)
     with steps.step("initramfs") as s:
         layer = cache.get("initramfs", inputs.initramfs_key)
@@ -239,14 +191,14 @@ def _build(
         if layer is None:
             with cache.building("initramfs", inputs.initramfs_key) as tmp:
                 initramfs.build_initramfs(
-                    tmp / _FILES["initramfs"],
+                    tmp / FILES["initramfs"],
                     busybox=config.busybox,
                     modules_dir=tree.modules_dir,
                     modules=modules,
                     init_script=rootfs.guest_file("init.sh"),
                 )
             layer = cache.root / "initramfs" / inputs.initramfs_key
-        shutil.copyfile(layer / _FILES["initramfs"], out / _FILES["initramfs"])
+        shutil.copyfile(layer / FILES["initramfs"], out / FILES["initramfs"])
     with steps.step("debootstrap") as s:
         base, s.cached = rootfs.build_base(cache, inputs.base_key, inputs.recipe)
     with steps.step("rootfs"):
@@ -254,7 +206,7 @@ def _build(
         try:
             rootfs.build_rootfs(
                 base,
-                out / _FILES["rootfs"],
+                out / FILES["rootfs"],
                 stage=stage,
                 busybox=config.busybox,
                 packages=inputs.packages,
@@ -275,7 +227,7 @@ def _build(
                 release=inputs.kernel.release,
                 deb_sha256=tree.deb_sha256,
             ),
-            files={role: file_info(out / fname) for role, fname in _FILES.items()},
+            files={role: file_info(out / fname) for role, fname in FILES.items()},
             modules=[m.rsplit("/", 1)[-1] for m in modules],
             layers={
                 "kernel": inputs.kernel.cache_key,
@@ -292,53 +244,6 @@ def _build(
         )
         (out / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
     return manifest
-
-
-def _current(images_dir: Path, name: str) -> Image | None:
-    try:
-        image = load_image(images_dir, name)
-    except (NotFound, CorruptData):
-        return None  # rebuilt and published over
-    for info in image.manifest.files.values():  # cheap check; verify() re-hashes
-        path = image.path / info.name
-        if not path.is_file() or path.stat().st_size != info.size:
-            return None
-    return image
-
-
-def _publish(images_dir: Path, name: str, build: Path) -> None:
-    link = images_dir / name
-    if link.exists() and not link.is_symlink():
-        raise Conflict(f"{link} is not a wrenbox-managed image link; move it away")
-    tmp = images_dir / f".tmp-link-{name}-{secrets.token_hex(4)}"
-    tmp.symlink_to(build.relative_to(images_dir))
-    tmp.replace(link)  # atomic: readers see the old build or the new one
-    _fsync_path(images_dir)
-
-
-def _prune(builds: Path, name: str, *, keep: int, current: Path) -> None:
-    """Remove builds of ``name`` beyond the newest ``keep`` (names sort by build time), except any that
-    a running process (a VM using the kernel or the disk) still has open."""
-    mine = sorted(p for p in builds.glob(f"{name}-*") if p.is_dir() and p.name.rsplit("-", 2)[0] == name)
-    candidates = [old for old in mine[: max(0, len(mine) - keep)] if old != current]
-    if not candidates:
-        return
-    in_use = _open_files()
-    for old in candidates:
-        prefix = f"{old.resolve()}/"
-        if not any(path.startswith(prefix) for path in in_use):
-            remove_tree(old)
-
-
-def _open_files() -> set[str]:
-    """Paths of the files open in any process on this host (the ones we are allowed to see)."""
-    paths = set()
-    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
-        with contextlib.suppress(OSError):
-            for fd in fd_dir.iterdir():
-                with contextlib.suppress(OSError):
-                    paths.add(str(fd.readlink()))
-    return paths
 
 
 def _check_static(busybox: Path) -> None:
@@ -380,17 +285,3 @@ def _key(*parts: object) -> str:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir_tree(root: Path) -> None:
-    for child in root.iterdir():
-        _fsync_path(child)
-    _fsync_path(root)
