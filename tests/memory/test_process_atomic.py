@@ -222,6 +222,27 @@ def test_failing_first_snapshot_leaves_nothing_or_everything(tmp_path: Path) -> 
         assert files_in(tmp_path) == {"old.raw", "snap"}
 
 
+def test_processing_cleans_up_its_own_files_in_a_plain_directory(tmp_path: Path) -> None:
+    # Without a SnapshotWriter around it, a failing process_* still leaves nothing in dest.
+    first_pause(tmp_path)
+    snapshot = tmp_path / "snaps" / "sandbox"
+
+    def attempt(dest: Path) -> None:
+        with Chain.open(snapshot) as parent:
+            process_diff(tmp_path / "new.raw", parent, dest)
+
+    (tmp_path / "count").mkdir()
+    with faults(None, fail) as calls:
+        attempt(tmp_path / "count")
+    assert "link" in calls
+    for step in range(len(calls)):
+        dest = tmp_path / f"plain{step}"
+        dest.mkdir()
+        with faults(step, fail), pytest.raises(OSError, match="injected"):
+            attempt(dest)
+        assert files_in(dest) == set(), f"left behind after a failure at step {step} ({calls[step]})"
+
+
 def test_writer_refuses_and_cleans_up(tmp_path: Path) -> None:
     dest = tmp_path / "snap"
     with pytest.raises(NotFound):

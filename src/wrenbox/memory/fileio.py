@@ -100,14 +100,17 @@ def _send(src: int, dst: int, src_offset: int, dst_offset: int, length: int) -> 
 
 
 def write_new(path: Path, data: bytes) -> None:
-    """Create ``path`` (which must not exist) holding exactly ``data``."""
+    """Create ``path`` (which must not exist) holding exactly ``data``; nothing is left if that fails."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-    finally:
+    except BaseException:
         os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
 
 def fsync_path(path: Path) -> None:

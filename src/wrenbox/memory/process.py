@@ -59,6 +59,7 @@ from wrenbox.memory.format import (
 )
 from wrenbox.memory.pack import DiffWriter, Source, pack
 from wrenbox.memory.scan import DATA, RawFile, Runs, changed_runs, dirty_runs, nonzero_runs
+from wrenbox.rollback import Rollback
 
 __all__ = ["MemoryConfig", "RawKind", "collapse", "process_diff", "process_full"]
 
@@ -86,12 +87,16 @@ class MemoryConfig:
 
 def process_full(raw: Path, dest: Path) -> Header:
     """Write generation 0 of ``raw`` (complete guest memory) into ``dest``; return its header."""
-    build = new_build_id()
-    with RawFile(raw) as source, DiffWriter(dest, build) as writer:
-        data = _store(nonzero_runs(source), source, writer)
-        info = writer.finish()
-        size = source.size
-    return _write_header(dest, size, 0, build, build, _fill_gaps(data, size), [info] if info else [])
+    dest, build = Path(dest), new_build_id()
+    with Rollback(f"memory snapshot into {dest}") as undo:
+        with RawFile(raw) as source, DiffWriter(dest, build) as writer:
+            undo.push(str(writer.path), _remove, writer.path)
+            data = _store(nonzero_runs(source), source, writer)
+            info = writer.finish()
+            size = source.size
+        header = _write_header(dest, size, 0, build, build, _fill_gaps(data, size), [info] if info else [])
+        undo.commit()
+    return header
 
 
 def process_diff(
@@ -111,44 +116,57 @@ def process_diff(
             f"parent snapshot has block size {parent.block_size}; only {BLOCK_SIZE} is supported"
         )
     build = new_build_id()
-    collapsing = parent.generation + 1 >= config.max_generations
-    with RawFile(raw) as source, DiffWriter(dest, build) as writer:
-        if source.size != parent.size:
-            raise InvalidArgument(f"{raw} holds {source.size} bytes, the parent snapshot {parent.size}")
-        if kind is RawKind.SPARSE_DIFF:
-            source.require_block_granular_holes()
-            changes = dirty_runs(source)
+    generation = parent.generation + 1
+    collapsing = generation >= config.max_generations
+    with Rollback(f"memory snapshot into {dest}") as undo:
+        with RawFile(raw) as source, DiffWriter(dest, build) as writer:
+            if source.size != parent.size:
+                raise InvalidArgument(f"{raw} holds {source.size} bytes, the parent snapshot {parent.size}")
+            if kind is RawKind.SPARSE_DIFF:
+                source.require_block_granular_holes()
+                changes = dirty_runs(source)
+            else:
+                changes = changed_runs(source, parent)
+            undo.push(str(writer.path), _remove, writer.path)
+            if collapsing:  # one new generation 0 holding everything still live, in address order
+                top = [_as_mapping(run, _RAW, run[0]) for runs in changes for run in runs]
+                logical = overlay(parent.header.mappings, top)
+                mappings = pack(logical, {_RAW: (source.fd, source.view), **_sources(parent)}, writer)
+            else:
+                mappings = normalize(overlay(parent.header.mappings, _store(changes, source, writer)))
+            info = writer.finish()
+        if collapsing:
+            header = _write_header(dest, parent.size, 0, build, build, mappings, [info] if info else [])
         else:
-            changes = changed_runs(source, parent)
-        if collapsing:  # one new generation 0 holding everything still live, in address order
-            top = [_as_mapping(run, _RAW, run[0]) for runs in changes for run in runs]
-            logical = overlay(parent.header.mappings, top)
-            mappings = pack(logical, {_RAW: (source.fd, source.view), **_sources(parent)}, writer)
-        else:
-            mappings = normalize(overlay(parent.header.mappings, _store(changes, source, writer)))
-        info = writer.finish()
-    if collapsing:
-        return _write_header(dest, parent.size, 0, build, build, mappings, [info] if info else [])
-    files = []
-    for b in dict.fromkeys(m.build_id for m in mappings if not m.is_zero):
-        if b == build:
-            assert info is not None
-            files.append(info)
-        else:
-            _link_or_copy(parent.path(b), dest / diff_name(b))
-            files.append(parent.file_info(b))
-    return _write_header(
-        dest, parent.size, parent.generation + 1, build, parent.header.base_build_id, mappings, files
-    )
+            files = []
+            for b in dict.fromkeys(m.build_id for m in mappings if not m.is_zero):
+                if b == build and info is not None:
+                    files.append(info)
+                    continue
+                _link_or_copy(parent.path(b), dest / diff_name(b))
+                undo.push(diff_name(b), _remove, dest / diff_name(b))
+                files.append(parent.file_info(b))
+            base = parent.header.base_build_id
+            header = _write_header(dest, parent.size, generation, build, base, mappings, files)
+        undo.commit()
+    return header
 
 
 def collapse(chain: Chain, dest: Path) -> Header:
     """Write ``chain``'s memory as one generation-0 diff into ``dest``; return its header."""
-    build = new_build_id()
-    with DiffWriter(dest, build) as writer:
-        mappings = pack(chain.header.mappings, _sources(chain), writer)
-        info = writer.finish()
-    return _write_header(Path(dest), chain.size, 0, build, build, mappings, [info] if info else [])
+    dest, build = Path(dest), new_build_id()
+    with Rollback(f"collapsed memory snapshot into {dest}") as undo:
+        with DiffWriter(dest, build) as writer:
+            undo.push(str(writer.path), _remove, writer.path)
+            mappings = pack(chain.header.mappings, _sources(chain), writer)
+            info = writer.finish()
+        header = _write_header(dest, chain.size, 0, build, build, mappings, [info] if info else [])
+        undo.commit()
+    return header
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
 
 
 def _store(batches: Iterable[Runs], source: RawFile, writer: DiffWriter) -> list[Mapping]:
@@ -198,6 +216,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             copy_range(fd_in, fd_out, 0, 0, os.fstat(fd_in).st_size)
+        except BaseException:
+            dst.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd_out)
     finally:
