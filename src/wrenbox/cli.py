@@ -21,6 +21,8 @@ __all__ = ["app", "main"]
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Self-hosted microVM sandboxes.")
 image_app = typer.Typer(no_args_is_help=True, help="Guest images (kernel, initramfs, root filesystem).")
 app.add_typer(image_app, name="image")
+template_app = typer.Typer(no_args_is_help=True, help="Templates: pre-booted snapshots sandboxes start from.")
+app.add_typer(template_app, name="template")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -159,6 +161,81 @@ def image_build(
             f"sha256 {info.sha256[:16]}",
             highlight=False,
         )
+
+
+@template_app.command("build")
+def template_build(
+    name: Annotated[str, typer.Argument(help="Template name.")] = "minimal",
+    image: Annotated[str, typer.Option("--image", help="Image to boot.")] = "minimal",
+    vcpus: Annotated[int | None, typer.Option("--vcpus", help="vCPUs (default: settings).")] = None,
+    memory_mib: Annotated[
+        int | None, typer.Option("--memory-mib", help="Guest RAM in MiB (default: settings).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Boot an image once, wait for its agent and snapshot it as a template (immutable once built)."""
+    import anyio
+
+    from wrenbox.templates import build_template
+
+    out = err_console if as_json else console
+    machine = {k: v for k, v in (("vcpus", vcpus), ("memory_mib", memory_mib)) if v is not None}
+    with out.status(f"building template {name}…") as status:
+        try:
+            template = anyio.run(
+                lambda: build_template(
+                    _settings(),
+                    name,
+                    image=image,
+                    on_step=lambda step: status.update(f"{name}: {step}…"),
+                    **machine,
+                )
+            )
+        except WrenboxError as exc:
+            _fail(exc)
+    m = template.manifest
+    if as_json:
+        typer.echo(m.model_dump_json(indent=2))
+        return
+    out.print(f"template [bold]{name}[/] built: {template.path}", highlight=False)
+    out.print(
+        f"  {m.vcpus} vCPU, {m.memory_mib} MiB (RAM on disk {_size(m.memory_allocated)}), "
+        f"image {m.image}, kernel {m.kernel_release}",
+        highlight=False,
+    )
+    out.print(
+        "  " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in m.timings.items()), highlight=False
+    )
+
+
+@template_app.command("list")
+def template_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifests as JSON.")] = False,
+) -> None:
+    """List the templates of this host."""
+    from wrenbox.templates import TemplateStore
+
+    try:
+        found = TemplateStore(_settings().templates_dir).list()
+    except WrenboxError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps([t.manifest.model_dump(mode="json") for t in found], indent=2))
+        return
+    table = Table(title="templates", title_justify="left")
+    for column in ("name", "image", "vCPU", "memory", "RAM on disk", "created"):
+        table.add_column(column)
+    for t in found:
+        m = t.manifest
+        table.add_row(
+            t.name,
+            m.image,
+            str(m.vcpus),
+            f"{m.memory_mib} MiB",
+            _size(m.memory_allocated),
+            f"{m.created_at:%Y-%m-%d %H:%M}",
+        )
+    console.print(table)
 
 
 def main() -> None:

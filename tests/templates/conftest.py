@@ -7,6 +7,7 @@ and releases everything it made when the test ends, whatever happened.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -108,9 +109,17 @@ def rootfs(templates: Templates) -> RootfsBackend:
 
 
 @pytest.fixture(scope="session")
-def template(settings: Settings, caps: HostCapabilities, network: Network) -> Template:
-    """Built once per session the way ``wrenbox template build`` builds one."""
-    return anyio.run(partial(build_template, settings, "minimal", caps=caps, network=network))
+def template(settings: Settings, caps: HostCapabilities, network: Network) -> Iterator[Template]:
+    """Built once per session the way ``wrenbox template build`` builds one. After the session its RAM
+    file must still hold what it held when built, whatever the clones did."""
+    template = anyio.run(partial(build_template, settings, "minimal", caps=caps, network=network))
+    yield template
+    assert sha256(template.memory) == template.manifest.memory_sha256, "a clone wrote into the template"
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass
@@ -154,7 +163,7 @@ class Sandboxes:
     async def remove_slot(self, index: int) -> None:
         await self.network.remove(self.slots.pop(index))
 
-    async def start(self, index: int, *, copy_memory: bool = False) -> Sandbox:
+    async def start(self, index: int) -> Sandbox:
         """A VM from the template in slot ``index``, with a disk of its own."""
         slot = await self.slot(index)
         name = f"sbx{index}-{secrets.token_hex(3)}"
@@ -165,7 +174,7 @@ class Sandboxes:
             run_dir=directory / "run",
             disk=Drive(disk.path, disk.format),
             slot=slot,
-            memory=directory / "memory" if copy_memory else None,
+            memory=directory / "memory",
         )
         try:
             vm = await self.templates.start(self.template, placement)

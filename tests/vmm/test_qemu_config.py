@@ -67,11 +67,11 @@ def test_boot_argv_under_tcg(tmp_path: Path) -> None:
 
 
 def test_restore_argv_has_no_kernel_and_waits_for_state(tmp_path: Path) -> None:
-    config = replace(_config(tmp_path), kernel=None, memory=MemoryFile(tmp_path / "tpl", private=True))
+    config = replace(_config(tmp_path), kernel=None, memory=MemoryFile(tmp_path / "ram2"))
     argv = qemu_argv(config, TCG, incoming=True)
     assert argv[-2:] == ["-incoming", "defer"]
     assert not {"-kernel", "-initrd", "-append"} & set(argv)
-    assert f"memory-backend-file,id=ram0,size=256M,mem-path={tmp_path}/tpl,share=off" in _option(
+    assert f"memory-backend-file,id=ram0,size=256M,mem-path={tmp_path}/ram2,share=on" in _option(
         argv, "-object"
     )
     # Everything that shapes the machine is identical to the boot command line.
@@ -142,7 +142,6 @@ def _meta(driver: QemuDriver, machine: Machine, **changes: object) -> SnapshotMe
         vmm="qemu",
         vmm_version="7.2.22",
         kind="full",
-        memory="external",
         pinned=driver.pinned(machine),
         argv=("qemu-system-x86_64",),
         state_bytes=5,
@@ -177,7 +176,7 @@ def test_bad_snapshots_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CorruptData, match="no vmstate"):
         Snapshot.load(snap.dir)
     meta = json.loads((snap.dir / "snapshot.json").read_text())
-    for broken in ({**meta, "memory": "elsewhere"}, {**meta, "state_bytes": "many"}, {"vmm": "qemu"}):
+    for broken in ({**meta, "kind": "sideways"}, {**meta, "state_bytes": "many"}, {"vmm": "qemu"}):
         (snap.dir / "snapshot.json").write_text(json.dumps(broken))
         with pytest.raises(CorruptData, match="unreadable snapshot metadata"):
             Snapshot.load(snap.dir)

@@ -57,7 +57,6 @@ async def test_restore_of_a_garbled_state_fails_cleanly(tmp_path: Path) -> None:
         vmm="qemu",
         vmm_version=await driver.version(),
         kind="full",
-        memory="external",
         pinned=driver.pinned(MACHINE),
         argv=(),
         state_bytes=64,

@@ -10,18 +10,24 @@ place)::
         memory             guest RAM at the snapshot (sparse)
         rootfs.ext4        the root disk at the snapshot, flattened: the base of every sandbox disk
 
-Starting a VM from a template (:meth:`Templates.start`) maps the template's RAM privately by default:
-nothing is copied, clones share the pages they have not written through the page cache, and the
-template file never changes. Pausing such a clone writes its RAM into the state file (about what the
-guest uses, ~0.2 s); the VM it is resumed into then has a RAM file of its own, and every later pause
-costs only the device state. A placement can instead ask for its own copy of the RAM up front (a reflink
-where the filesystem can, else a copy of the data extents), which makes the first pause cheap too at
-the price of the copy on the create path (~0.1 s for a 256 MiB guest on ext4). Every start ends with the
-agent's ``/init``: clones of one snapshot would otherwise share the guest's clock and CRNG state.
+Starting a VM from a template (:meth:`Templates.start`) gives it its own copy of the template's RAM
+(a reflink where the filesystem can, else a kernel copy of the file's data extents, holes kept) and maps
+that copy shared: guest writes land in it, a pause then costs only the device state, and memory the
+guest frees becomes holes in it. Clones never map the template's file itself, not even privately: QEMU
+7.2 punches holes into a ``share=off`` backing file when the guest frees memory (free page reporting),
+which changed the template under every other clone (seen in this project's tests). Every start ends
+with the agent's ``/init``: clones of one snapshot would otherwise share the guest's clock and CRNG.
 """
 
 from wrenbox.templates.host import build_template, host_templates
-from wrenbox.templates.store import Placement, Template, TemplateConfig, TemplateManifest, Templates
+from wrenbox.templates.store import (
+    Placement,
+    Template,
+    TemplateConfig,
+    TemplateManifest,
+    Templates,
+    TemplateStore,
+)
 from wrenbox.templates.vm import agent_client, agent_ready, copy_ram
 
 __all__ = [
@@ -29,6 +35,7 @@ __all__ = [
     "Template",
     "TemplateConfig",
     "TemplateManifest",
+    "TemplateStore",
     "Templates",
     "agent_client",
     "agent_ready",

@@ -43,10 +43,9 @@ async def build_template(
     The slot is the highest free one, out of the way of sandboxes, which take the lowest.
     """
     validate_name(name, what="template name")
-    caps = caps or HostCapabilities.probe(settings)
-    templates = host_templates(settings, caps, **config)
-    if (templates.root / name).exists():
+    if (settings.templates_dir / name).exists():  # before anything slow happens
         raise AlreadyExists(f"template {name!r} already exists; templates are immutable")
+    templates = host_templates(settings, caps or HostCapabilities.probe(settings), **config)
     if isinstance(image, str):
         image = load_image(settings.images_dir, image)
     network = network or Network(NetworkConfig())

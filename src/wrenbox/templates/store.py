@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import secrets
@@ -28,7 +29,7 @@ from wrenbox.vmm.base import Drive, Driver, Kernel, Machine, MemoryFile, Nic, Sn
 if TYPE_CHECKING:
     from wrenbox.config import Settings
 
-__all__ = ["Placement", "Template", "TemplateConfig", "TemplateManifest", "Templates"]
+__all__ = ["Placement", "Template", "TemplateConfig", "TemplateManifest", "TemplateStore", "Templates"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class TemplateManifest(BaseModel):
     disk_format: str
     rootfs: BaseImage  # fingerprint of rootfs.ext4 (its path as it was at build time)
     memory_allocated: int  # bytes of guest RAM on disk (the rest are holes: never touched or freed)
+    memory_sha256: str  # nothing may ever write to the RAM file of a template; this proves it
     state_bytes: int
     timings: dict[str, float]
 
@@ -109,27 +111,22 @@ class Placement:
     """Where one VM started from a template lives. All of it belongs to the caller.
 
     ``disk`` is the sandbox's root disk, made by the rootfs backend from :meth:`Template.rootfs_image`.
-    ``memory``: ``None`` maps the template's RAM privately; a path is where :meth:`Templates.start`
-    creates the VM's own copy of it.
+    ``memory`` is where :meth:`Templates.start` creates the VM's own copy of the template's RAM (on
+    tmpfs it is faster to make and costs no disk writeback while the VM runs; on disk it survives a
+    host restart as it is).
     """
 
     run_dir: Path
     disk: Drive
     slot: NetworkSlot
-    memory: Path | None = None
+    memory: Path
 
 
-class Templates:
-    """The template store of one host, and the one way to start VMs from templates."""
+class TemplateStore:
+    """The published templates in ``root``: reading them needs no VMM."""
 
-    def __init__(self, config: TemplateConfig, *, driver: Driver, rootfs: RootfsBackend) -> None:
-        self.config = config
-        self.driver = driver
-        self.rootfs = rootfs
-
-    @property
-    def root(self) -> Path:
-        return self.config.templates_dir
+    def __init__(self, root: Path) -> None:
+        self.root = root
 
     def get(self, name: str) -> Template:
         path = self.root / validate_name(name, what="template name")
@@ -165,17 +162,27 @@ class Templates:
             shutil.rmtree(path, ignore_errors=True)
         return [p.name for p in stale]
 
+
+class Templates:
+    """Builds templates into the store, and is the one way to start VMs from them."""
+
+    def __init__(self, config: TemplateConfig, *, driver: Driver, rootfs: RootfsBackend) -> None:
+        self.config = config
+        self.driver = driver
+        self.rootfs = rootfs
+        self.store = TemplateStore(config.templates_dir)
+
     async def build(
         self, name: str, image: Image, slot: NetworkSlot, *, on_step: Callable[[str], None] | None = None
     ) -> Template:
         """Boot ``image`` in network slot ``slot`` (which must exist), wait for its agent, snapshot it and
         publish the result as template ``name``. AlreadyExists if it exists; nothing is left on failure."""
         validate_name(name, what="template name")
-        if (self.root / name).exists():
+        if (self.store.root / name).exists():
             raise AlreadyExists(f"template {name!r} already exists; templates are immutable")
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.store.root.mkdir(parents=True, exist_ok=True)
         token = secrets.token_hex(4)
-        build_dir = self.root / f".build-{name}-{token}"
+        build_dir = self.store.root / f".build-{name}-{token}"
         build_dir.mkdir()
         timings: dict[str, float] = {}
         step = _Stepper(timings, on_step)
@@ -207,21 +214,22 @@ class Templates:
                     disk_format=str(disk.format),
                     rootfs=base,
                     memory_allocated=(build_dir / MEMORY).stat().st_blocks * 512,
+                    memory_sha256=await asyncio.to_thread(_sha256, build_dir / MEMORY),
                     state_bytes=snapshot.meta.state_bytes,
                     timings=timings,
                 )
                 (build_dir / MANIFEST).write_text(manifest.model_dump_json(indent=1))
                 await asyncio.to_thread(_freeze, build_dir / MANIFEST, build_dir)
                 try:
-                    build_dir.rename(self.root / name)
+                    build_dir.rename(self.store.root / name)
                 except OSError as exc:  # ENOTEMPTY / EEXIST: someone published this name meanwhile
                     raise AlreadyExists(f"template {name!r} already exists; templates are immutable") from exc
-                await asyncio.to_thread(_freeze, self.root)
+                await asyncio.to_thread(_freeze, self.store.root)
         finally:
             if build_dir.exists():
                 shutil.rmtree(build_dir, ignore_errors=True)
         log.info("built template %s in %.1f s: %s", name, sum(timings.values()), timings)
-        return self.get(name)
+        return self.store.get(name)
 
     async def _boot_and_snapshot(
         self, image: Image, slot: NetworkSlot, build_dir: Path, disk: Drive
@@ -252,19 +260,14 @@ class Templates:
         """Restore ``template`` into ``placement``; returns once the agent answered and took ``/init``."""
         config = VmConfig(
             machine=template.machine(placement.disk),
-            memory=(
-                MemoryFile(template.memory, private=True)
-                if placement.memory is None
-                else MemoryFile(placement.memory)
-            ),
+            memory=MemoryFile(placement.memory),
             run_dir=placement.run_dir,
             netns=netns_path(placement.slot),
         )
         snapshot = template.snapshot()
         async with Rollback(f"start from template {template.name}") as rb:
-            if placement.memory is not None:
-                await asyncio.to_thread(copy_ram, template.memory, placement.memory)
-                rb.push(f"RAM file {placement.memory}", placement.memory.unlink, True)
+            await asyncio.to_thread(copy_ram, template.memory, placement.memory)
+            rb.push(f"RAM file {placement.memory}", placement.memory.unlink, True)
             vm = await self.driver.restore(config, snapshot)
             rb.push(f"VM {vm.pid}", vm.destroy)
             await agent_ready(vm, placement.slot, timeout=self.config.ready_timeout_s)
@@ -301,6 +304,11 @@ class _Step:
 
     def __exit__(self, *exc: object) -> None:
         self.timings[self.name] = round(time.monotonic() - self.t0, 3)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _freeze(*paths: Path) -> None:

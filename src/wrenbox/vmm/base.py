@@ -146,16 +146,15 @@ class Kernel:
 
 @dataclass(frozen=True, slots=True)
 class MemoryFile:
-    """Guest RAM mapped from a file.
+    """Guest RAM mapped shared from a file the VM owns: guest writes land in it, so after a pause the
+    file *is* the memory snapshot (and memory the guest frees becomes holes in it).
 
-    ``private=False``: the VM's own RAM; guest writes land in the file, so after a pause the file *is*
-    the memory snapshot. ``private=True``: a copy-on-write view of an immutable file (clones of a
-    template share its pages through the page cache); nothing the guest writes reaches the file, so a
-    snapshot of such a VM carries the RAM in its state file.
+    Never map a file that others use (a template's RAM): QEMU 7.2 discards freed guest memory by
+    punching holes into the backing file even for a private (``share=off``) mapping, which would change
+    the file under every other VM using it. Give each VM its own copy.
     """
 
     path: Path
-    private: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path).absolute())
@@ -182,17 +181,15 @@ class VmConfig:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotMeta:
-    """What ``snapshot.json`` records next to the state file.
-
-    ``memory`` says where guest RAM is: ``external`` (in the VM's own RAM file, which the caller keeps)
-    or ``in_state`` (inside the state file). ``argv`` is the exact command line the VMM ran, for people;
-    ``pinned`` is what a restore is checked against.
+    """What ``snapshot.json`` records next to the state file. Guest RAM is not in the snapshot
+    directory: it stays in the VM's RAM file, which the caller keeps (and passes to the restore).
+    ``argv`` is the exact command line the VMM ran, for people; ``pinned`` is what a restore is checked
+    against.
     """
 
     vmm: str
     vmm_version: str
     kind: SnapshotKind
-    memory: Literal["external", "in_state"]
     pinned: dict[str, Any]
     argv: tuple[str, ...]
     state_bytes: int

@@ -1,11 +1,10 @@
 """The QEMU driver: microVMs with ``-M microvm,acpi=on``, TCG where KVM does not work, driven over QMP.
 
-Guest RAM is always a ``memory-backend-file``. A VM with its own RAM file (``share=on``) pauses in tens of
-milliseconds: ``stop``, then the device state alone goes out through migration with ``x-ignore-shared``
-(the RAM file already holds the memory). A clone mapping a template's file privately (``share=off``)
-sends its RAM through the state file instead. Restores start QEMU with ``-incoming defer`` and load the
-state with ``migrate-incoming``; a restore needs no kernel. QEMU 7.2 has no ``file:`` migration URI, so
-state goes through ``exec:cat``.
+Guest RAM is a ``memory-backend-file`` mapped shared on a file of the VM's own, so a pause takes tens of
+milliseconds: ``stop``, then only the device state goes out through migration with ``x-ignore-shared``
+(the RAM file already holds the memory). Restores start QEMU with ``-incoming defer`` and load the state
+with ``migrate-incoming``; a restore needs no kernel. QEMU 7.2 has no ``file:`` migration URI, so state
+goes through ``exec:cat``.
 
 Facts this relies on (``research/lab-qemu.md``): microvm finds its virtio-mmio devices through ACPI only;
 under TCG the guest kernel needs ``tsc_early_khz=<host TSC kHz>`` (it hangs calibrating otherwise) and
@@ -58,6 +57,8 @@ CONSOLE_LOG = "console.log"
 QEMU_LOG = "qemu.log"
 _SUN_PATH_MAX = 107
 _VERSION = re.compile(rb"QEMU emulator version (\S+)")
+# RAM in shared file-backed memory stays out of the state file: the RAM file is the memory snapshot.
+IGNORE_SHARED = {"capability": "x-ignore-shared", "state": True}
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +73,9 @@ class QemuConfig:
     command_timeout_s: float = 10.0
     quit_timeout_s: float = 3.0
     kill_grace_s: float = 3.0
-    # State files are written at this rate limit (QEMU's default of 32 MiB/s made a 100 MiB save take
-    # 0.7 s instead of 0.17 s); timeouts assume at least the slower rate below.
+    # QEMU's default migration rate limit (32 MiB/s) would throttle the state file (and any RAM that
+    # is not in the shared file, e.g. firmware blocks) for no reason: the VM is stopped anyway.
     migrate_max_bandwidth: int = 32 << 30
-    migrate_min_rate: int = 50 << 20
 
     def __post_init__(self) -> None:
         if self.accel not in ("tcg", "kvm"):
@@ -89,9 +89,6 @@ class QemuConfig:
         if caps.qemu is None:
             raise MissingTool("qemu-system-x86_64", "qemu-system-x86")
         return cls(**{"accel": caps.accel, "tsc_khz": caps.tsc_khz, "binary": caps.qemu.path, **overrides})
-
-    def transfer_timeout(self, nbytes: int) -> float:
-        return self.command_timeout_s + nbytes / self.migrate_min_rate
 
 
 def _esc(value: object) -> str:
@@ -111,8 +108,7 @@ def qemu_argv(config: VmConfig, qemu: QemuConfig, *, incoming: bool) -> list[str
         "-m", f"{m.memory_mib}M",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-object",
-        f"memory-backend-file,id=ram0,size={m.memory_mib}M,mem-path={_esc(memory.path)},"
-        f"share={'off' if memory.private else 'on'}",
+        f"memory-backend-file,id=ram0,size={m.memory_mib}M,mem-path={_esc(memory.path)},share=on",
         "-chardev", f"file,id=console,path={_esc(run / CONSOLE_LOG)},append=on",
         "-serial", "chardev:console",
         "-qmp", f"unix:{_esc(run / QMP_SOCKET)},server=on,wait=off",
@@ -220,17 +216,15 @@ class QemuVm(Vm):
             raise Unsupported(f"QEMU snapshots are full snapshots; {kind!r} is not supported")
         dest = _existing_dir(dest)
         state = dest / SNAPSHOT_STATE
-        external = not self.config.memory.private
-        ram_bytes = 0 if external else self.config.machine.memory_mib << 20
         q_cfg = self.driver.config
         t0 = time.monotonic()
         async with self._session() as q:
             await q.run("stop")
             t_stop = time.monotonic()
-            await q.run("migrate-set-capabilities", capabilities=[_ignore_shared(external)])
+            await q.run("migrate-set-capabilities", capabilities=[IGNORE_SHARED])
             await q.run("migrate-set-parameters", **{"max-bandwidth": q_cfg.migrate_max_bandwidth})
             await q.run("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
-            await q.wait_migration(q_cfg.transfer_timeout(ram_bytes))
+            await q.wait_migration(q_cfg.command_timeout_s)
         t_saved = time.monotonic()
         fd = os.open(state, os.O_RDONLY)
         try:
@@ -242,7 +236,6 @@ class QemuVm(Vm):
             vmm=self.driver.name,
             vmm_version=await self.driver.version(),
             kind=kind,
-            memory="external" if external else "in_state",
             pinned=self.driver.pinned(self.config.machine),
             argv=tuple(self.argv),
             state_bytes=size,
@@ -271,17 +264,15 @@ class QemuVm(Vm):
 
     async def _load(self, snapshot: Snapshot) -> None:
         """Feed a restoring QEMU (``-incoming defer``) its state and start the vCPUs."""
-        external = snapshot.meta.memory == "external"
-        ram_bytes = 0 if external else self.config.machine.memory_mib << 20
         t0 = time.monotonic()
         async with self._session(self.driver.config.start_timeout_s) as q:
             t_qmp = time.monotonic()
-            await q.run("migrate-set-capabilities", capabilities=[_ignore_shared(external)])
+            await q.run("migrate-set-capabilities", capabilities=[IGNORE_SHARED])
             await q.run("migrate-incoming", uri=f"exec:cat {shlex.quote(str(snapshot.state_path))}")
             status = await q.wait_status(
                 {"paused", "running"},
                 passing={"inmigrate", "prelaunch"},
-                timeout=self.driver.config.transfer_timeout(ram_bytes),
+                timeout=self.driver.config.command_timeout_s,
             )
             t_load = time.monotonic()
             if status == "paused":
@@ -295,10 +286,6 @@ def _existing_dir(path: Path) -> Path:
     if not path.is_dir():
         raise NotFound(f"snapshot directory {path} does not exist")
     return path
-
-
-def _ignore_shared(state: bool) -> dict[str, object]:
-    return {"capability": "x-ignore-shared", "state": state}
 
 
 class QemuDriver(Driver):
@@ -332,7 +319,7 @@ class QemuDriver(Driver):
 
     async def restore(self, config: VmConfig, snapshot: Snapshot) -> QemuVm:
         snapshot.check_restorable(self.name, await self.version(), self.pinned(config.machine))
-        if snapshot.meta.memory == "external" and not config.memory.path.is_file():
+        if not config.memory.path.is_file():
             raise NotFound(f"guest RAM file {config.memory.path} of snapshot {snapshot.dir} does not exist")
         vm = await self._start(config, qemu_argv(config, self.config, incoming=True), wait=False)
         try:
