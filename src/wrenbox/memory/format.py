@@ -144,18 +144,22 @@ class Header:
     block_size: int = BLOCK_SIZE
     version: int = 2
     _starts: list[int] = field(init=False, repr=False, compare=False)
+    _builds: tuple[UUID, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.version not in (1, 2):
             raise InvalidArgument(f"unsupported header version {self.version}")
         validate(self.mappings, self.size, self.block_size)
-        _validate_files(self)
+        used = dict.fromkeys(m.build_id for m in self.mappings)
+        used.pop(ZERO_BUILD, None)
+        object.__setattr__(self, "_builds", tuple(used))
         object.__setattr__(self, "_starts", [m.offset for m in self.mappings])
+        _validate_files(self)
 
     @property
     def builds(self) -> list[UUID]:
         """Every build whose diff file this header references, in order of first use."""
-        return list(dict.fromkeys(m.build_id for m in self.mappings if not m.is_zero))
+        return list(self._builds)
 
     def file(self, build_id: UUID) -> DiffFile | None:
         """The recorded length and checksum of a build's diff (None for version 1 headers)."""
@@ -221,10 +225,10 @@ def _decode_v1(data: bytes, source: str) -> Header:
     body = len(data) - _METADATA.size
     if body % _ENTRY.size:
         raise CorruptData(f"{source}: truncated mapping entry ({body % _ENTRY.size} trailing bytes)")
-    mappings = [_entry(data, _METADATA.size + i * _ENTRY.size) for i in range(body // _ENTRY.size)]
+    mappings = _entries(data, _METADATA.size, body // _ENTRY.size)
     if not mappings:
-        mappings = [Mapping(0, size, UUID(bytes=build), 0)]
-    return Header(size, generation, UUID(bytes=build), UUID(bytes=base), tuple(mappings), (), block_size, 1)
+        mappings = (Mapping(0, size, UUID(bytes=build), 0),)
+    return Header(size, generation, UUID(bytes=build), UUID(bytes=base), mappings, (), block_size, 1)
 
 
 def _decode_v2(data: bytes, source: str) -> Header:
@@ -239,7 +243,7 @@ def _decode_v2(data: bytes, source: str) -> Header:
     n_maps, n_files = _COUNTS.unpack_from(data, len(MAGIC) + _METADATA.size)
     if len(body) != _V2_FIXED + _ENTRY.size * (n_maps + n_files):
         raise CorruptData(f"{source}: header length does not match its {n_maps} mappings and {n_files} files")
-    mappings = tuple(_entry(data, _V2_FIXED + i * _ENTRY.size) for i in range(n_maps))
+    mappings = _entries(data, _V2_FIXED, n_maps)
     first_file = _V2_FIXED + n_maps * _ENTRY.size
     files = []
     for i in range(n_files):
@@ -250,9 +254,12 @@ def _decode_v2(data: bytes, source: str) -> Header:
     )
 
 
-def _entry(data: bytes, at: int) -> Mapping:
-    offset, length, raw_id, storage = _ENTRY.unpack_from(data, at)
-    return Mapping(offset, length, UUID(bytes=raw_id), storage)
+def _entries(data: bytes, at: int, count: int) -> tuple[Mapping, ...]:
+    ids: dict[bytes, UUID] = {}  # a header names few builds many times; build each UUID once
+    return tuple(
+        Mapping(offset, length, ids.get(raw_id) or ids.setdefault(raw_id, UUID(bytes=raw_id)), storage)
+        for offset, length, raw_id, storage in _ENTRY.iter_unpack(data[at : at + count * _ENTRY.size])
+    )
 
 
 def _validate_files(header: Header) -> None:
@@ -266,9 +273,10 @@ def _validate_files(header: Header) -> None:
     referenced = set(header.builds)
     if set(by_id) != referenced:
         raise InvalidArgument("the diff file table does not list exactly the builds the mappings use")
-    for m in header.mappings:
-        if not m.is_zero and m.storage_offset + m.length > by_id[m.build_id].length:
-            raise InvalidArgument(f"mapping at {m.offset} reads past the end of the diff of {m.build_id}")
+    lengths = {f.build_id: f.length for f in header.files}
+    for offset, length, build, storage in header.mappings:
+        if storage + length > lengths.get(build, storage + length):  # zero mappings have no file
+            raise InvalidArgument(f"mapping at {offset} reads past the end of the diff of {build}")
     for f in header.files:
         if len(f.checksum) != _DIGEST_SIZE:
             raise InvalidArgument(f"checksum of {f.build_id} is not {_DIGEST_SIZE} bytes")
@@ -282,15 +290,15 @@ def validate(mappings: Sequence[Mapping], size: int, block_size: int = BLOCK_SIZ
         raise InvalidArgument(f"memory size {size} is not a positive multiple of the block size {block_size}")
     if not mappings:
         raise InvalidArgument("no mappings")
-    position = 0
-    for m in mappings:
-        if m.offset != position:
-            raise InvalidArgument(f"mappings are not contiguous at {position} (next starts at {m.offset})")
-        if m.length <= 0 or m.length % block_size or m.offset % block_size:
-            raise InvalidArgument(f"mapping at {m.offset} (length {m.length}) is not block-aligned")
-        if not m.is_zero and (m.storage_offset < 0 or m.storage_offset % block_size):
-            raise InvalidArgument(f"mapping at {m.offset} has unaligned storage offset {m.storage_offset}")
-        position = m.end
+    position, mask = 0, block_size - 1
+    for offset, length, build, storage in mappings:
+        if offset != position:
+            raise InvalidArgument(f"mappings are not contiguous at {position} (next starts at {offset})")
+        if length <= 0 or (offset | length) & mask:
+            raise InvalidArgument(f"mapping at {offset} (length {length}) is not block-aligned")
+        if (storage < 0 or storage & mask) and build != ZERO_BUILD:
+            raise InvalidArgument(f"mapping at {offset} has unaligned storage offset {storage}")
+        position = offset + length
     if position != size:
         raise InvalidArgument(f"mappings cover [0, {position}), not [0, {size})")
 
