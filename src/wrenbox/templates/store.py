@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -190,10 +191,9 @@ class Templates:
             with step("disk"):
                 disk = await self.rootfs.create(image.rootfs, f"template-build-{token}")
             try:
-                with step("boot"):
-                    snapshot = await self._boot_and_snapshot(
-                        image, slot, build_dir, Drive(disk.path, disk.format)
-                    )
+                snapshot = await self._boot_and_snapshot(
+                    image, slot, build_dir, Drive(disk.path, disk.format), step
+                )
                 with step("flatten"):
                     base = await self.rootfs.flatten(disk, build_dir / ROOTFS)
             finally:
@@ -232,7 +232,7 @@ class Templates:
         return self.store.get(name)
 
     async def _boot_and_snapshot(
-        self, image: Image, slot: NetworkSlot, build_dir: Path, disk: Drive
+        self, image: Image, slot: NetworkSlot, build_dir: Path, disk: Drive, step: _Stepper
     ) -> Snapshot:
         args = guest_kernel_args(
             image.manifest.kernel_args, ip=f"{GUEST_IP}/{GUEST_NETWORK.prefixlen}", gateway=str(GATEWAY_IP)
@@ -246,12 +246,16 @@ class Templates:
             kernel=Kernel(image.kernel, image.initramfs, " ".join(args)),
             netns=netns_path(slot),
         )
-        vm = await self.driver.boot(config)
+        with step("boot"):  # to the agent's first answer
+            vm = await self.driver.boot(config)
         try:
-            await agent_ready(vm, slot, timeout=self.config.boot_timeout_s, init=False)
-            await self._warm_up(slot)
-            (build_dir / SNAPSHOT_DIR).mkdir()
-            return await vm.snapshot(build_dir / SNAPSHOT_DIR)
+            with step("boot"):
+                await agent_ready(vm, slot, timeout=self.config.boot_timeout_s, init=False)
+            with step("warm_up"):
+                await self._warm_up(slot)
+            with step("snapshot"):
+                (build_dir / SNAPSHOT_DIR).mkdir()
+                return await vm.snapshot(build_dir / SNAPSHOT_DIR)
         finally:
             await vm.destroy()
             shutil.rmtree(config.run_dir, ignore_errors=True)
@@ -283,27 +287,22 @@ class Templates:
 
 
 class _Stepper:
-    """Times named build steps into ``timings`` and reports each start to ``on_step``."""
+    """Times named build steps into ``timings`` (a step may be entered more than once) and reports
+    each start to ``on_step``."""
 
     def __init__(self, timings: dict[str, float], on_step: Callable[[str], None] | None) -> None:
         self.timings = timings
         self.on_step = on_step
 
-    def __call__(self, name: str) -> _Step:
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
         if self.on_step is not None:
             self.on_step(name)
-        return _Step(self.timings, name)
-
-
-class _Step:
-    def __init__(self, timings: dict[str, float], name: str) -> None:
-        self.timings, self.name = timings, name
-
-    def __enter__(self) -> None:
-        self.t0 = time.monotonic()
-
-    def __exit__(self, *exc: object) -> None:
-        self.timings[self.name] = round(time.monotonic() - self.t0, 3)
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.monotonic() - t0, 3)
 
 
 def _sha256(path: Path) -> str:

@@ -53,7 +53,7 @@ async def agent_ready(
 
 def copy_ram(src: Path, dst: Path) -> None:
     """``dst`` becomes an independent copy of ``src``: a reflink where the filesystem can, else a copy of
-    its data extents in the kernel (``copy_file_range``), holes kept."""
+    its data extents (in the kernel where it can: ``copy_file_range``), holes kept."""
     try:
         clone_file(src, dst)
         return
@@ -74,12 +74,26 @@ def copy_ram(src: Path, dst: Path) -> None:
                         break
                     raise
                 offset = os.lseek(sfd, start, os.SEEK_HOLE)
-                while start < offset:
-                    copied = os.copy_file_range(sfd, dfd, offset - start, start, start)
-                    if copied == 0:
-                        raise CorruptData(f"{src} shrank while being copied")
-                    start += copied
+                _copy_extent(sfd, dfd, start, offset)
         finally:
             os.close(dfd)
     finally:
         os.close(sfd)
+
+
+_CHUNK = 4 << 20
+_NO_COPY_RANGE = (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def _copy_extent(sfd: int, dfd: int, start: int, end: int) -> None:
+    while start < end:
+        try:
+            copied = os.copy_file_range(sfd, dfd, end - start, start, start)
+        except OSError as exc:
+            if exc.errno not in _NO_COPY_RANGE:  # e.g. across filesystems (disk to tmpfs)
+                raise
+            data = os.pread(sfd, min(_CHUNK, end - start), start)
+            copied = os.pwrite(dfd, data, start) if data else 0
+        if copied == 0:
+            raise CorruptData("the RAM file shrank while being copied")
+        start += copied
