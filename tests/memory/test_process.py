@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from wrenbox.errors import InvalidArgument, NotFound
 from wrenbox.memory.chain import Chain
-from wrenbox.memory.format import HEADER_NAME, ZERO_BUILD, Mapping, diff_name
+from wrenbox.memory.format import HEADER_NAME, ZERO_BUILD, Header, Mapping, checksum, diff_name
 from wrenbox.memory.process import MemoryConfig, RawKind, collapse, process_diff, process_full
 
 K = 4096
@@ -340,3 +341,28 @@ def test_long_zero_and_data_runs_at_every_alignment(tmp_path: Path) -> None:
         assert (dest / diff_name(header.build_id)).read_bytes() == image(*(t for t in layout if t))
         with Chain.open(dest) as chain:
             assert chain.read(0, len(memory)) == memory
+
+
+def test_diff_on_top_of_a_seed_snapshot(tmp_path: Path) -> None:
+    # A seed directory: v1 header (no checksums) and the generation-0 diff under the legacy name.
+    b = UUID("6f1c2a4e-8d3b-4c5a-9e7f-0a1b2c3d4e5f")
+    seed = new_dir(tmp_path, "seed")
+    v1 = Header(
+        4 * K,
+        3,
+        b,
+        b,
+        (Mapping(0, K, b, 0), Mapping(K, K, ZERO_BUILD, 0), Mapping(2 * K, 2 * K, b, K)),
+        version=1,
+    )
+    (seed / HEADER_NAME).write_bytes(v1.encode())
+    (seed / "memfile").write_bytes(image(1, 2, 3))
+    (tmp_path / "raw").write_bytes(image(1, 5, 2, 0))
+    dest = new_dir(tmp_path, "next")
+    with Chain.open(seed) as parent:
+        header = process_diff(tmp_path / "raw", parent, dest)
+    assert (header.version, header.generation, header.base_build_id) == (2, 4, b)
+    assert files_in(dest) == {HEADER_NAME, diff_name(b), diff_name(header.build_id)}
+    assert header.file(b).checksum == checksum(image(1, 2, 3))  # computed, the seed had none
+    with Chain.open(dest) as chain:
+        assert chain.read(0, 4 * K) == image(1, 5, 2, 0)
