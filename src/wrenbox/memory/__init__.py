@@ -25,6 +25,9 @@ Read-only compatibility with the seed's directories: version 1 headers, and the 
 for a generation-0 diff. wrenbox never writes ``memfile`` or ``memfile.raw`` (the raw input lives
 wherever the VMM put it; the caller deletes it after a successful commit).
 
+Everything here is blocking file I/O and CPU work (hundreds of MB/s to GB/s): from async code, run it
+in a worker thread (``anyio.to_thread.run_sync``).
+
 Lifecycle, as the sandbox manager drives it::
 
     # first pause: complete memory
