@@ -279,9 +279,10 @@ class Templates:
         return vm
 
     async def _warm_up(self, slot: NetworkSlot) -> None:
-        """Run a few commands before the snapshot, so that what every sandbox's first command needs (the
-        agent's lazy imports, the guest's page cache) is already in the template's memory."""
+        """Do once before the snapshot what every sandbox does first (``/init``, a few commands), so the
+        agent's lazily imported modules and the guest's page cache are already in the template's memory."""
         async with agent_client(slot) as client:
+            await client.init()
             for argv in WARM_UP:
                 await client.processes.exec(argv, timeout=self.config.boot_timeout_s)
 
