@@ -3,7 +3,8 @@
 Three operations, each writing ``memfile.<build>`` (when there is anything to store) and
 ``memfile.header`` (version 2) into an existing directory ``dest`` — normally the temporary directory
 of a :class:`~wrenbox.memory.writer.SnapshotWriter`, whose ``commit()`` makes them durable and visible
-at once. The input files and the parent snapshot are only read.
+at once. The input files and the parent snapshot are only read; a call that fails removes what it
+created (bad input is refused before anything is created).
 
 ``process_full(raw, dest)``
     Generation 0. All-zero blocks are dropped (holes of a sparse raw file are not even read), the other
@@ -27,9 +28,8 @@ at once. The input files and the parent snapshot are only read.
     The same collapse for any open chain (e.g. to flatten a template).
 
 How: :mod:`wrenbox.memory.scan` classifies blocks on a read-only mapping of the raw file (holes are never
-read), :mod:`wrenbox.memory.pack` appends the data to the new diff on a worker thread while the scan goes
-on (blocks are shared with FICLONERANGE on XFS/btrfs, written otherwise) and checksums it on the way.
-No numpy.
+read); :mod:`wrenbox.memory.pack` appends the data to the new diff as each stretch is scanned (blocks
+shared with FICLONERANGE on XFS/btrfs, written otherwise) and checksums it on the way. No numpy.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
@@ -120,13 +120,7 @@ def process_diff(
     collapsing = generation >= config.max_generations
     with Rollback(f"memory snapshot into {dest}") as undo:
         with RawFile(raw) as source, DiffWriter(dest, build) as writer:
-            if source.size != parent.size:
-                raise InvalidArgument(f"{raw} holds {source.size} bytes, the parent snapshot {parent.size}")
-            if kind is RawKind.SPARSE_DIFF:
-                source.require_block_granular_holes()
-                changes = dirty_runs(source)
-            else:
-                changes = changed_runs(source, parent)
+            changes = _changes(source, parent, kind)
             undo.push(str(writer.path), _remove, writer.path)
             if collapsing:  # one new generation 0 holding everything still live, in address order
                 top = [_as_mapping(run, _RAW, run[0]) for runs in changes for run in runs]
@@ -138,11 +132,8 @@ def process_diff(
         if collapsing:
             header = _write_header(dest, parent.size, 0, build, build, mappings, [info] if info else [])
         else:
-            files = []
-            for b in dict.fromkeys(m.build_id for m in mappings if not m.is_zero):
-                if b == build and info is not None:
-                    files.append(info)
-                    continue
+            files = [info] if info else []
+            for b in dict.fromkeys(m.build_id for m in mappings if not m.is_zero and m.build_id != build):
                 _link_or_copy(parent.path(b), dest / diff_name(b))
                 undo.push(diff_name(b), _remove, dest / diff_name(b))
                 files.append(parent.file_info(b))
@@ -163,6 +154,15 @@ def collapse(chain: Chain, dest: Path) -> Header:
         header = _write_header(dest, chain.size, 0, build, build, mappings, [info] if info else [])
         undo.commit()
     return header
+
+
+def _changes(source: RawFile, parent: Chain, kind: RawKind) -> Iterator[Runs]:
+    if source.size != parent.size:
+        raise InvalidArgument(f"{source.path} holds {source.size} bytes, the parent snapshot {parent.size}")
+    if kind is RawKind.SPARSE_DIFF:
+        source.require_block_granular_holes()
+        return dirty_runs(source)
+    return changed_runs(source, parent)
 
 
 def _remove(path: Path) -> None:
