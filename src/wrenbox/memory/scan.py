@@ -8,8 +8,8 @@ window (~4 GB/s on random data). Zero detection first samples a few bytes of eve
 slices, so blocks of data are never compared at all.
 
 Every scan yields its results in batches (lists of ``[start, end, kind]`` runs, in address order, one
-batch per slice of at most :data:`SLICE` bytes), so a consumer can write out the data of one batch while
-the next one is being scanned.
+batch per slice of at most :data:`SLICE` bytes), so a consumer writes out a batch's data right after it
+was scanned, while it is still cached, and the run lists stay small.
 """
 
 from __future__ import annotations
