@@ -12,6 +12,7 @@ from wrenbox.errors import AlreadyExists, CorruptData, InvalidArgument, NotFound
 from wrenbox.memory.chain import Chain
 from wrenbox.memory.format import HEADER_NAME, ZERO_BUILD, Header, Mapping, checksum, diff_name
 from wrenbox.memory.process import process_full
+from wrenbox.memory.writer import reclaim
 
 K = 4096
 B = UUID("6f1c2a4e-8d3b-4c5a-9e7f-0a1b2c3d4e5f")
@@ -167,3 +168,34 @@ def test_materialize_is_exact_sparse_and_refuses_to_overwrite(tmp_path: Path) ->
     assert ram.read_bytes() == raw.read_bytes()
     assert ram.stat().st_blocks * 512 <= 1024 * 1024  # 24 KiB of data: the rest stayed holes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ram", "raw", "snap"]  # no temp file left
+
+
+def test_crash_while_materializing_leaves_only_a_reclaimable_temporary(
+    snapshot: tuple[Path, bytes], tmp_path: Path
+) -> None:
+    directory, memory = snapshot
+    ram = tmp_path / "ram"
+    pid = os.fork()
+    if pid == 0:  # the child dies right after its first write into the RAM file
+        try:
+            real = os.pwrite
+
+            def write_then_die(*args: object) -> int:
+                real(*args)
+                os._exit(7)
+
+            os.pwrite = write_then_die
+            with Chain.open(directory) as chain:
+                chain.materialize(ram)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 7
+    assert not ram.exists()
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".ram.tmp-")]
+    assert len(leftovers) == 1
+    assert reclaim(ram) == leftovers
+    assert not leftovers[0].exists()
+    with Chain.open(directory) as chain:
+        chain.materialize(ram)
+    assert ram.read_bytes() == memory

@@ -275,6 +275,8 @@ def test_reclaim_removes_only_leftovers_of_its_own_name(tmp_path: Path) -> None:
     for name in (".snap.tmp-1a2b", ".snap.tmp-ffff", ".snapshot.tmp-1", "snap", ".other.tmp-1"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "f").write_bytes(b"x")
+    (tmp_path / ".snap.tmp-0f0f").write_bytes(b"half a RAM file")
     removed = reclaim(tmp_path / "snap")
-    assert sorted(p.name for p in removed) == [".snap.tmp-1a2b", ".snap.tmp-ffff"]
+    assert sorted(p.name for p in removed) == [".snap.tmp-0f0f", ".snap.tmp-1a2b", ".snap.tmp-ffff"]
     assert files_in(tmp_path) == {".snapshot.tmp-1", "snap", ".other.tmp-1"}
+    assert files_in(tmp_path / "snap") == {"f"}

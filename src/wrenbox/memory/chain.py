@@ -25,14 +25,13 @@ import contextlib
 import logging
 import mmap
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from uuid import UUID
 
 from wrenbox.errors import AlreadyExists, CorruptData, InvalidArgument
-from wrenbox.memory.fileio import clone_range, write_at
+from wrenbox.memory.fileio import clone_range, temp_sibling, write_at
 from wrenbox.memory.format import HEADER_NAME, DiffFile, Header, Location, Mapping, checksum, diff_name
 
 __all__ = ["LEGACY_DIFF_NAME", "Chain"]
@@ -170,10 +169,11 @@ class Chain:
         """Write guest memory as one sparse raw file at ``dest`` (which must not exist).
 
         Data runs are reflinked where the filesystem can, else written; zero runs stay holes.
-        The file appears complete or not at all; it is not fsync'd (it can always be rebuilt).
+        The file appears complete or not at all (a crash leaves a temporary that
+        :func:`wrenbox.memory.writer.reclaim` removes); it is not fsync'd (it can always be rebuilt).
         """
         dest = Path(dest)
-        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
+        tmp = temp_sibling(dest)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             try:

@@ -5,15 +5,35 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import secrets
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["clone_range", "copy_range", "data_extents", "fsync_path", "write_at", "write_new"]
+__all__ = [
+    "clone_range",
+    "copy_range",
+    "data_extents",
+    "fsync_path",
+    "temp_prefix",
+    "temp_sibling",
+    "write_at",
+    "write_new",
+]
 
 _MAX_COPY = 1 << 30  # copy_file_range moves at most ~2 GiB per call anyway
 # copy_file_range cannot serve these pairs (another filesystem type, tmpfs on old kernels, ...): use sendfile.
 _NO_COPY_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+
+
+def temp_prefix(dest: Path) -> str:
+    """Names of the temporaries made for ``dest`` start with this (``reclaim`` looks for it)."""
+    return f".{dest.name}.tmp-"
+
+
+def temp_sibling(dest: Path) -> Path:
+    """A fresh temporary name next to ``dest``, to build it under before it appears."""
+    return dest.parent / f"{temp_prefix(dest)}{secrets.token_hex(6)}"
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:

@@ -25,13 +25,12 @@ import ctypes.util
 import errno
 import logging
 import os
-import secrets
 import shutil
 from pathlib import Path
 from types import TracebackType
 
 from wrenbox.errors import AlreadyExists, Conflict, NotFound, Unsupported
-from wrenbox.memory.fileio import fsync_path
+from wrenbox.memory.fileio import fsync_path, temp_prefix, temp_sibling
 
 __all__ = ["SnapshotWriter", "reclaim"]
 
@@ -50,17 +49,13 @@ def _renameat2(src: Path, dst: Path, flags: int) -> None:
         raise OSError(code, os.strerror(code), str(src), None, str(dst))
 
 
-def _temp_prefix(dest: Path) -> str:
-    return f".{dest.name}.tmp-"
-
-
 class SnapshotWriter:
     """Builds ``dest`` in a temporary sibling directory (:attr:`path`) and publishes it atomically."""
 
     def __init__(self, dest: Path, *, replace: bool = False) -> None:
         self.dest = Path(dest)
         self.replace = replace
-        self.path = self.dest.parent / f"{_temp_prefix(self.dest)}{secrets.token_hex(6)}"
+        self.path = temp_sibling(self.dest)
         self._committed = False
 
     def __enter__(self) -> SnapshotWriter:
@@ -110,16 +105,21 @@ def _fsync_tree(root: Path) -> None:
 
 
 def reclaim(dest: Path) -> list[Path]:
-    """Remove the temporary directories a crash left next to ``dest``; return what was removed.
+    """Remove the temporaries a crash left next to ``dest``; return what was removed.
 
-    Only call it when no writer for ``dest`` is running (at startup, or under the owner's lock).
+    That covers a :class:`SnapshotWriter`'s directory for ``dest`` and a half-built RAM file of
+    :meth:`~wrenbox.memory.chain.Chain.materialize` to ``dest``. Only call it when nothing is building
+    ``dest`` (at startup, or under the owner's lock).
     """
     dest = Path(dest)
-    prefix = _temp_prefix(dest)
+    prefix = temp_prefix(dest)
     removed = []
     if dest.parent.is_dir():
         for entry in dest.parent.iterdir():
             if entry.name.startswith(prefix):
-                shutil.rmtree(entry, ignore_errors=True)
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
                 removed.append(entry)
     return removed
