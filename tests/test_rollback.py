@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from wrenbox.rollback import Rollback
@@ -62,3 +63,19 @@ def test_async_undo_in_sync_rollback_is_a_leftover() -> None:
     rb = Rollback()
     rb.push("async thing", release)
     assert rb.unwind() == ["async thing"]
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_operation_still_unwinds_completely() -> None:
+    released: list[str] = []
+
+    async def release(x: str) -> None:
+        await anyio.sleep(0.01)  # would raise at once in the cancelled scope without the shield
+        released.append(x)
+
+    with anyio.move_on_after(0.05):
+        async with Rollback() as rb:
+            rb.push("a", release, "a")
+            rb.push("b", release, "b")
+            await anyio.sleep(10)
+    assert released == ["b", "a"]

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import anyio
+
 __all__ = ["Rollback", "Undo"]
 
 log = logging.getLogger(__name__)
@@ -110,4 +112,6 @@ class Rollback:
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if exc is not None:
-            exc.leftovers = await self.aunwind()  # type: ignore[attr-defined]
+            # A cancelled operation must still give everything back: the unwind is shielded.
+            with anyio.CancelScope(shield=True):
+                exc.leftovers = await self.aunwind()  # type: ignore[attr-defined]
