@@ -104,7 +104,7 @@ async def test_two_clones_at_once_are_independent_and_differ_in_random_state(
     assert {p: sha256(p) for p in before} == before, "a clone wrote into the template"
 
 
-async def test_snapshot_then_resume_keeps_the_vm_running(sandboxes: Sandboxes) -> None:
+async def test_snapshot_then_resume_keeps_the_vm_running(sandboxes: Sandboxes, templates: Templates) -> None:
     e = await sandboxes.start(7)
     await e.sh("echo before > $HOME/f && sync")
     dest = e.dir / "snap"
@@ -121,6 +121,12 @@ async def test_snapshot_then_resume_keeps_the_vm_running(sandboxes: Sandboxes) -
     assert await e.vm.status() == "paused"
     await e.vm.resume()
     assert (await e.sh("echo ok")).strip() == "ok"
+
+    # A wrenbox that restarted finds the VM by its process reference and can still drive it.
+    adopted = templates.driver.adopt(e.vm.config, e.vm.process)
+    assert await adopted.status() == "running"
+    await adopted.destroy()
+    assert not e.vm.alive()
 
 
 async def test_destroy_kills_a_vmm_that_does_not_answer(
@@ -144,3 +150,27 @@ async def test_destroy_kills_a_vmm_that_does_not_answer(
         assert processes_using(directory) == []
     finally:
         await rootfs.remove(disk)
+
+
+async def test_a_cancelled_start_leaves_nothing(
+    sandboxes: Sandboxes, templates: Templates, template: Template, rootfs: RootfsBackend, data_dir: Path
+) -> None:
+    slot = await sandboxes.slot(11)
+    cancelled = 0
+    for i, delay in enumerate((0.0, 0.02, 0.06, 0.12, 0.2, 0.3)):
+        directory = data_dir / "sandboxes" / f"cancelled-{i}"
+        directory.mkdir()
+        disk = await rootfs.create(template.rootfs_image(), f"cancelled-{i}")
+        placement = Placement(directory / "run", Drive(disk.path, disk.format), slot, directory / "memory")
+        try:
+            with anyio.move_on_after(delay) as scope:
+                vm = await templates.start(template, placement)
+            if scope.cancelled_caught:
+                cancelled += 1
+                assert not (directory / "memory").exists(), f"RAM file left after a cancel at {delay} s"
+            else:
+                await vm.destroy()
+            assert processes_using(directory) == [], f"QEMU left after a cancel at {delay} s"
+        finally:
+            await rootfs.remove(disk)
+    assert cancelled >= 3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
@@ -16,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from wrenbox.errors import AlreadyExists, CorruptData, NotFound
@@ -197,10 +197,11 @@ class Templates:
                 with step("flatten"):
                     base = await self.rootfs.flatten(disk, build_dir / ROOTFS)
             finally:
-                await self.rootfs.remove(disk)
+                with anyio.CancelScope(shield=True):
+                    await self.rootfs.remove(disk)
             with step("publish"):
                 # Durable first: ext4 allocates delayed writes only now, and the manifest records the size.
-                await asyncio.to_thread(
+                await anyio.to_thread.run_sync(
                     _freeze, build_dir / MEMORY, build_dir / ROOTFS, build_dir / SNAPSHOT_DIR
                 )
                 manifest = TemplateManifest(
@@ -214,17 +215,17 @@ class Templates:
                     disk_format=str(disk.format),
                     rootfs=base,
                     memory_allocated=(build_dir / MEMORY).stat().st_blocks * 512,
-                    memory_sha256=await asyncio.to_thread(_sha256, build_dir / MEMORY),
+                    memory_sha256=await anyio.to_thread.run_sync(_sha256, build_dir / MEMORY),
                     state_bytes=snapshot.meta.state_bytes,
                     timings=timings,
                 )
                 (build_dir / MANIFEST).write_text(manifest.model_dump_json(indent=1))
-                await asyncio.to_thread(_freeze, build_dir / MANIFEST, build_dir)
+                await anyio.to_thread.run_sync(_freeze, build_dir / MANIFEST, build_dir)
                 try:
                     build_dir.rename(self.store.root / name)
                 except OSError as exc:  # ENOTEMPTY / EEXIST: someone published this name meanwhile
                     raise AlreadyExists(f"template {name!r} already exists; templates are immutable") from exc
-                await asyncio.to_thread(_freeze, self.store.root)
+                await anyio.to_thread.run_sync(_freeze, self.store.root)
         finally:
             if build_dir.exists():
                 shutil.rmtree(build_dir, ignore_errors=True)
@@ -257,7 +258,8 @@ class Templates:
                 (build_dir / SNAPSHOT_DIR).mkdir()
                 return await vm.snapshot(build_dir / SNAPSHOT_DIR)
         finally:
-            await vm.destroy()
+            with anyio.CancelScope(shield=True):
+                await vm.destroy()
             shutil.rmtree(config.run_dir, ignore_errors=True)
 
     async def start(self, template: Template, placement: Placement) -> Vm:
@@ -270,8 +272,8 @@ class Templates:
         )
         snapshot = template.snapshot()
         async with Rollback(f"start from template {template.name}") as rb:
-            await asyncio.to_thread(copy_ram, template.memory, placement.memory)
             rb.push(f"RAM file {placement.memory}", placement.memory.unlink, True)
+            await anyio.to_thread.run_sync(copy_ram, template.memory, placement.memory)
             vm = await self.driver.restore(config, snapshot)
             rb.push(f"VM {vm.pid}", vm.destroy)
             await agent_ready(vm, placement.slot, timeout=self.config.ready_timeout_s)

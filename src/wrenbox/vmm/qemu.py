@@ -16,7 +16,6 @@ serial console, appended across restores), ``qemu.log`` (QEMU's own stdout/stder
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -26,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
 
 from wrenbox.command import arun, require_tool, spawn
 from wrenbox.errors import InvalidArgument, MissingTool, NotFound, Unsupported, WrenboxError
@@ -255,9 +256,9 @@ class QemuVm(Vm):
             with contextlib.suppress(WrenboxError):
                 async with self._session(connect_timeout=1.0) as q:
                     await q.run("quit", timeout=q_cfg.quit_timeout_s)
-            if not await asyncio.to_thread(self.process.wait_gone, q_cfg.quit_timeout_s):
+            if not await anyio.to_thread.run_sync(self.process.wait_gone, q_cfg.quit_timeout_s):
                 log.warning("%r ignored quit; terminating it", self)
-                await asyncio.to_thread(self.process.terminate, q_cfg.kill_grace_s)
+                await anyio.to_thread.run_sync(self.process.terminate, q_cfg.kill_grace_s)
         self.process.wait_gone(0)  # reap it if it is our child
         self.qmp_socket.unlink(missing_ok=True)
         self.timings["quit"] = time.monotonic() - t0
@@ -325,7 +326,8 @@ class QemuDriver(Driver):
         try:
             await vm._load(snapshot)
         except BaseException:
-            await _kill(vm)
+            with anyio.CancelScope(shield=True):
+                await _kill(vm)
             raise
         vm.timings["start"] = sum(vm.timings.values())
         return vm
@@ -353,7 +355,8 @@ class QemuDriver(Driver):
                 async with vm._session(self.config.start_timeout_s):
                     pass
             except BaseException:
-                await _kill(vm)
+                with anyio.CancelScope(shield=True):
+                    await _kill(vm)
                 raise
             vm.timings["qmp"] = time.monotonic() - t0 - vm.timings["spawn"]
             vm.timings["start"] = time.monotonic() - t0
@@ -363,5 +366,5 @@ class QemuDriver(Driver):
 
 async def _kill(vm: QemuVm) -> None:
     """End a VM that failed to start: no monitor handshake to wait for, straight to signals."""
-    await asyncio.to_thread(vm.process.terminate, vm.driver.config.kill_grace_s)
+    await anyio.to_thread.run_sync(vm.process.terminate, vm.driver.config.kill_grace_s)
     vm.qmp_socket.unlink(missing_ok=True)
