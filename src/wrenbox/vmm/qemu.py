@@ -22,6 +22,7 @@ import os
 import re
 import shlex
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -263,6 +264,13 @@ class QemuVm(Vm):
         self.qmp_socket.unlink(missing_ok=True)
         self.timings["quit"] = time.monotonic() - t0
 
+    async def _monitor_up(self) -> None:
+        """Wait for a booting QEMU's monitor (the guest runs from then on)."""
+        t0 = time.monotonic()
+        async with self._session(self.driver.config.start_timeout_s):
+            pass
+        self.timings["qmp"] = time.monotonic() - t0
+
     async def _load(self, snapshot: Snapshot) -> None:
         """Feed a restoring QEMU (``-incoming defer``) its state and start the vCPUs."""
         t0 = time.monotonic()
@@ -316,27 +324,22 @@ class QemuDriver(Driver):
         }
 
     async def boot(self, config: VmConfig) -> QemuVm:
-        return await self._start(config, qemu_argv(config, self.config, incoming=False))
+        return await self._start(config, qemu_argv(config, self.config, incoming=False), QemuVm._monitor_up)
 
     async def restore(self, config: VmConfig, snapshot: Snapshot) -> QemuVm:
         snapshot.check_restorable(self.name, await self.version(), self.pinned(config.machine))
         if not config.memory.path.is_file():
             raise NotFound(f"guest RAM file {config.memory.path} of snapshot {snapshot.dir} does not exist")
-        vm = await self._start(config, qemu_argv(config, self.config, incoming=True), wait=False)
-        try:
-            await vm._load(snapshot)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await _kill(vm)
-            raise
-        vm.timings["start"] = sum(vm.timings.values())
-        return vm
+        argv = qemu_argv(config, self.config, incoming=True)
+        return await self._start(config, argv, lambda vm: vm._load(snapshot))
 
     def adopt(self, config: VmConfig, process: ProcessRef) -> QemuVm:
         return QemuVm(self, config, process, [])
 
-    async def _start(self, config: VmConfig, argv: list[str], *, wait: bool = True) -> QemuVm:
-        """Spawn QEMU (in the VM's network namespace) and, when ``wait``, until its monitor answers."""
+    async def _start(
+        self, config: VmConfig, argv: list[str], bring_up: Callable[[QemuVm], Awaitable[None]]
+    ) -> QemuVm:
+        """Spawn QEMU (in the VM's network namespace) and ``bring_up`` the VM; kill it if that fails."""
         run_dir = config.run_dir
         socket = run_dir / QMP_SOCKET
         if len(os.fsencode(socket)) > _SUN_PATH_MAX:
@@ -347,20 +350,16 @@ class QemuDriver(Driver):
         socket.unlink(missing_ok=True)
         launcher = [] if config.netns is None else [require_tool("nsenter"), f"--net={config.netns}", "--"]
         t0 = time.monotonic()
-        process = spawn([*launcher, *argv], log=run_dir / QEMU_LOG)
-        vm = QemuVm(self, config, process, argv)
-        vm.timings = {"spawn": time.monotonic() - t0}
-        if wait:
-            try:
-                async with vm._session(self.config.start_timeout_s):
-                    pass
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await _kill(vm)
-                raise
-            vm.timings["qmp"] = time.monotonic() - t0 - vm.timings["spawn"]
-            vm.timings["start"] = time.monotonic() - t0
-        log.info("started %r in %.3f s", vm, time.monotonic() - t0)
+        vm = QemuVm(self, config, spawn([*launcher, *argv], log=run_dir / QEMU_LOG), argv)
+        vm.timings["spawn"] = time.monotonic() - t0
+        try:
+            await bring_up(vm)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _kill(vm)
+            raise
+        vm.timings["start"] = time.monotonic() - t0
+        log.info("started %r in %.3f s", vm, vm.timings["start"])
         return vm
 
 
