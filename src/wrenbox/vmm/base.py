@@ -44,6 +44,7 @@ __all__ = [
     "Machine",
     "MemoryFile",
     "Nic",
+    "PagedMemory",
     "Snapshot",
     "SnapshotKind",
     "SnapshotMeta",
@@ -161,16 +162,33 @@ class MemoryFile:
 
 
 @dataclass(frozen=True, slots=True)
+class PagedMemory:
+    """Guest RAM paged in on demand from a memory snapshot directory (``memfile.header`` and its diffs,
+    :mod:`wrenbox.memory`) by wrenbox's UFFD page server: a restore that copies no RAM up front.
+
+    Only for VMMs that keep guest RAM in anonymous memory and accept a userfaultfd hand-off
+    (Firecracker's ``Uffd`` memory backend). The VM owns the page server it gets; the directory must
+    stay in place until the VM is destroyed.
+    """
+
+    snapshot_dir: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "snapshot_dir", Path(self.snapshot_dir).absolute())
+
+
+@dataclass(frozen=True, slots=True)
 class VmConfig:
     """One VM process: its machine, its RAM, where its sockets and logs go, and how it starts.
 
     ``kernel`` is needed for a cold boot only (a restore takes everything from the snapshot).
-    ``netns`` is the path of a network namespace (``/run/netns/<name>``) the VMM is started in; its
-    tap devices are opened there.
+    ``memory`` is where guest RAM lives or, for a restore, comes from; a :class:`PagedMemory` only
+    where the driver supports it (Firecracker). ``netns`` is the path of a network namespace
+    (``/run/netns/<name>``) the VMM is started in; its tap devices are opened there.
     """
 
     machine: Machine
-    memory: MemoryFile
+    memory: MemoryFile | PagedMemory
     run_dir: Path
     kernel: Kernel | None = None
     netns: Path | None = None
