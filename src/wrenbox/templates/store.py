@@ -25,7 +25,7 @@ from wrenbox.network import GATEWAY_IP, GUEST_IP, GUEST_NETWORK, NetworkSlot
 from wrenbox.rollback import Rollback
 from wrenbox.rootfs import BaseImage, RootfsBackend
 from wrenbox.templates.vm import agent_client, agent_ready, copy_ram, netns_path
-from wrenbox.vmm.base import Drive, Driver, Kernel, Machine, MemoryFile, Nic, Snapshot, Vm, VmConfig
+from wrenbox.vmm.base import Drive, Driver, Kernel, Machine, MemoryFile, Snapshot, Vm, VmConfig
 
 if TYPE_CHECKING:
     from wrenbox.config import Settings
@@ -200,37 +200,44 @@ class Templates:
                 with anyio.CancelScope(shield=True):
                     await self.rootfs.remove(disk)
             with step("publish"):
-                # Durable first: ext4 allocates delayed writes only now, and the manifest records the size.
-                await anyio.to_thread.run_sync(
-                    _freeze, build_dir / MEMORY, build_dir / ROOTFS, build_dir / SNAPSHOT_DIR
-                )
-                manifest = TemplateManifest(
-                    name=name,
-                    created_at=datetime.now().astimezone(),
-                    image=image.name,
-                    image_build_key=image.manifest.build_key,
-                    kernel_release=image.manifest.kernel.release,
-                    vcpus=self.config.vcpus,
-                    memory_mib=self.config.memory_mib,
-                    disk_format=str(disk.format),
-                    rootfs=base,
-                    memory_allocated=(build_dir / MEMORY).stat().st_blocks * 512,
-                    memory_sha256=await anyio.to_thread.run_sync(_sha256, build_dir / MEMORY),
-                    state_bytes=snapshot.meta.state_bytes,
-                    timings=timings,
-                )
-                (build_dir / MANIFEST).write_text(manifest.model_dump_json(indent=1))
-                await anyio.to_thread.run_sync(_freeze, build_dir / MANIFEST, build_dir)
-                try:
-                    build_dir.rename(self.store.root / name)
-                except OSError as exc:  # ENOTEMPTY / EEXIST: someone published this name meanwhile
-                    raise AlreadyExists(f"template {name!r} already exists; templates are immutable") from exc
-                await anyio.to_thread.run_sync(_freeze, self.store.root)
+                await self._publish(name, image, build_dir, str(disk.format), base, snapshot, timings)
         finally:
             if build_dir.exists():
                 shutil.rmtree(build_dir, ignore_errors=True)
         log.info("built template %s in %.1f s: %s", name, sum(timings.values()), timings)
         return self.store.get(name)
+
+    async def _publish(
+        self,
+        name: str,
+        image: Image,
+        build_dir: Path,
+        disk_format: str,
+        base: BaseImage,
+        snapshot: Snapshot,
+        timings: dict[str, float],
+    ) -> None:
+        """Seal the build directory and rename it into place: it appears complete or not at all."""
+        # Durable first: ext4 allocates delayed writes only now, and the manifest records the size.
+        await anyio.to_thread.run_sync(
+            _freeze, build_dir / MEMORY, build_dir / ROOTFS, build_dir / SNAPSHOT_DIR
+        )
+        manifest = TemplateManifest(
+            name=name,
+            created_at=datetime.now().astimezone(),
+            image=image.name,
+            image_build_key=image.manifest.build_key,
+            kernel_release=image.manifest.kernel.release,
+            vcpus=self.config.vcpus,
+            memory_mib=self.config.memory_mib,
+            disk_format=disk_format,
+            rootfs=base,
+            memory_allocated=(build_dir / MEMORY).stat().st_blocks * 512,
+            memory_sha256=await anyio.to_thread.run_sync(_sha256, build_dir / MEMORY),
+            state_bytes=snapshot.meta.state_bytes,
+            timings=timings,
+        )
+        await anyio.to_thread.run_sync(_commit, build_dir, self.store.root / name, manifest)
 
     async def _boot_and_snapshot(
         self, image: Image, slot: NetworkSlot, build_dir: Path, disk: Drive, step: _Stepper
@@ -239,9 +246,7 @@ class Templates:
             image.manifest.kernel_args, ip=f"{GUEST_IP}/{GUEST_NETWORK.prefixlen}", gateway=str(GATEWAY_IP)
         )
         config = VmConfig(
-            machine=Machine(
-                vcpus=self.config.vcpus, memory_mib=self.config.memory_mib, drives=(disk,), nics=(Nic(),)
-            ),
+            machine=Machine(vcpus=self.config.vcpus, memory_mib=self.config.memory_mib, drives=(disk,)),
             memory=MemoryFile(build_dir / MEMORY),
             run_dir=build_dir / "run",
             kernel=Kernel(image.kernel, image.initramfs, " ".join(args)),
@@ -271,6 +276,8 @@ class Templates:
             netns=netns_path(placement.slot),
         )
         snapshot = template.snapshot()
+        if placement.memory.exists():
+            raise AlreadyExists(f"{placement.memory} exists; a VM's RAM file must be new")
         async with Rollback(f"start from template {template.name}") as rb:
             rb.push(f"RAM file {placement.memory}", placement.memory.unlink, True)
             await anyio.to_thread.run_sync(copy_ram, template.memory, placement.memory)
@@ -311,6 +318,17 @@ class _Stepper:
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _commit(build_dir: Path, dest: Path, manifest: TemplateManifest) -> None:
+    """Write the manifest last, then rename the directory into place, durably."""
+    (build_dir / MANIFEST).write_text(manifest.model_dump_json(indent=1))
+    _freeze(build_dir / MANIFEST, build_dir)
+    try:
+        build_dir.rename(dest)
+    except OSError as exc:  # ENOTEMPTY / EEXIST: someone published this name meanwhile
+        raise AlreadyExists(f"template {dest.name!r} already exists; templates are immutable") from exc
+    _freeze(dest.parent)
 
 
 def _freeze(*paths: Path) -> None:
