@@ -9,7 +9,17 @@ from pathlib import Path
 import pytest
 
 from wrenbox.errors import CorruptData, InvalidArgument, NotFound, Unsupported
-from wrenbox.vmm.base import Drive, Kernel, Machine, MemoryFile, Nic, Snapshot, SnapshotMeta, VmConfig
+from wrenbox.vmm.base import (
+    Drive,
+    Kernel,
+    Machine,
+    MemoryFile,
+    Nic,
+    PagedMemory,
+    Snapshot,
+    SnapshotMeta,
+    VmConfig,
+)
 from wrenbox.vmm.qemu import QemuConfig, QemuDriver, qemu_argv
 
 TCG = QemuConfig(accel="tcg", tsc_khz=2_100_000)
@@ -99,6 +109,12 @@ def test_no_balloon_no_nic(tmp_path: Path) -> None:
     assert _option(argv, "-device") == ["virtio-rng-device,rng=rng0"] + [
         f"virtio-blk-device,drive=disk{i}" for i in (0, 1)
     ]
+
+
+def test_paged_memory_is_not_for_qemu(tmp_path: Path) -> None:
+    config = replace(_config(tmp_path), memory=PagedMemory(tmp_path / "snap"))
+    with pytest.raises(Unsupported, match="Firecracker"):
+        qemu_argv(config, TCG, incoming=True)
 
 
 def test_cold_boot_needs_a_kernel_and_under_tcg_the_tsc(tmp_path: Path) -> None:

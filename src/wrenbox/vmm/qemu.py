@@ -36,6 +36,7 @@ from wrenbox.vmm.base import (
     SNAPSHOT_STATE,
     Driver,
     Machine,
+    MemoryFile,
     Snapshot,
     SnapshotKind,
     SnapshotMeta,
@@ -101,6 +102,8 @@ def _esc(value: object) -> str:
 def qemu_argv(config: VmConfig, qemu: QemuConfig, *, incoming: bool) -> list[str]:
     """The QEMU command line for ``config``: a cold boot, or a restore waiting for its state."""
     m, run, memory = config.machine, config.run_dir, config.memory
+    if not isinstance(memory, MemoryFile):
+        raise Unsupported("QEMU maps guest RAM from a file; memory paged in on demand is for Firecracker")
     argv = [
         qemu.binary,
         "-M", "microvm,acpi=on,memory-backend=ram0",
@@ -328,7 +331,7 @@ class QemuDriver(Driver):
 
     async def restore(self, config: VmConfig, snapshot: Snapshot) -> QemuVm:
         snapshot.check_restorable(self.name, await self.version(), self.pinned(config.machine))
-        if not config.memory.path.is_file():
+        if isinstance(config.memory, MemoryFile) and not config.memory.path.is_file():
             raise NotFound(f"guest RAM file {config.memory.path} of snapshot {snapshot.dir} does not exist")
         argv = qemu_argv(config, self.config, incoming=True)
         return await self._start(config, argv, lambda vm: vm._load(snapshot))
