@@ -219,7 +219,7 @@ _META = TypeAdapter(SnapshotMeta)
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """A snapshot directory: ``vmstate`` (device state, maybe RAM) and ``snapshot.json``."""
+    """A snapshot directory: ``vmstate`` (the VMM's device state) and ``snapshot.json``."""
 
     dir: Path
     meta: SnapshotMeta
