@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -48,3 +49,22 @@ def test_of_a_missing_pid_raises() -> None:
     child.wait()
     with pytest.raises(ProcessLookupError):
         ProcessRef.of(child.pid)
+
+
+# The main thread ends first: the thread-group leader shows as a zombie while another thread still runs,
+# and it can only be reaped once that thread has exited too (as with QEMU quitting).
+_LEADER_FIRST = (
+    "import ctypes, os, threading, time;"
+    "threading.Thread(target=lambda: (time.sleep(0.3), os._exit(0))).start();"
+    "ctypes.CDLL(None).pthread_exit(None)"
+)
+
+
+def test_wait_gone_reaps_a_child_whose_leader_thread_exits_first() -> None:
+    child = subprocess.Popen([sys.executable, "-c", _LEADER_FIRST])
+    ref = ProcessRef.of(child.pid)
+    time.sleep(0.1)  # the leader is a zombie now, its other thread sleeping
+    assert ref.wait_gone(5)
+    with pytest.raises(ChildProcessError):  # reaped: nothing left behind
+        os.waitpid(child.pid, os.WNOHANG)
+    child.returncode = 0  # reaped behind Popen's back; keep it from waiting again

@@ -7,7 +7,6 @@ we persist, and every signal goes through it so wrenbox only ever ends processes
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -58,17 +57,21 @@ class ProcessRef:
             return False
         return True
 
-    def _reap(self) -> None:
-        # Not our child (adopted after a restart) raises ChildProcessError: init reaps it then.
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, os.WNOHANG)
+    def _reap(self) -> bool:
+        """Reap it if it is our child and has ended; True when nothing is left for us to reap."""
+        try:
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # not our child (adopted after a restart): init reaps it
+            return True
+        return pid != 0
 
     def wait_gone(self, timeout: float) -> bool:
+        """Wait until the process has ended and, if it is our child, been reaped."""
         deadline = time.monotonic() + timeout
         while True:
-            self._reap()
-            if not self.alive():
-                self._reap()  # it may have become a zombie after the first reap: don't leave it behind
+            # A thread-group leader shows as a zombie while its other threads are still exiting, and
+            # cannot be reaped before they are gone: wait for the reap, not just for the zombie.
+            if self._reap() and not self.alive():
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -76,9 +79,7 @@ class ProcessRef:
 
     def terminate(self, grace: float = 5.0) -> None:
         """SIGTERM, wait up to ``grace`` seconds, then SIGKILL. Safe to call on a process that is gone."""
-        if not self.signal(signal.SIGTERM):
-            self._reap()
-            return
+        self.signal(signal.SIGTERM)
         if self.wait_gone(grace):
             return
         self.signal(signal.SIGKILL)
