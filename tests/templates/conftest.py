@@ -8,6 +8,7 @@ and releases everything it made when the test ends, whatever happened.
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -54,6 +55,20 @@ def processes_using(path: Path) -> list[int]:
     return found
 
 
+def unreaped_children() -> list[int]:
+    """Our children that have exited but were never reaped (zombies hold a PID each)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] == b"Z" and int(fields[1]) == os.getpid():
+                found.append(int(entry.name))
+    return found
+
+
 def network_leftovers(prefix: str) -> list[str]:
     return [n for n in list_netns() + link_names() if n.startswith(prefix)]
 
@@ -63,6 +78,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("wrenbox-data")
     yield path
     assert processes_using(path) == [], "a QEMU outlived the tests"
+    assert unreaped_children() == [], "a QEMU was never reaped"
 
 
 @pytest.fixture(scope="session")

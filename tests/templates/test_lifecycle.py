@@ -12,7 +12,14 @@ from pathlib import Path
 
 import anyio
 import pytest
-from tests.templates.conftest import Sandbox, Sandboxes, network_leftovers, processes_using, sha256
+from tests.templates.conftest import (
+    Sandbox,
+    Sandboxes,
+    network_leftovers,
+    processes_using,
+    sha256,
+    unreaped_children,
+)
 
 from wrenbox.command import run
 from wrenbox.network import Network
@@ -76,6 +83,7 @@ async def test_restore_exec_pause_and_restore_into_another_slot(
     slot = a.slot
     await sandboxes.close()
     assert processes_using(a.dir) == []
+    assert unreaped_children() == []
     assert not a.dir.exists()
     assert not any(p.name.startswith(a.disk.id) for p in rootfs.config.disks_dir.iterdir())
     assert await anyio.to_thread.run_sync(network_leftovers, network.config.prefix) == []

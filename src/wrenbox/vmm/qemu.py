@@ -260,10 +260,10 @@ class QemuVm(Vm):
             with contextlib.suppress(WrenboxError):
                 async with self._session(connect_timeout=1.0) as q:
                     await q.run("quit", timeout=q_cfg.quit_timeout_s)
-            if not await anyio.to_thread.run_sync(self.process.wait_gone, q_cfg.quit_timeout_s):
-                log.warning("%r ignored quit; terminating it", self)
-                await anyio.to_thread.run_sync(self.process.terminate, q_cfg.kill_grace_s)
-        self.process.wait_gone(0)  # reap it if it is our child
+        # Also reaps it (if it is our child), however it ended.
+        if not await anyio.to_thread.run_sync(self.process.wait_gone, q_cfg.quit_timeout_s):
+            log.warning("%r ignored quit; terminating it", self)
+            await anyio.to_thread.run_sync(self.process.terminate, q_cfg.kill_grace_s)
         self.qmp_socket.unlink(missing_ok=True)
         self.timings["quit"] = time.monotonic() - t0
 
