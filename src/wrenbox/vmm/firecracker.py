@@ -70,6 +70,7 @@ UFFD_SOCKET = "uffd.sock"
 FIRECRACKER_LOG = "firecracker.log"
 RAW_MEMORY = "memfile.raw"
 _MAX_VCPUS = 32  # Firecracker's limit
+_EXIT_GRACE_S = 0.2
 _SUN_PATH_MAX = 107
 _VERSION = re.compile(rb"Firecracker v(\S+)")
 # What GET / reports, in the run-state words QEMU uses.
@@ -218,7 +219,8 @@ class FirecrackerVm(Vm):
         return _tail(self.config.run_dir / FIRECRACKER_LOG, max_bytes)
 
     def _why_gone(self) -> str:
-        state = "alive" if self.alive() else "exited"
+        # A VMM that just hung up is usually on its way out: a moment lets the message say how it ended.
+        state = "exited" if self.process.wait_gone(_EXIT_GRACE_S) else "alive"
         text = self.console_tail(2000).rstrip()
         tail = f"\n--- firecracker log (end) ---\n{text}" if text else ""
         return f" (Firecracker pid {self.pid}, {state}){tail}"

@@ -129,7 +129,10 @@ async def _answer(conn: h11.Connection, reader: asyncio.StreamReader) -> tuple[i
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await reader.read(65536))  # b"" at EOF: h11 then reports the cut
+            data = await reader.read(65536)
+            if not data and not status:
+                raise ConnectionResetError("it closed the connection without answering")
+            conn.receive_data(data)  # b"" at EOF: h11 then reports a cut-off answer
         elif isinstance(event, h11.Response):
             status = event.status_code
         elif isinstance(event, h11.Data):
