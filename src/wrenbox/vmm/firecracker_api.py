@@ -101,10 +101,12 @@ class FirecrackerApi:
             writer.write(_request(conn, method, path, body))
             await writer.drain()
             return await _answer(conn, reader)
-        except (h11.RemoteProtocolError, ConnectionError) as exc:
+        except ConnectionError as exc:
             raise Unavailable(
                 f"Firecracker went away during {method} {path} ({exc}){self._why_gone()}"
             ) from None
+        except h11.RemoteProtocolError as exc:
+            raise WrenboxError(f"Firecracker sent a malformed answer to {method} {path}: {exc}") from None
         finally:
             writer.close()
             with contextlib.suppress(OSError):
@@ -124,15 +126,21 @@ def _request(conn: h11.Connection, method: str, path: str, body: dict[str, Any] 
 
 async def _answer(conn: h11.Connection, reader: asyncio.StreamReader) -> tuple[int, bytes]:
     """Read one response: its status and its whole body (at most _MAX_ANSWER bytes)."""
-    status = 0
+    status, eof = 0, False
     body = bytearray()
     while True:
-        event = conn.next_event()
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError:
+            if eof:
+                raise ConnectionResetError("it closed the connection mid-answer") from None
+            raise
         if event is h11.NEED_DATA:
             data = await reader.read(65536)
             if not data and not status:
                 raise ConnectionResetError("it closed the connection without answering")
-            conn.receive_data(data)  # b"" at EOF: h11 then reports a cut-off answer
+            eof = not data
+            conn.receive_data(data)  # b"" is the end, which may also end an answer sized by it
         elif isinstance(event, h11.Response):
             status = event.status_code
         elif isinstance(event, h11.Data):
@@ -142,7 +150,7 @@ async def _answer(conn: h11.Connection, reader: asyncio.StreamReader) -> tuple[i
         elif isinstance(event, h11.EndOfMessage):
             return status, bytes(body)
         elif isinstance(event, h11.ConnectionClosed):
-            raise ConnectionResetError("connection closed before an answer")
+            raise ConnectionResetError("it closed the connection without answering")
 
 
 def _fault(answer: bytes) -> str:
