@@ -106,6 +106,7 @@ class SandboxRecord:
     leftovers: list[str] = field(default_factory=list)
     error: str | None = None
     pause_failures: int = 0
+    access_token: str | None = None  # the guest agent's token (X-Access-Token), set at first /init
 
     def replace(self, **changes: Any) -> SandboxRecord:
         return dataclasses.replace(self, **changes)

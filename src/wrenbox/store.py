@@ -73,6 +73,8 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX events_sandbox ON events(sandbox_id, seq);
     """,
+    # 2: the guest agent's access token, per sandbox
+    "ALTER TABLE sandboxes ADD COLUMN access_token TEXT",
 )
 
 _SANDBOX_JSON = ("metadata", "env", "resources", "leftovers")

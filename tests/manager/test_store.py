@@ -116,8 +116,9 @@ def test_a_new_migration_runs_once_and_a_failing_one_changes_nothing(
     Store(path).close()
     extra = "CREATE TABLE extra (x INTEGER); INSERT INTO extra VALUES (1)"
     monkeypatch.setattr(store_mod, "MIGRATIONS", (*store_mod.MIGRATIONS, extra))
+    latest = len(store_mod.MIGRATIONS)
     with Store(path) as s:
-        assert s.schema_version == 2
+        assert s.schema_version == latest
     with Store(path) as s:  # not applied twice
         assert s._db.execute("SELECT count(*) FROM extra").fetchone()[0] == 1
     broken = "CREATE TABLE half (x INTEGER); INSERT INTO nosuchtable VALUES (1)"
@@ -125,7 +126,7 @@ def test_a_new_migration_runs_once_and_a_failing_one_changes_nothing(
     with pytest.raises(sqlite3.OperationalError):
         Store(path)
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == latest
     assert db.execute("SELECT name FROM sqlite_master WHERE name = 'half'").fetchone() is None
 
 
@@ -140,3 +141,20 @@ def test_concurrent_writers_from_threads(store: Store) -> None:
     for t in threads:
         t.join()
     assert len(store.list_sandboxes()) == 200
+
+
+def test_a_version_1_database_upgrades_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "state.db"
+    with monkeypatch.context() as m:
+        m.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
+        old = Store(path)
+        old._db.execute(
+            "INSERT INTO sandboxes VALUES ('abcd1234', 't', 'paused', 1, 512, NULL, 0, 'pause',"
+            " '{}', '{}', 1.0, 1.0, 1.0, NULL, '{\"disk\": 1}', '[]', NULL, 0)"
+        )
+        old.close()
+    with Store(path) as s:
+        rec = s.get_sandbox("abcd1234")
+        assert rec.state is SandboxState.PAUSED
+        assert rec.resources == {"disk": 1}
+        assert rec.access_token is None

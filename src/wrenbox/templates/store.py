@@ -217,6 +217,50 @@ class Templates:
         snapshot: Snapshot,
         timings: dict[str, float],
     ) -> None:
+        await self._seal(
+            name,
+            build_dir,
+            image=image.name,
+            image_build_key=image.manifest.build_key,
+            kernel_release=image.manifest.kernel.release,
+            vcpus=self.config.vcpus,
+            memory_mib=self.config.memory_mib,
+            disk_format=disk_format,
+            rootfs=base,
+            state_bytes=snapshot.meta.state_bytes,
+            timings=timings,
+        )
+
+    async def publish_derived(
+        self,
+        name: str,
+        build_dir: Path,
+        parent: Template,
+        *,
+        base: BaseImage,
+        snapshot: Snapshot,
+        timings: dict[str, float],
+    ) -> Template:
+        """Publish ``build_dir`` (``memory``, ``snapshot/``, ``rootfs.ext4`` in place) as template ``name``,
+        made from a sandbox of ``parent``: same image, kernel and machine, new memory and disk."""
+        validate_name(name, what="template name")
+        m = parent.manifest
+        await self._seal(
+            name,
+            build_dir,
+            image=m.image,
+            image_build_key=m.image_build_key,
+            kernel_release=m.kernel_release,
+            vcpus=m.vcpus,
+            memory_mib=m.memory_mib,
+            disk_format=m.disk_format,
+            rootfs=base,
+            state_bytes=snapshot.meta.state_bytes,
+            timings=timings,
+        )
+        return self.store.get(name)
+
+    async def _seal(self, name: str, build_dir: Path, **fields: Any) -> None:
         """Seal the build directory and rename it into place: it appears complete or not at all."""
         # Durable first: ext4 allocates delayed writes only now, and the manifest records the size.
         await anyio.to_thread.run_sync(
@@ -225,17 +269,9 @@ class Templates:
         manifest = TemplateManifest(
             name=name,
             created_at=datetime.now().astimezone(),
-            image=image.name,
-            image_build_key=image.manifest.build_key,
-            kernel_release=image.manifest.kernel.release,
-            vcpus=self.config.vcpus,
-            memory_mib=self.config.memory_mib,
-            disk_format=disk_format,
-            rootfs=base,
             memory_allocated=(build_dir / MEMORY).stat().st_blocks * 512,
             memory_sha256=await anyio.to_thread.run_sync(_sha256, build_dir / MEMORY),
-            state_bytes=snapshot.meta.state_bytes,
-            timings=timings,
+            **fields,
         )
         await anyio.to_thread.run_sync(_commit, build_dir, self.store.root / name, manifest)
 
