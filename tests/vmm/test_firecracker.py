@@ -6,6 +6,7 @@ The fake runs where real Firecracker would: launched by the driver through ``uns
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -571,3 +572,18 @@ async def test_a_stale_api_socket_is_replaced_and_adopted_vms_can_be_destroyed(
     await adopted.destroy()
     assert not vm.alive()
     fake.assert_served_exactly()
+
+
+async def test_a_cancelled_boot_leaves_nothing_running(
+    tmp_path: Path, fake: FakeFirecracker, netns: Path
+) -> None:
+    guest = Guest(tmp_path / "guest")
+    plan = guest.boot_plan(tmp_path / "vm")
+    plan[3]["delay"] = 20
+    fake.program(plan)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(1.0):
+            await make_driver(fake, tmp_path).boot(guest.config("run", netns))
+    assert len(fake.events("start")) == 1
+    assert processes_of(fake) == []
+    assert not (guest.root / "run" / "firecracker.sock").exists()

@@ -376,14 +376,12 @@ class FirecrackerDriver(Driver):
             if path is not None and not path.is_file():
                 raise NotFound(f"kernel file {path} does not exist")
         self._check(config)
-        vm = await self._launch(config)
-        t0 = time.monotonic()
-        try:
+        async with Rollback(f"boot in {config.run_dir}") as rb:
+            vm = await self._launch(config, rb)
+            t0 = time.monotonic()
             for method, path, body in calls:
                 await vm.api.call(method, path, body)
-        except BaseException:
-            await vm._kill()
-            raise
+            rb.commit()
         vm.timings["configure"] = time.monotonic() - t0
         vm.timings["start"] = sum(vm.timings.values())
         return vm
@@ -398,8 +396,7 @@ class FirecrackerDriver(Driver):
                 server = await asyncio.to_thread(self._page_server, config, config.memory)
                 rb.push(f"page server {server.socket_path}", asyncio.to_thread, server.stop)
                 server.start()
-            vm = await self._launch(config, server)
-            rb.push(f"Firecracker pid {vm.pid}", vm._kill)
+            vm = await self._launch(config, rb, server)
             await vm._load(snapshot, backend)
             rb.commit()
         vm.timings["start"] = sum(vm.timings.values())
@@ -470,8 +467,10 @@ class FirecrackerDriver(Driver):
             source.close()
             raise
 
-    async def _launch(self, config: VmConfig, page_server: PageServer | None = None) -> FirecrackerVm:
-        """Start Firecracker for a checked ``config`` and wait until its API answers."""
+    async def _launch(
+        self, config: VmConfig, rb: Rollback, page_server: PageServer | None = None
+    ) -> FirecrackerVm:
+        """Start Firecracker for a checked ``config`` (its end pushed on ``rb``) until its API answers."""
         command = [self._binary(), "--api-sock", str(config.run_dir / API_SOCKET)]
         disks = [drive.path for drive in config.machine.drives]
         argv = launch_argv(command, vm_dir=self.config.vm_dir, disks=disks, netns=config.netns)
@@ -481,12 +480,9 @@ class FirecrackerDriver(Driver):
         t0 = time.monotonic()
         process = spawn(argv, log=config.run_dir / FIRECRACKER_LOG)
         vm = FirecrackerVm(self, config, process, argv, page_server)
+        rb.push(f"Firecracker pid {vm.pid}", vm._kill)
         t_spawn = time.monotonic()
-        try:
-            await wait_for_socket(vm.api_socket, process, self.config.start_timeout_s, vm._why_gone)
-        except BaseException:
-            await vm._kill()
-            raise
+        await wait_for_socket(vm.api_socket, process, self.config.start_timeout_s, vm._why_gone)
         vm.timings = {"spawn": t_spawn - t0, "api": time.monotonic() - t_spawn}
         log.info("started %r in %.3f s", vm, time.monotonic() - t0)
         return vm
