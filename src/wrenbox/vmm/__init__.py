@@ -1,2 +1,2 @@
-"""Virtual machine monitors: the driver interface (:mod:`wrenbox.vmm.base`) and its implementations
-(:mod:`wrenbox.vmm.qemu`; a Firecracker driver for KVM hosts follows the same interface)."""
+"""Virtual machine monitors: the driver interface (:mod:`wrenbox.vmm.base`) and its implementations,
+:mod:`wrenbox.vmm.qemu` and, for KVM hosts, :mod:`wrenbox.vmm.firecracker`."""
