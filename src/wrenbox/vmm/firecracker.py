@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 
 from wrenbox.command import arun, require_tool, spawn
 from wrenbox.errors import InvalidArgument, MissingTool, NotFound, Unsupported
-from wrenbox.memory.chain_source import ChainSource
 from wrenbox.memory.uffd import PageServer, PageServerConfig
 from wrenbox.pids import ProcessRef
 from wrenbox.rollback import Rollback
@@ -47,6 +46,7 @@ from wrenbox.vmm.base import (
 )
 from wrenbox.vmm.firecracker_api import FirecrackerApi
 from wrenbox.vmm.firecracker_launch import drive_link, end_process, launch_argv, wait_for_socket
+from wrenbox.vmm.firecracker_memory import RAW_MEMORY, memory_backend, page_server
 
 if TYPE_CHECKING:
     from wrenbox.errors import WrenboxError
@@ -68,7 +68,6 @@ MACHINE_LAYOUT = "firecracker/1"
 API_SOCKET = "firecracker.sock"
 UFFD_SOCKET = "uffd.sock"
 FIRECRACKER_LOG = "firecracker.log"
-RAW_MEMORY = "memfile.raw"
 _MAX_VCPUS = 32  # Firecracker's limit
 _EXIT_GRACE_S = 0.2
 _SUN_PATH_MAX = 107
@@ -388,12 +387,14 @@ class FirecrackerDriver(Driver):
 
     async def restore(self, config: VmConfig, snapshot: Snapshot) -> FirecrackerVm:
         snapshot.check_restorable(self.name, await self.version(), self.pinned(config.machine))
-        backend = self._memory_backend(config, snapshot)
+        backend = memory_backend(config, snapshot, config.run_dir / UFFD_SOCKET)
         self._check(config)
         async with Rollback(f"restore of {snapshot.dir}") as rb:
             server = None
             if isinstance(config.memory, PagedMemory):
-                server = await asyncio.to_thread(self._page_server, config, config.memory)
+                server = await asyncio.to_thread(
+                    page_server, config, config.run_dir / UFFD_SOCKET, self.config.page_server
+                )
                 rb.push(f"page server {server.socket_path}", asyncio.to_thread, server.stop)
                 server.start()
             vm = await self._launch(config, rb, server)
@@ -430,42 +431,6 @@ class FirecrackerDriver(Driver):
                 raise InvalidArgument(f"run directory {config.run_dir} is too long for a unix socket path")
         if config.netns is not None and not config.netns.exists():
             raise NotFound(f"network namespace {config.netns} does not exist")
-
-    def _memory_backend(self, config: VmConfig, snapshot: Snapshot) -> dict[str, str]:
-        """The ``mem_backend`` of the load call, once the memory source checked out."""
-        memory = config.memory
-        if isinstance(memory, PagedMemory):
-            return {"backend_type": "Uffd", "backend_path": str(config.run_dir / UFFD_SOCKET)}
-        path = memory.path
-        if snapshot.meta.kind == "diff" and path == snapshot.dir / RAW_MEMORY:
-            raise InvalidArgument(
-                f"{path} holds only the pages written since the previous snapshot; restore from the "
-                "processed memory chain (PagedMemory) or a memory file materialised from it"
-            )
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise NotFound(f"memory file {path} of snapshot {snapshot.dir} does not exist") from None
-        if size != config.machine.memory_mib << 20:
-            raise InvalidArgument(
-                f"memory file {path} has {size} bytes; the guest has {config.machine.memory_mib} MiB"
-            )
-        return {"backend_type": "File", "backend_path": str(path)}
-
-    def _page_server(self, config: VmConfig, memory: PagedMemory) -> PageServer:
-        """A page server for the chain in ``memory`` (checksums verified first: nothing damaged is served)."""
-        config.run_dir.mkdir(parents=True, exist_ok=True)
-        source = ChainSource.open(memory.snapshot_dir)
-        try:
-            expected = config.machine.memory_mib << 20
-            if source.size != expected:
-                raise InvalidArgument(
-                    f"memory snapshot {memory.snapshot_dir} has {source.size} bytes; the guest has {expected}"
-                )
-            return PageServer(config.run_dir / UFFD_SOCKET, source, self.config.page_server)
-        except BaseException:
-            source.close()
-            raise
 
     async def _launch(
         self, config: VmConfig, rb: Rollback, page_server: PageServer | None = None
