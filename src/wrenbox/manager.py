@@ -35,6 +35,7 @@ from wrenbox.models import (
     check_transition,
 )
 from wrenbox.names import new_sandbox_id, validate_name
+from wrenbox.recovery import RecoveryMixin
 from wrenbox.store import Store
 
 __all__ = ["CreateRequest", "ManagerConfig", "Runtime", "SandboxManager"]
@@ -73,6 +74,25 @@ class Runtime(Protocol):
 
     def envd(self, rec: SandboxRecord) -> Any:
         """The guest agent client of a running sandbox."""
+        ...
+
+    # Recovery after a restart (see wrenbox.recovery).
+    persistent: frozenset[str]  # resource keys a paused sandbox keeps
+
+    async def vm_state(self, rec: SandboxRecord) -> str:
+        """``running``, ``paused`` or ``gone``."""
+        ...
+
+    async def continue_vm(self, rec: SandboxRecord) -> None: ...
+
+    def pause_committed(self, rec: SandboxRecord) -> bool: ...
+
+    async def finish_resume(self, rec: SandboxRecord) -> str: ...
+
+    async def sweep(self, records: list[SandboxRecord]) -> dict[str, list[str]]: ...
+
+    def template_names(self) -> list[tuple[str, str, int, int]]:
+        """Published templates: (name, path, vcpus, memory MiB)."""
         ...
 
 
@@ -115,7 +135,7 @@ def _check_timeout(timeout_s: object) -> int:
     return timeout_s
 
 
-class SandboxManager:
+class SandboxManager(RecoveryMixin):
     """The lifecycle of sandboxes. Async; call from one event loop."""
 
     def __init__(
@@ -426,17 +446,7 @@ class SandboxManager:
 
     async def _release_all(self, rec: SandboxRecord) -> list[str]:
         """Release every recorded resource, newest first; return what could not be released."""
-        leftovers = []
-        for key in reversed(list(rec.resources)):
-            try:
-                await self.runtime.release(rec, key, rec.resources[key])
-            except Exception as exc:
-                log.error("sandbox %s: could not release %s: %s", rec.id, key, exc)
-                leftovers.append(key)
-                continue
-            del rec.resources[key]
-            self.store.save_sandbox(rec)
-        return leftovers
+        return await self._release(rec, rec.resources)
 
     # -- internals -----------------------------------------------------------------------------------
 

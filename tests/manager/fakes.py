@@ -33,7 +33,11 @@ class FakeRuntime:
         self.templates: set[str] = set()
         self.failing_release: set[str] = set()
         self.envd_client = FakeEnvd()
+        self.stopped: set[str] = set()  # sandboxes whose VM exists with its vCPUs stopped
+        self.committed: set[str] = set()  # sandboxes whose last pause reached its commit
         self._ips = 0
+
+    persistent = frozenset({"disk", "snapshot"})
 
     def _acquire(self, ledger: Ledger, key: str, op: str) -> None:
         ledger.hold(key, f"{ledger.rec.id}:{key}")
@@ -54,6 +58,7 @@ class FakeRuntime:
         faults.point("pause.stop")
         self._acquire(ledger, "snapshot", "pause")
         faults.point("pause.written")
+        self.committed.add(rec.id)
         for key in ("vm", "slot"):
             await ledger.release(key)
 
@@ -78,3 +83,26 @@ class FakeRuntime:
 
     def envd(self, rec: SandboxRecord) -> FakeEnvd:
         return self.envd_client
+
+    async def vm_state(self, rec: SandboxRecord) -> str:
+        if f"{rec.id}:vm" not in self.held:
+            return "gone"
+        return "paused" if rec.id in self.stopped else "running"
+
+    async def continue_vm(self, rec: SandboxRecord) -> None:
+        self.stopped.discard(rec.id)
+
+    def pause_committed(self, rec: SandboxRecord) -> bool:
+        return rec.id in self.committed
+
+    async def finish_resume(self, rec: SandboxRecord) -> str:
+        return self._ip()
+
+    async def sweep(self, records: list[SandboxRecord]) -> dict[str, list[str]]:
+        named = {v for r in records for v in r.resources.values()}
+        stray = sorted(self.held - named)
+        self.held -= set(stray)
+        return {"things": stray}
+
+    def template_names(self) -> list[tuple[str, str, int, int]]:
+        return [(t, f"/t/{t}", 1, 256) for t in ["minimal", *sorted(self.templates)]]

@@ -32,7 +32,7 @@ class Qcow2Backend(FileDiskBackend):
         )  # fmt: skip
 
     async def _check_store(self, disk: Disk) -> None:
-        done = await self._run(["qemu-img", "info", "--output=json", str(disk.store)])
+        done = await self._run(["qemu-img", "info", "-U", "--output=json", str(disk.store)])
         try:
             info = json.loads(done.text)
         except ValueError as exc:
@@ -56,8 +56,10 @@ class Qcow2Backend(FileDiskBackend):
         # The merged view reads through to the base, so the base must still be the recorded one.
         await self.fingerprints.verify(disk.base)
         await self._check_store(disk)
-        # qemu-img convert writes zero runs as holes: the result is as sparse as its content.
+        # qemu-img convert writes zero runs as holes: the result is as sparse as its content. -U: a
+        # stopped VM (a fork snapshots a running sandbox in place) still holds the overlay's write lock;
+        # its vCPUs are stopped and its writes flushed, so reading alongside it is safe.
         await self._run(
-            ["qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", str(disk.store), str(out)],
+            ["qemu-img", "convert", "-q", "-U", "-f", "qcow2", "-O", "raw", str(disk.store), str(out)],
             timeout=self.config.flatten_timeout,
         )

@@ -278,21 +278,11 @@ class Templates:
     async def _boot_and_snapshot(
         self, image: Image, slot: NetworkSlot, build_dir: Path, disk: Drive, step: _Stepper
     ) -> Snapshot:
-        args = guest_kernel_args(
-            image.manifest.kernel_args, ip=f"{GUEST_IP}/{GUEST_NETWORK.prefixlen}", gateway=str(GATEWAY_IP)
-        )
-        config = VmConfig(
-            machine=Machine(vcpus=self.config.vcpus, memory_mib=self.config.memory_mib, drives=(disk,)),
-            memory=MemoryFile(build_dir / MEMORY),
-            run_dir=build_dir / "run",
-            kernel=Kernel(image.kernel, image.initramfs, " ".join(args)),
-            netns=netns_path(slot),
-        )
+        placement = Placement(build_dir / "run", disk, slot, build_dir / MEMORY)
+        machine = Machine(vcpus=self.config.vcpus, memory_mib=self.config.memory_mib, drives=(disk,))
         with step("boot"):  # to the agent's first answer
-            vm = await self.driver.boot(config)
+            vm = await self.boot(image, machine, placement)
         try:
-            with step("boot"):
-                await agent_ready(vm, slot, timeout=self.config.boot_timeout_s, init=False)
             with step("warm_up"):
                 await self._warm_up(slot)
             with step("snapshot"):
@@ -301,10 +291,33 @@ class Templates:
         finally:
             with anyio.CancelScope(shield=True):
                 await vm.destroy()
-            shutil.rmtree(config.run_dir, ignore_errors=True)
+            shutil.rmtree(placement.run_dir, ignore_errors=True)
 
-    async def start(self, template: Template, placement: Placement) -> Vm:
-        """Restore ``template`` into ``placement``; returns once the agent answered and took ``/init``."""
+    async def boot(self, image: Image, machine: Machine, placement: Placement) -> Vm:
+        """Cold-boot ``image`` on ``machine`` into ``placement``; returns once the agent answers (no
+        ``/init``). The VM is destroyed again if its agent never answers."""
+        args = guest_kernel_args(
+            image.manifest.kernel_args, ip=f"{GUEST_IP}/{GUEST_NETWORK.prefixlen}", gateway=str(GATEWAY_IP)
+        )
+        config = VmConfig(
+            machine=machine,
+            memory=MemoryFile(placement.memory),
+            run_dir=placement.run_dir,
+            kernel=Kernel(image.kernel, image.initramfs, " ".join(args)),
+            netns=netns_path(placement.slot),
+        )
+        vm = await self.driver.boot(config)
+        try:
+            await agent_ready(vm, placement.slot, timeout=self.config.boot_timeout_s, init=False)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await vm.destroy()
+            raise
+        return vm
+
+    async def start(self, template: Template, placement: Placement, *, init: bool = True) -> Vm:
+        """Restore ``template`` into ``placement``; returns once the agent answered (and, with ``init``,
+        took a plain ``/init``: clock and CRNG; callers with more to say pass ``init=False``)."""
         config = VmConfig(
             machine=template.machine(placement.disk),
             memory=MemoryFile(placement.memory),
@@ -319,7 +332,7 @@ class Templates:
             await anyio.to_thread.run_sync(copy_ram, template.memory, placement.memory)
             vm = await self.driver.restore(config, snapshot)
             rb.push(f"VM {vm.pid}", vm.destroy)
-            await agent_ready(vm, placement.slot, timeout=self.config.ready_timeout_s)
+            await agent_ready(vm, placement.slot, timeout=self.config.ready_timeout_s, init=init)
             rb.commit()
         return vm
 
