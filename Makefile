@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml scripts/install-system.sh
 	touch $@
 
 demo: install
-	$(PY) scripts/demo.py
+	$(VENV)/bin/wrenbox demo
 
 test: install
 	$(VENV)/bin/ruff check src tests bench

@@ -238,6 +238,40 @@ def template_list(
     console.print(table)
 
 
+@app.command()
+def demo(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON line per step.")] = False,
+) -> None:
+    """Run the whole sandbox lifecycle once and time each step (builds the image and template if missing)."""
+    import anyio
+
+    from wrenbox.demo import DemoStep, run_demo
+
+    settings = _settings()
+
+    def report(step: DemoStep) -> None:
+        if as_json:
+            print(json.dumps({"step": step.step, "seconds": step.seconds, "ok": step.ok}), flush=True)
+            if step.detail:
+                err_console.print(f"[red]{step.step} failed:[/] {step.detail}", highlight=False)
+        else:
+            mark = "[green]ok[/]" if step.ok else "[bold red]FAILED[/]"
+            console.print(f"{step.step:<22} {step.seconds:8.3f} s  {mark}  {step.detail}", highlight=False)
+
+    def progress(message: str) -> None:
+        err_console.print(f"[dim]{message}[/]", highlight=False)
+
+    try:
+        ok = anyio.run(run_demo, settings, report, progress)
+    except WrenboxError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps({"ok": ok}), flush=True)
+    else:
+        console.print("[bold green]demo passed[/]" if ok else "[bold red]demo failed[/]")
+    raise typer.Exit(0 if ok else 1)
+
+
 def main() -> None:
     try:
         app()

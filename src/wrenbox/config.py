@@ -27,6 +27,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from wrenbox.network.plan import NetworkConfig
+
 __all__ = [
     "DEFAULT_CONFIG_FILE",
     "ApiConfig",
@@ -60,6 +62,7 @@ class SandboxDefaults(_Group):
     memory_mb: int = Field(512, ge=64)
     timeout_s: int = Field(300, ge=0)
     on_timeout: Literal["pause", "kill"] = "pause"
+    disk_mb: int | None = Field(None, ge=64)  # per-sandbox root disk; None: the template's size
 
 
 class Settings(BaseSettings):
@@ -68,11 +71,14 @@ class Settings(BaseSettings):
     )
 
     data_dir: Path = Path("/var/lib/wrenbox")
+    # Guest RAM of running sandboxes (tmpfs: no disk writeback while they run; moved to disk on pause).
+    memory_dir: Path = Path("/dev/shm/wrenbox")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     on_shutdown: Literal["pause", "destroy"] = "pause"
     api: ApiConfig = ApiConfig()
     limits: LimitsConfig = LimitsConfig()
     defaults: SandboxDefaults = SandboxDefaults()
+    network: NetworkConfig = NetworkConfig()
 
     # Layout of the data dir. Derived, never configured separately, so one setting moves everything.
     @property

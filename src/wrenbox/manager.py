@@ -356,7 +356,7 @@ class SandboxManager(RecoveryMixin):
         """Run ``cmd`` and collect its output, capped at the configured size."""
         kwargs.setdefault("output_cap", self.config.exec_output_cap_bytes)
         async with self.use(sandbox_id) as envd:
-            return await envd.exec(cmd, **kwargs)
+            return await envd.processes.exec(cmd, **kwargs)
 
     async def expire(self, sandbox_id: str, action: str) -> None:
         """Called by the reaper: pause (or kill) a sandbox that is still idle past its timeout."""

@@ -19,6 +19,10 @@ class FakeEnvd:
         self.blocked = anyio.Event()
         self.calls: list[str] = []
 
+    @property
+    def processes(self) -> FakeEnvd:  # the real client groups process calls under .processes
+        return self
+
     async def exec(self, cmd: str, **kwargs: Any) -> dict[str, Any]:
         self.calls.append(cmd)
         if cmd == "block":

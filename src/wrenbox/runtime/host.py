@@ -118,7 +118,8 @@ class HostRuntime:
             vm = await self.templates.start(tpl, placement, init=False)
         self._adopted(rec, vm, ledger)
         faults.point("create.vm")
-        await self._init_agent(rec, slot)
+        # A template made from a sandbox carries that sandbox's agent token; the first /init rotates it.
+        await self._init_agent(rec, slot, current_token=template.manifest.get("agent_token"))
         faults.point("create.init")
         return str(slot.host_ip)
 
@@ -196,7 +197,8 @@ class HostRuntime:
             )
         finally:
             shutil.rmtree(build, ignore_errors=True)
-        return {"size_bytes": _allocated(tpl.path), "parent": parent.name}
+        # The agent in the template's memory still holds this sandbox's token: children need it once.
+        return {"size_bytes": _allocated(tpl.path), "parent": parent.name, "agent_token": rec.access_token}
 
     async def release(self, rec: SandboxRecord, key: str, value: Any) -> None:
         if key == "slot":
@@ -327,15 +329,17 @@ class HostRuntime:
         except KeyError:
             raise CorruptData(f"sandbox {rec.id} has no disk on record") from None
 
-    def _client(self, rec: SandboxRecord, host_ip: str) -> AsyncEnvdClient:
-        config = EnvdConfig(base_url=f"http://{host_ip}:{ENVD_PORT}", access_token=rec.access_token)
+    def _client(self, rec: SandboxRecord, host_ip: str, *, token: str | None = None) -> AsyncEnvdClient:
+        config = EnvdConfig(base_url=f"http://{host_ip}:{ENVD_PORT}", access_token=token or rec.access_token)
         client = self._clients[rec.id] = AsyncEnvdClient(config)
         return client
 
-    async def _init_agent(self, rec: SandboxRecord, slot: NetworkSlot) -> None:
+    async def _init_agent(
+        self, rec: SandboxRecord, slot: NetworkSlot, *, current_token: str | None = None
+    ) -> None:
         """Every start and resume: set the guest clock, reseed its CRNG, (re)state token and env."""
         await self._close_client(rec.id)
-        client = self._client(rec, str(slot.host_ip))
+        client = self._client(rec, str(slot.host_ip), token=current_token)
         await client.init(env_vars=rec.env, access_token=rec.access_token)
 
     async def _close_client(self, sandbox_id: str) -> None:

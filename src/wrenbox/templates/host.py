@@ -9,7 +9,7 @@ from wrenbox.errors import AlreadyExists, Unavailable
 from wrenbox.host import HostCapabilities
 from wrenbox.images import Image, load_image
 from wrenbox.names import validate_name
-from wrenbox.network import Network, NetworkConfig, NetworkSlot
+from wrenbox.network import Network, NetworkSlot
 from wrenbox.rootfs import RootfsConfig, backend_for
 from wrenbox.templates.store import Template, TemplateConfig, Templates
 from wrenbox.vmm.qemu import QemuConfig, QemuDriver
@@ -48,7 +48,7 @@ async def build_template(
     templates = host_templates(settings, caps or HostCapabilities.probe(settings), **config)
     if isinstance(image, str):
         image = load_image(settings.images_dir, image)
-    network = network or Network(NetworkConfig())
+    network = network or Network(settings.network)
     await network.setup()
     slot = await _free_slot(network)
     try:
