@@ -14,6 +14,7 @@ leftovers are recorded on the sandbox for a later destroy or reclaim.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -90,6 +91,8 @@ class Runtime(Protocol):
     async def finish_resume(self, rec: SandboxRecord) -> str: ...
 
     async def sweep(self, records: list[SandboxRecord]) -> dict[str, list[str]]: ...
+
+    def host_metrics(self, rec: SandboxRecord) -> dict[str, int | float]: ...
 
     def template_names(self) -> list[tuple[str, str, int, int]]:
         """Published templates: (name, path, vcpus, memory MiB)."""
@@ -357,6 +360,26 @@ class SandboxManager(RecoveryMixin):
         kwargs.setdefault("output_cap", self.config.exec_output_cap_bytes)
         async with self.use(sandbox_id) as envd:
             return await envd.processes.exec(cmd, **kwargs)
+
+    def exec_stream(self, sandbox_id: str, cmd: str, **kwargs: Any) -> AsyncIterator[Any]:
+        """Run ``cmd`` and yield its events (started, stdout, stderr, exited) as they happen."""
+
+        async def events() -> AsyncIterator[Any]:
+            async with self.use(sandbox_id) as envd, envd.processes.exec_stream(cmd, **kwargs) as proc:
+                async for event in proc:
+                    self.touch(sandbox_id)
+                    yield event
+
+        return events()
+
+    async def metrics(self, sandbox_id: str) -> dict[str, Any]:
+        """Host-side cost of the sandbox, plus the guest's own view when it is running."""
+        rec = self.get(sandbox_id)
+        out: dict[str, Any] = {"state": rec.state.value, "host": self.runtime.host_metrics(rec)}
+        if rec.state is S.RUNNING:
+            async with self.use(sandbox_id) as envd:
+                out["guest"] = dataclasses.asdict(await envd.metrics())
+        return out
 
     async def expire(self, sandbox_id: str, action: str) -> None:
         """Called by the reaper: pause (or kill) a sandbox that is still idle past its timeout."""

@@ -3,6 +3,8 @@ exactly what is held, and passes the same fault points the real runtime does."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,30 @@ import anyio
 from wrenbox import faults
 from wrenbox.ledger import Ledger
 from wrenbox.models import SandboxRecord, TemplateRecord
+
+
+@dataclass
+class FakeMetrics:
+    cpu_count: int = 1
+    mem_used: int = 123
+
+
+class FakeStream:
+    def __init__(self, cmd: str) -> None:
+        self.events = ["started", f"stdout:{cmd}", "exited:0"]
+
+    async def __aenter__(self) -> FakeStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        async def gen() -> AsyncIterator[str]:
+            for e in self.events:
+                yield e
+
+        return gen()
 
 
 class FakeEnvd:
@@ -22,6 +48,12 @@ class FakeEnvd:
     @property
     def processes(self) -> FakeEnvd:  # the real client groups process calls under .processes
         return self
+
+    def exec_stream(self, cmd: str, **kwargs: Any) -> FakeStream:
+        return FakeStream(cmd)
+
+    async def metrics(self) -> FakeMetrics:
+        return FakeMetrics()
 
     async def exec(self, cmd: str, **kwargs: Any) -> dict[str, Any]:
         self.calls.append(cmd)
@@ -110,3 +142,6 @@ class FakeRuntime:
 
     def template_names(self) -> list[tuple[str, str, int, int]]:
         return [(t, f"/t/{t}", 1, 256) for t in ["minimal", *sorted(self.templates)]]
+
+    def host_metrics(self, rec: SandboxRecord) -> dict[str, int | float]:
+        return {"resources": len(rec.resources)}

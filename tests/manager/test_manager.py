@@ -382,3 +382,13 @@ async def test_state_survives_a_new_manager(store: Store, runtime: FakeRuntime, 
     assert got.state is S.PAUSED
     assert got.metadata == {"k": "v"}
     assert (await again.resume(rec.id)).state is S.RUNNING
+
+
+async def test_exec_stream_and_metrics(mgr: SandboxManager) -> None:
+    rec = await mgr.create(CreateRequest())
+    events = [e async for e in mgr.exec_stream(rec.id, "ls")]
+    assert events == ["started", "stdout:ls", "exited:0"]
+    m = await mgr.metrics(rec.id)
+    assert m == {"state": "running", "host": {"resources": 3}, "guest": {"cpu_count": 1, "mem_used": 123}}
+    await mgr.pause(rec.id)
+    assert await mgr.metrics(rec.id) == {"state": "paused", "host": {"resources": 2}}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import secrets
 import shutil
 import time
@@ -230,6 +231,20 @@ class HostRuntime:
             client = self._client(rec, rec.host_ip)
         return client
 
+    def host_metrics(self, rec: SandboxRecord) -> dict[str, int | float]:
+        """What the sandbox costs the host: VMM memory and CPU (while running), disk and snapshot bytes."""
+        out: dict[str, int | float] = {}
+        if "disk" in rec.resources:
+            out["disk_bytes"] = _allocated_file(self._disk(rec).store)
+        if "snapshot" in rec.resources:
+            out["snapshot_bytes"] = _allocated(self.snapshot_dir(rec.id))
+        if "memory" in rec.resources:
+            out["ram_file_bytes"] = _allocated_file(self.ram_file(rec.id))
+        vm = self.adopt(rec) if "vm" in rec.resources else None
+        if vm is not None:
+            out.update(_process_usage(vm.pid))
+        return out
+
     # -- recovery after a restart (see wrenbox.recovery) -------------------------------------------------
 
     persistent = frozenset({"disk", "snapshot"})  # what a paused sandbox holds
@@ -411,3 +426,25 @@ def _rmtree(path: Path) -> None:
 
 def _allocated(path: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
+
+
+def _allocated_file(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def _process_usage(pid: int) -> dict[str, int | float]:
+    """Resident memory and CPU time of a process, from /proc (empty if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            resident_pages = int(f.read().split()[1])
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return {}
+    ticks = os.sysconf("SC_CLK_TCK")
+    # After the command name: field 14 utime and 15 stime are at indices 11 and 12.
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    return {"vmm_rss_bytes": resident_pages * os.sysconf("SC_PAGE_SIZE"), "vmm_cpu_seconds": cpu}
