@@ -1,0 +1,92 @@
+"""Real sandboxes through the real manager (the stack ``wrenbox demo`` runs): QEMU under TCG, network
+slots, qcow2 disks, compact memory snapshots, SQLite.
+
+One data directory per session (short, under /var/tmp, because unix socket paths are limited to 108
+bytes), sharing the machine's cached guest image and host probe; the ``minimal`` template is built in it
+by the first test that needs it. ``manager`` opens a manager per test and, whatever happened, destroys
+every sandbox and derived template the test made. At the end of the session nothing may be left: no
+QEMU process, namespace, link, RAM file or data directory.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from tests.support.images import TEST_DATA_DIR, ensure_test_image
+
+from wrenbox.config import LimitsConfig, SandboxDefaults, Settings
+from wrenbox.manager import SandboxManager
+from wrenbox.models import SandboxState
+from wrenbox.network import Network, NetworkConfig
+from wrenbox.network.links import link_names
+from wrenbox.network.netns import list_netns
+from wrenbox.runtime.recovery import our_processes
+from wrenbox.service import ensure_template, open_manager
+
+GUEST_MEMORY_MB = 256
+
+
+def make_settings(root: Path, tag: str, **overrides: object) -> Settings:
+    return Settings(
+        data_dir=root,
+        memory_dir=Path(f"/dev/shm/wbs-{tag}"),
+        on_shutdown="destroy",
+        network=NetworkConfig(prefix=f"wbs{tag}", host_range="10.41.0.0/16", transfer_range="10.42.0.0/16"),
+        defaults=SandboxDefaults(memory_mb=GUEST_MEMORY_MB, timeout_s=0),
+        limits=LimitsConfig(max_sandboxes=8, max_concurrent_starts=4),
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+def _names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("*")) if directory.exists() else []
+
+
+def leftovers(settings: Settings) -> dict[str, list[str]]:
+    """Everything of this data dir still on the host (empty when all sandboxes are gone)."""
+    prefix = settings.network.prefix
+    found = {
+        "processes": [str(p.pid) for p in our_processes([settings.data_dir])],
+        "netns/links": [n for n in list_netns() + link_names() if n.startswith(prefix)],
+        "ram files": _names(settings.memory_dir),
+        "sandbox dirs": _names(settings.sandboxes_dir),
+        "disks": _names(settings.data_dir / "disks"),
+    }
+    return {k: v for k, v in found.items() if v}
+
+
+@pytest.fixture(scope="session")
+def settings() -> Iterator[Settings]:
+    ensure_test_image()
+    root = Path(tempfile.mkdtemp(prefix="wbs-", dir="/var/tmp"))
+    (root / "images").symlink_to(TEST_DATA_DIR / "images")
+    (root / "host").symlink_to(TEST_DATA_DIR / "host")  # the host probe's cache (KVM verdict)
+    s = make_settings(root, secrets.token_hex(2))
+    yield s
+    left = leftovers(s)
+    anyio.run(Network(s.network).teardown)
+    shutil.rmtree(s.memory_dir, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
+    assert left == {}, f"the sandbox tests left things behind: {left}"
+
+
+@pytest.fixture
+async def manager(settings: Settings) -> AsyncIterator[SandboxManager]:
+    async with open_manager(settings, reaper=False) as mgr:
+        await ensure_template(mgr, settings)
+        try:
+            yield mgr
+        finally:
+            with anyio.CancelScope(shield=True):
+                for rec in mgr.list():
+                    await mgr.destroy(rec.id)
+                for tpl in mgr.store.list_templates():
+                    if tpl.name != "minimal" and not mgr.store.template_users(tpl.name):
+                        await mgr.delete_template(tpl.name)
+        assert [r.id for r in mgr.list() if r.state is not SandboxState.DESTROYED] == []
