@@ -48,8 +48,9 @@ def _names(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.glob("*")) if directory.exists() else []
 
 
-def leftovers(settings: Settings) -> dict[str, list[str]]:
-    """Everything of this data dir still on the host (empty when all sandboxes are gone)."""
+def host_objects(settings: Settings) -> dict[str, list[str]]:
+    """Everything of this data dir still on the host (empty when all sandboxes are gone). Blocking:
+    from async code use :func:`leftovers`."""
     prefix = settings.network.prefix
     found = {
         "processes": [str(p.pid) for p in our_processes([settings.data_dir])],
@@ -61,6 +62,11 @@ def leftovers(settings: Settings) -> dict[str, list[str]]:
     return {k: v for k, v in found.items() if v}
 
 
+async def leftovers(settings: Settings) -> dict[str, list[str]]:
+    """:func:`host_objects` from a worker thread (netlink calls may not run on the event loop)."""
+    return await anyio.to_thread.run_sync(host_objects, settings)
+
+
 @pytest.fixture(scope="session")
 def settings() -> Iterator[Settings]:
     ensure_test_image()
@@ -69,7 +75,7 @@ def settings() -> Iterator[Settings]:
     (root / "host").symlink_to(TEST_DATA_DIR / "host")  # the host probe's cache (KVM verdict)
     s = make_settings(root, secrets.token_hex(2))
     yield s
-    left = leftovers(s)
+    left = host_objects(s)
     anyio.run(Network(s.network).teardown)
     shutil.rmtree(s.memory_dir, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
