@@ -21,7 +21,8 @@ Figures (JSON lines ``{"figure", "value", "unit"}``):
     Bytes the snapshot occupies on disk / non-zero bytes of the memory it holds.
 
 More groups are added as functions yielding figure dicts; a sibling ``bench/uffd.py`` exposing
-``figures(quick: bool)`` is run too.
+``figures(quick: bool)`` is run too, and ``bench/sandbox.py`` for ``snapshot_size_ratio``: bytes on disk of
+a real paused QEMU sandbox's memory snapshot / non-zero bytes of its guest memory.
 
     python bench/memory.py [--quick] [--memfile PATH] [--dir DIR]
 """
@@ -204,8 +205,8 @@ def processing_figures(quick: bool, work: Path, memfile: Path | None) -> Iterato
     yield figure("memfile_materialize_ratio", t["read"] / t["materialize"], "ratio")
 
 
-def sibling_figures(name: str, quick: bool) -> Iterable[dict[str, object]]:
-    """``figures(quick)`` of ``bench/<name>.py`` when that benchmark exists."""
+def sibling_figures(name: str, quick: bool, **kwargs: object) -> Iterable[dict[str, object]]:
+    """``figures(quick, **kwargs)`` of ``bench/<name>.py`` when that benchmark exists."""
     path = Path(__file__).with_name(f"{name}.py")
     if not path.exists():
         return []
@@ -214,7 +215,7 @@ def sibling_figures(name: str, quick: bool) -> Iterable[dict[str, object]]:
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.figures(quick) if hasattr(module, "figures") else []
+    return module.figures(quick, **kwargs) if hasattr(module, "figures") else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         for item in sibling_figures("uffd", args.quick):
             print(json.dumps(item), flush=True)
+        # snapshot_size_ratio of a real paused QEMU sandbox (needs root and QEMU)
+        for item in sibling_figures("sandbox", args.quick, latency=False):
+            if item["figure"] == "snapshot_size_ratio":
+                print(json.dumps(item), flush=True)
     return 0
 
 

@@ -1,0 +1,185 @@
+"""Sandbox benchmarks through the real manager (what a user of wrenbox waits for).
+
+Prints one JSON line per figure, ``{"figure": NAME, "value": NUMBER, "unit": UNIT}``:
+
+``create_exec_p50_s``, ``create_exec_p95_s``
+    ``create`` from the template, then the first ``exec true`` answered (N sandboxes, one at a time).
+``pause_p50_s``            ``pause`` of a running sandbox that dirtied 32 MiB since it started.
+``resume_exec_p50_s``      ``resume``, then the first ``exec true`` answered.
+``exec_rtt_p50_ms``        ``exec true`` through the manager (100 runs after a warm-up).
+``snapshot_size_ratio``    bytes the paused sandbox's memory snapshot occupies on disk (header + diff
+                           files) / non-zero bytes of its guest memory, counted in the RAM file while
+                           the VM is stopped right before the pause (4 KiB pages; holes skipped).
+
+Needs root and QEMU. Uses a temporary data dir sharing the cached guest image in
+``$WRENBOX_TEST_DATA_DIR`` (default ``/var/tmp/wrenbox-test``); ``--quick`` takes fewer samples.
+
+    python bench/sandbox.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import secrets
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+
+from wrenbox.config import LimitsConfig, SandboxDefaults, Settings
+from wrenbox.images import ImageConfig, build_image
+from wrenbox.manager import CreateRequest, SandboxManager
+from wrenbox.network import Network, NetworkConfig
+from wrenbox.service import ensure_template, open_manager
+
+CACHE = Path(os.environ.get("WRENBOX_TEST_DATA_DIR", "/var/tmp/wrenbox-test"))
+PAGE = 4096
+DIRTY = "head -c 33554432 /dev/urandom > /dev/shm/dirty"
+
+
+def figure(name: str, value: float, unit: str) -> dict[str, object]:
+    return {"figure": name, "value": round(value, 4), "unit": unit}
+
+
+def nonzero_bytes(path: Path) -> int:
+    """Non-zero 4 KiB pages of a (sparse) file, in bytes; holes are skipped without reading them."""
+    zero = bytes(PAGE)
+    total = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
+            view = memoryview(mm)
+            offset = 0
+            while offset < size:
+                try:
+                    start = os.lseek(fd, offset, os.SEEK_DATA)
+                except OSError:
+                    break
+                end = os.lseek(fd, start, os.SEEK_HOLE)
+                for page in range(start - start % PAGE, end, PAGE):
+                    if view[page : page + PAGE] != zero:
+                        total += PAGE
+                offset = end
+            view.release()
+    finally:
+        os.close(fd)
+    return total
+
+
+def snapshot_bytes(directory: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in directory.glob("memfile*"))
+
+
+def p(values: list[float], q: float) -> float:
+    return (
+        statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+    )
+
+
+async def timed_create(mgr: SandboxManager) -> tuple[str, float]:
+    t0 = time.monotonic()
+    sb = await mgr.create(CreateRequest())
+    await mgr.exec(sb.id, "true")
+    return sb.id, time.monotonic() - t0
+
+
+async def latency_figures(mgr: SandboxManager, quick: bool) -> list[dict[str, object]]:
+    creates = []
+    for _ in range(3 if quick else 20):
+        sid, seconds = await timed_create(mgr)
+        creates.append(seconds)
+        await mgr.destroy(sid)
+    sb = await mgr.create(CreateRequest())
+    await mgr.exec(sb.id, "true")
+    rtts = []
+    for _ in range(20 if quick else 100):
+        t0 = time.monotonic()
+        await mgr.exec(sb.id, "true")
+        rtts.append(time.monotonic() - t0)
+    await mgr.destroy(sb.id)
+    return [
+        figure("create_exec_p50_s", p(creates, 50), "s"),
+        figure("create_exec_p95_s", p(creates, 95), "s"),
+        figure("exec_rtt_p50_ms", statistics.median(rtts) * 1000, "ms"),
+    ]
+
+
+async def pause_figures(mgr: SandboxManager, quick: bool) -> list[dict[str, object]]:
+    sb = await mgr.create(CreateRequest())
+    runtime = mgr.runtime
+    pauses, resumes, ratios = [], [], []
+    for _ in range(2 if quick else 5):
+        await mgr.exec(sb.id, DIRTY)
+        await runtime._vm(mgr.get(sb.id)).pause()  # stopped: the RAM file holds what the pause stores
+        nonzero = await anyio.to_thread.run_sync(nonzero_bytes, runtime.ram_file(sb.id))
+        t0 = time.monotonic()
+        await mgr.pause(sb.id)
+        pauses.append(time.monotonic() - t0)
+        ratios.append(snapshot_bytes(runtime.snapshot_dir(sb.id)) / nonzero)
+        t0 = time.monotonic()
+        await mgr.resume(sb.id)
+        await mgr.exec(sb.id, "true")
+        resumes.append(time.monotonic() - t0)
+    await mgr.destroy(sb.id)
+    return [
+        figure("pause_p50_s", statistics.median(pauses), "s"),
+        figure("resume_exec_p50_s", statistics.median(resumes), "s"),
+        figure("snapshot_size_ratio", max(ratios), "ratio"),
+    ]
+
+
+def bench_settings(root: Path) -> Settings:
+    tag = secrets.token_hex(2)
+    return Settings(
+        data_dir=root,
+        memory_dir=Path(f"/dev/shm/wbb-{tag}"),
+        on_shutdown="destroy",
+        network=NetworkConfig(prefix=f"wbb{tag}", host_range="10.45.0.0/16", transfer_range="10.46.0.0/16"),
+        defaults=SandboxDefaults(memory_mb=512, timeout_s=0),
+        limits=LimitsConfig(max_sandboxes=4),
+    )
+
+
+def figures(quick: bool, *, latency: bool = True) -> Iterator[dict[str, object]]:
+    """All figures; ``latency=False`` only the pause/resume/snapshot-size group (for bench/memory.py)."""
+    build_image(ImageConfig.from_settings(Settings(data_dir=CACHE)), "minimal")
+    root = Path(tempfile.mkdtemp(prefix="wbb-", dir="/var/tmp"))
+    (root / "images").symlink_to(CACHE / "images")
+    (root / "host").symlink_to(CACHE / "host")
+    settings = bench_settings(root)
+
+    async def run() -> list[dict[str, object]]:
+        async with open_manager(settings, reaper=False) as mgr:
+            await ensure_template(mgr, settings)
+            results = await latency_figures(mgr, quick) if latency else []
+            return results + await pause_figures(mgr, quick)
+
+    try:
+        results = anyio.run(run)
+    finally:
+        anyio.run(Network(settings.network).teardown)
+        shutil.rmtree(settings.memory_dir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+    yield from results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few samples (about a minute)")
+    args = parser.parse_args(argv)
+    for item in figures(args.quick):
+        print(json.dumps(item), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
