@@ -14,6 +14,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anyio
@@ -48,13 +49,12 @@ def _names(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.glob("*")) if directory.exists() else []
 
 
-def host_objects(settings: Settings) -> dict[str, list[str]]:
-    """Everything of this data dir still on the host (empty when all sandboxes are gone). Blocking:
-    from async code use :func:`leftovers`."""
+def leftovers(settings: Settings) -> dict[str, list[str]]:
+    """Everything of this data dir still on the host (empty when all sandboxes are gone)."""
     prefix = settings.network.prefix
     found = {
         "processes": [str(p.pid) for p in our_processes([settings.data_dir])],
-        "netns/links": [n for n in list_netns() + link_names() if n.startswith(prefix)],
+        "netns/links": [n for n in list_netns() + _link_names() if n.startswith(prefix)],
         "ram files": _names(settings.memory_dir),
         "sandbox dirs": _names(settings.sandboxes_dir),
         "disks": _names(settings.data_dir / "disks"),
@@ -62,9 +62,10 @@ def host_objects(settings: Settings) -> dict[str, list[str]]:
     return {k: v for k, v in found.items() if v}
 
 
-async def leftovers(settings: Settings) -> dict[str, list[str]]:
-    """:func:`host_objects` from a worker thread (netlink calls may not run on the event loop)."""
-    return await anyio.to_thread.run_sync(host_objects, settings)
+def _link_names() -> list[str]:
+    # Netlink calls refuse to run on an event loop's thread, and async tests call leftovers() too.
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(link_names).result()
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +76,7 @@ def settings() -> Iterator[Settings]:
     (root / "host").symlink_to(TEST_DATA_DIR / "host")  # the host probe's cache (KVM verdict)
     s = make_settings(root, secrets.token_hex(2))
     yield s
-    left = host_objects(s)
+    left = leftovers(s)
     anyio.run(Network(s.network).teardown)
     shutil.rmtree(s.memory_dir, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)

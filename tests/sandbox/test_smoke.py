@@ -21,4 +21,4 @@ async def test_create_exec_destroy(manager: SandboxManager, settings: Settings) 
     assert result.stdout.split() == [b"hi", b"user"]
     await manager.destroy(sb.id)
     assert manager.get(sb.id).state is SandboxState.DESTROYED
-    assert await leftovers(settings) == {}
+    assert leftovers(settings) == {}
