@@ -1,0 +1,113 @@
+"""Looking into a real sandbox from a test: files with known content, their hashes as the guest sees
+them, a background process that must survive, and the sandbox's paused memory chain on the host."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from wrenbox.manager import SandboxManager
+from wrenbox.memory.format import HEADER_NAME, Header
+from wrenbox.runtime import HostRuntime
+
+TMPFS_FILE = "/dev/shm/integrity.bin"  # guest RAM only: lives in the memory snapshot
+DISK_FILE = "/home/user/integrity.bin"  # the guest's root disk (qcow2 overlay on the host)
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /dev/shm/counter; sleep 0.2; done"
+
+
+async def run(mgr: SandboxManager, sandbox_id: str, cmd: str, *, user: str | None = None) -> str:
+    """Run ``cmd``, insist that it succeeded, return its stdout as text."""
+    result = await mgr.exec(sandbox_id, cmd, user=user)
+    assert result.exit_code == 0, f"{cmd!r} exited {result.exit_code}: {result.stderr!r}"
+    return result.stdout.decode()
+
+
+async def upload(mgr: SandboxManager, sandbox_id: str, path: str, data: bytes) -> None:
+    async with mgr.use(sandbox_id) as envd:
+        await envd.files.upload(path, data)
+
+
+async def guest_sha256(
+    mgr: SandboxManager, sandbox_id: str, *paths: str, from_disk: bool = False
+) -> list[str]:
+    """The guest's sha256 of each path. ``from_disk`` drops the guest's page cache first, so disk files
+    are read back from the virtual disk rather than from guest memory."""
+    quoted = " ".join(shlex.quote(p) for p in paths)
+    cmd = (
+        f"sync && echo 3 > /proc/sys/vm/drop_caches && sha256sum {quoted}"
+        if from_disk
+        else f"sha256sum {quoted}"
+    )
+    out = await run(mgr, sandbox_id, cmd, user="root")
+    return [line.split()[0] for line in out.splitlines()]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Contents:
+    """What the host knows the guest's two integrity files hold."""
+
+    tmpfs: bytes
+    disk: bytes
+
+    @classmethod
+    def random(cls, size: int) -> Contents:
+        return cls(os.urandom(size), os.urandom(size))
+
+    async def write(self, mgr: SandboxManager, sandbox_id: str) -> None:
+        await upload(mgr, sandbox_id, TMPFS_FILE, self.tmpfs)
+        await upload(mgr, sandbox_id, DISK_FILE, self.disk)
+
+    async def check(self, mgr: SandboxManager, sandbox_id: str) -> list[str]:
+        """Names of the files whose guest hash differs from the expected one (empty: all intact)."""
+        found = await guest_sha256(mgr, sandbox_id, TMPFS_FILE, DISK_FILE, from_disk=True)
+        expected = [sha256(self.tmpfs), sha256(self.disk)]
+        return [name for name, a, b in zip((TMPFS_FILE, DISK_FILE), found, expected, strict=True) if a != b]
+
+
+async def counter(mgr: SandboxManager, sandbox_id: str) -> int:
+    return int((await run(mgr, sandbox_id, "cat /dev/shm/counter")).strip() or 0)
+
+
+async def start_counter(mgr: SandboxManager, sandbox_id: str) -> int:
+    async with mgr.use(sandbox_id) as envd:
+        return await envd.processes.start(COUNTER, tag="counter")
+
+
+async def process_tags(mgr: SandboxManager, sandbox_id: str) -> list[str | None]:
+    async with mgr.use(sandbox_id) as envd:
+        return [p.tag for p in await envd.processes.list()]
+
+
+def runtime(mgr: SandboxManager) -> HostRuntime:
+    assert isinstance(mgr.runtime, HostRuntime)
+    return mgr.runtime
+
+
+def snapshot_dir(mgr: SandboxManager, sandbox_id: str) -> Path:
+    return runtime(mgr).snapshot_dir(sandbox_id)
+
+
+def memory_header(mgr: SandboxManager, sandbox_id: str) -> Header:
+    return Header.read(snapshot_dir(mgr, sandbox_id) / HEADER_NAME)
+
+
+def tree(directory: Path) -> dict[str, tuple[int, str]]:
+    """Every file under ``directory``: relative path → (size, sha256). Compares snapshots exactly."""
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            out[str(path.relative_to(directory))] = (path.stat().st_size, sha256(path.read_bytes()))
+    return out
+
+
+def vm_cmdline(mgr: SandboxManager, sandbox_id: str) -> list[str]:
+    """The command line of the sandbox's VMM process."""
+    pid = mgr.get(sandbox_id).resources["vm"]["pid"]
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")

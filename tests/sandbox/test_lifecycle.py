@@ -1,0 +1,207 @@
+"""Every lifecycle operation of the manager on real VMs: create (restore, cold boot), destroy, pause,
+resume, snapshot into a template, create from it, delete it, fork."""
+
+from __future__ import annotations
+
+import pytest
+
+from wrenbox.config import Settings
+from wrenbox.errors import AlreadyExists, InUse, InvalidArgument, NotFound, NotRunning
+from wrenbox.manager import CreateRequest, SandboxManager
+from wrenbox.models import SandboxState, TemplateState
+from wrenbox.names import new_sandbox_id
+
+from .conftest import leftovers
+from .guest import (
+    Contents,
+    counter,
+    process_tags,
+    run,
+    start_counter,
+    upload,
+    vm_cmdline,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.vm, pytest.mark.root]
+S = SandboxState
+RUNNING_HOLDS = {"slot", "disk", "memory", "vm"}
+PAUSED_HOLDS = {"disk", "snapshot"}
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{new_sandbox_id()[:6]}"
+
+
+async def test_create_restores_the_template_and_destroy_is_idempotent(
+    manager: SandboxManager, settings: Settings
+) -> None:
+    template = manager.store.get_template("minimal")
+    sb = await manager.create(CreateRequest(metadata={"owner": "t1"}, env={"GREETING": "hello there"}))
+    assert sb.state is S.RUNNING
+    assert sb.host_ip is not None
+    assert (sb.template, sb.vcpus, sb.memory_mb) == ("minimal", template.vcpus, template.memory_mb)
+    assert set(sb.resources) == RUNNING_HOLDS
+    assert "-incoming" in vm_cmdline(manager, sb.id)  # restored from the template's snapshot, not booted
+    assert await run(manager, sb.id, "echo $GREETING; id -un") == "hello there\nuser\n"
+
+    await manager.destroy(sb.id)
+    await manager.destroy(sb.id)
+    gone = manager.get(sb.id)
+    assert gone.state is S.DESTROYED
+    assert gone.resources == {}
+    assert gone.host_ip is None
+    assert leftovers(settings) == {}
+    with pytest.raises(NotFound):
+        await manager.exec(sb.id, "true")
+    with pytest.raises(NotFound):
+        await manager.destroy(new_sandbox_id())
+
+
+async def test_cold_boot_boots_the_image(manager: SandboxManager, settings: Settings) -> None:
+    sb = await manager.create(CreateRequest(cold_boot=True, env={"MODE": "cold"}))
+    assert sb.state is S.RUNNING
+    assert set(sb.resources) == RUNNING_HOLDS
+    argv = vm_cmdline(manager, sb.id)
+    assert "-kernel" in argv
+    assert "-incoming" not in argv
+    assert await run(manager, sb.id, "echo $MODE") == "cold\n"
+    await manager.destroy(sb.id)
+    assert leftovers(settings) == {}
+
+
+async def test_pause_and_resume_keep_everything_but_the_address(
+    manager: SandboxManager, settings: Settings
+) -> None:
+    req = CreateRequest(
+        metadata={"k": "v", "team": "core"}, env={"SECRET": "s3"}, timeout_s=900, on_timeout="kill"
+    )
+    sb = await manager.create(req)
+    await upload(manager, sb.id, "/home/user/note.txt", b"kept\n")
+
+    paused = await manager.pause(sb.id)
+    assert paused.state is S.PAUSED
+    assert paused.host_ip is None
+    assert set(paused.resources) == PAUSED_HOLDS
+    left = leftovers(settings)
+    assert set(left) == {"sandbox dirs", "disks"}, (
+        f"a paused sandbox holds only its disk and snapshot: {left}"
+    )
+    with pytest.raises(NotRunning):
+        await manager.exec(sb.id, "true")
+    with pytest.raises(NotRunning):
+        await manager.pause(sb.id)
+
+    resumed = await manager.resume(sb.id)
+    assert resumed.state is S.RUNNING
+    assert resumed.host_ip is not None
+    assert set(resumed.resources) == RUNNING_HOLDS | {"snapshot"}  # the parent of the next pause's diff
+    kept = ("template", "vcpus", "memory_mb", "metadata", "env", "created_at", "timeout_s", "on_timeout")
+    assert {k: getattr(resumed, k) for k in kept} == {k: getattr(sb, k) for k in kept}
+    assert {k: getattr(manager.store.get_sandbox(sb.id), k) for k in kept} == {
+        k: getattr(sb, k) for k in kept
+    }
+    assert await run(manager, sb.id, "echo $SECRET; cat /home/user/note.txt") == "s3\nkept\n"
+    assert await manager.resume(sb.id) == manager.get(sb.id)  # resuming a running sandbox changes nothing
+    await manager.destroy(sb.id)
+    assert leftovers(settings) == {}
+
+
+async def test_snapshots_become_templates(manager: SandboxManager, settings: Settings) -> None:
+    source = await manager.create(CreateRequest(env={"FROM": "source"}))
+    contents = Contents.random(256 * 1024)
+    await contents.write(manager, source.id)
+    await start_counter(manager, source.id)
+
+    # A running sandbox: paused first, and it stays paused.
+    running_tpl = await manager.snapshot(source.id, _name("snap-run"))
+    assert manager.get(source.id).state is S.PAUSED
+    assert (running_tpl.kind, running_tpl.state, running_tpl.parent) == (
+        "snapshot",
+        TemplateState.READY,
+        "minimal",
+    )
+    assert running_tpl.source == source.id
+    assert running_tpl.size_bytes > 0
+    assert not list(settings.templates_dir.glob(".build-*"))
+    with pytest.raises(AlreadyExists):
+        await manager.snapshot(source.id, running_tpl.name)
+    with pytest.raises(InvalidArgument):
+        await manager.snapshot(source.id, "../escape")
+
+    # A sandbox from it has the data, memory (the process) included.
+    child = await manager.create(CreateRequest(template=running_tpl.name))
+    assert child.template == running_tpl.name
+    assert await contents.check(manager, child.id) == []
+    assert "counter" in await process_tags(manager, child.id)
+    with pytest.raises(InUse):
+        await manager.delete_template(running_tpl.name)
+    assert manager.store.get_template(running_tpl.name).state is TemplateState.READY
+
+    # A paused sandbox: stays paused, and resumes as it was.
+    paused_tpl = await manager.snapshot(source.id, _name("snap-paused"))
+    assert manager.get(source.id).state is S.PAUSED
+    grandchild = await manager.create(CreateRequest(template=paused_tpl.name))
+    assert await contents.check(manager, grandchild.id) == []
+    await manager.resume(source.id)
+    assert await contents.check(manager, source.id) == []
+
+    # Deleting a template works once nothing uses it.
+    for sb, tpl in ((child, running_tpl), (grandchild, paused_tpl)):
+        await manager.destroy(sb.id)
+        await manager.delete_template(tpl.name)
+        with pytest.raises(NotFound):
+            manager.store.get_template(tpl.name)
+        assert not (settings.templates_dir / tpl.name).exists()
+    with pytest.raises(NotFound):
+        await manager.create(CreateRequest(template=running_tpl.name))
+    await manager.destroy(source.id)
+    assert leftovers(settings) == {}
+
+
+async def test_fork_makes_independent_children_and_keeps_the_source_running(
+    manager: SandboxManager, settings: Settings
+) -> None:
+    source = await manager.create(CreateRequest(metadata={"role": "source"}, env={"E": "1"}))
+    contents = Contents.random(256 * 1024)
+    await contents.write(manager, source.id)
+    await start_counter(manager, source.id)
+    before = await counter(manager, source.id)
+
+    children = await manager.fork(source.id, 2)
+    assert len(children) == 2
+    assert len({c.id for c in children} | {source.id}) == 3
+    assert manager.get(source.id).state is S.RUNNING
+    fork_tpl = manager.store.get_template(children[0].template)
+    assert fork_tpl.kind == "fork"
+    assert fork_tpl.source == source.id
+    for child in children:
+        assert child.state is S.RUNNING
+        assert child.template == fork_tpl.name
+        assert (child.metadata, child.env) == (source.metadata, source.env)
+        assert await contents.check(manager, child.id) == []
+        assert "counter" in await process_tags(manager, child.id)
+    assert await counter(manager, source.id) > before  # the source kept running through the fork
+
+    # Independent: what one writes, neither the other nor the source sees.
+    await run(manager, children[0].id, "echo first > /home/user/who && echo first > /dev/shm/who")
+    for other in (children[1].id, source.id):
+        assert (
+            await run(manager, other, "cat /home/user/who /dev/shm/who 2>/dev/null || echo none") == "none\n"
+        )
+    assert await contents.check(manager, source.id) == []
+
+    with pytest.raises(InvalidArgument):
+        await manager.fork(source.id, 0)
+    # The fork template lives as long as a child does.
+    await manager.destroy(children[0].id)
+    assert manager.store.get_template(fork_tpl.name).state is TemplateState.READY
+    await manager.destroy(children[1].id)
+    with pytest.raises(NotFound):
+        manager.store.get_template(fork_tpl.name)
+    assert not (settings.templates_dir / fork_tpl.name).exists()
+
+    await manager.pause(source.id)
+    with pytest.raises(NotRunning):
+        await manager.fork(source.id, 1)
+    await manager.destroy(source.id)
+    assert leftovers(settings) == {}
