@@ -34,15 +34,17 @@ GUEST_MEMORY_MB = 256
 
 
 def make_settings(root: Path, tag: str, **overrides: object) -> Settings:
-    return Settings(
-        data_dir=root,
-        memory_dir=Path(f"/dev/shm/wbs-{tag}"),
-        on_shutdown="destroy",
-        network=NetworkConfig(prefix=f"wbs{tag}", host_range="10.41.0.0/16", transfer_range="10.42.0.0/16"),
-        defaults=SandboxDefaults(memory_mb=GUEST_MEMORY_MB, timeout_s=0),
-        limits=LimitsConfig(max_sandboxes=8, max_concurrent_starts=4),
-        **overrides,  # type: ignore[arg-type]
-    )
+    fields: dict[str, object] = {
+        "data_dir": root,
+        "memory_dir": Path(f"/dev/shm/wbs-{tag}"),
+        "on_shutdown": "destroy",
+        "network": NetworkConfig(
+            prefix=f"wbs{tag}", host_range="10.41.0.0/16", transfer_range="10.42.0.0/16"
+        ),
+        "defaults": SandboxDefaults(memory_mb=GUEST_MEMORY_MB, timeout_s=0),
+        "limits": LimitsConfig(max_sandboxes=8, max_concurrent_starts=4),
+    }
+    return Settings(**{**fields, **overrides})  # type: ignore[arg-type]
 
 
 def _names(directory: Path) -> list[str]:

@@ -51,12 +51,12 @@ def crash_settings() -> Iterator[Settings]:
     (root / "images").symlink_to(TEST_DATA_DIR / "images")
     (root / "host").symlink_to(TEST_DATA_DIR / "host")
     tag = secrets.token_hex(2)
-    s = make_settings(root, tag, on_shutdown="pause").model_copy(
-        update={
-            "network": NetworkConfig(
-                prefix=f"wbc{tag}", host_range="10.43.0.0/16", transfer_range="10.44.0.0/16"
-            )
-        }
+    s = make_settings(
+        root,
+        tag,
+        on_shutdown="pause",
+        memory_dir=Path(f"/dev/shm/wbc-{tag}"),
+        network=NetworkConfig(prefix=f"wbc{tag}", host_range="10.43.0.0/16", transfer_range="10.44.0.0/16"),
     )
     yield s
     left = leftovers(s)
@@ -67,7 +67,7 @@ def crash_settings() -> Iterator[Settings]:
 
 
 @pytest.fixture(scope="module")
-def bystander(crash_settings: Settings) -> dict[str, str]:
+def bystander(crash_settings: Settings) -> Iterator[dict[str, str]]:
     """A sandbox paused (with a file on its disk) before any of the crashes."""
     data = os.urandom(1 << 20)
 
@@ -80,7 +80,14 @@ def bystander(crash_settings: Settings) -> dict[str, str]:
             await mgr.pause(sb.id)
             return sb.id
 
-    return {"id": anyio.run(make), "sha256": hashlib.sha256(data).hexdigest()}
+    sandbox_id = anyio.run(make)
+    yield {"id": sandbox_id, "sha256": hashlib.sha256(data).hexdigest()}
+
+    async def destroy() -> None:
+        async with open_manager(crash_settings, reaper=False) as mgr:
+            await mgr.destroy(sandbox_id)
+
+    anyio.run(destroy)
 
 
 def crash(settings: Settings, point: str, sandbox_id: str, *ops: str) -> list[str]:
