@@ -1,0 +1,143 @@
+"""Fault injection on real VMs: a failure at every step of create, resume and pause gives back exactly
+what the step had taken. The steps are enumerated by recording a successful run, so the lists follow
+the code (``wrenbox.faults``)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from wrenbox import faults
+from wrenbox.config import Settings
+from wrenbox.faults import InjectedFault
+from wrenbox.manager import CreateRequest, SandboxManager
+from wrenbox.models import SandboxState
+from wrenbox.names import new_sandbox_id
+
+from .conftest import leftovers
+from .guest import Contents, process_tags, run, runtime, snapshot_dir, start_counter, tree
+
+pytestmark = [pytest.mark.anyio, pytest.mark.vm, pytest.mark.root]
+S = SandboxState
+# What a pause must have written before it counts as done: a failure up to here keeps the VM running.
+PAUSE_WRITES = {"pause.stop", "pause.vmstate", "pause.memory"}
+
+
+async def steps_of(op: str, action: Callable[[], Awaitable[Any]]) -> list[str]:
+    """The fault points of ``op`` that ``action`` passes, in order."""
+    with faults.recording() as seen:
+        await action()
+    found = [name for name in dict.fromkeys(seen) if name.startswith(f"{op}.")]
+    assert found, f"no {op}.* fault points were passed"
+    return found
+
+
+def injected(step: str) -> Any:
+    return pytest.raises(InjectedFault, match=f"at {step}$")
+
+
+async def test_a_failed_create_step_leaves_nothing(manager: SandboxManager, settings: Settings) -> None:
+    first = await manager.create(CreateRequest())
+    await manager.destroy(first.id)
+    steps = await steps_of("create", lambda: manager.create(CreateRequest(sandbox_id=new_sandbox_id())))
+    assert len(steps) >= 4  # slot, disk, VM, agent /init at least
+    for rec in manager.list():
+        await manager.destroy(rec.id)
+    rt = runtime(manager)
+    assert leftovers(settings) == {}
+
+    for step in steps:
+        sandbox_id = new_sandbox_id()
+        with faults.armed(step), injected(step):
+            await manager.create(CreateRequest(sandbox_id=sandbox_id))
+        rec = manager.get(sandbox_id)
+        assert (rec.state, rec.resources, rec.leftovers) == (S.DESTROYED, {}, []), step
+        assert step in (rec.error or "")
+        assert leftovers(settings) == {}, f"a failure at {step} left things behind"
+        assert rt.slots.in_use() == frozenset(), step
+        assert sandbox_id not in rt._vms, step
+        assert sandbox_id not in rt._clients, step
+
+    # Nothing is stuck: the next create works.
+    sb = await manager.create(CreateRequest())
+    assert await run(manager, sb.id, "echo ok") == "ok\n"
+
+
+async def test_a_failed_resume_step_leaves_it_paused_and_resumable(
+    manager: SandboxManager, settings: Settings
+) -> None:
+    sb = await manager.create(CreateRequest(env={"KEPT": "yes"}))
+    contents = Contents.random(1 << 20)
+    await contents.write(manager, sb.id)
+    await start_counter(manager, sb.id)
+    await manager.pause(sb.id)
+    steps = await steps_of("resume", lambda: manager.resume(sb.id))
+    assert len(steps) >= 4  # disk, slot, memory, VM, agent at least
+    await manager.pause(sb.id)
+    rt = runtime(manager)
+    paused = manager.get(sb.id)
+    held = leftovers(settings)
+    snapshot = tree(snapshot_dir(manager, sb.id))
+
+    for step in steps:
+        with faults.armed(step), injected(step):
+            await manager.resume(sb.id)
+        rec = manager.get(sb.id)
+        assert rec.state is S.PAUSED, step
+        assert (rec.resources, rec.leftovers, rec.host_ip) == (paused.resources, [], None), step
+        assert step in (rec.error or "")
+        assert leftovers(settings) == held, f"a failure at {step} left things behind"
+        assert rt.slots.in_use() == frozenset(), step
+        assert tree(snapshot_dir(manager, sb.id)) == snapshot, f"a failure at {step} changed the snapshot"
+
+    await manager.resume(sb.id)
+    assert await contents.check(manager, sb.id) == []
+    assert "counter" in await process_tags(manager, sb.id)
+    assert await run(manager, sb.id, "echo $KEPT") == "yes\n"
+
+
+async def test_a_failed_pause_step_keeps_it_running(manager: SandboxManager, settings: Settings) -> None:
+    sb = await manager.create(CreateRequest())
+    contents = Contents.random(1 << 20)
+    await contents.write(manager, sb.id)
+
+    async def pause_and_resume() -> None:
+        await manager.pause(sb.id)
+        await manager.resume(sb.id)
+
+    steps = await steps_of("pause", pause_and_resume)
+    # A failure after the snapshot is committed is a crash test's business (wrenbox.recovery).
+    steps = steps[: steps.index("pause.committed")]
+    assert set(steps) >= PAUSE_WRITES
+
+    async def fail_each_step(previous: dict[str, tuple[int, str]] | None) -> None:
+        running = manager.get(sb.id)
+        held = leftovers(settings)
+        for step in steps:
+            with faults.armed(step), injected(step):
+                await manager.pause(sb.id)
+            rec = manager.get(sb.id)
+            assert (rec.state, rec.host_ip, rec.leftovers) == (S.RUNNING, running.host_ip, []), step
+            assert set(rec.resources) == set(running.resources), step
+            assert await contents.check(manager, sb.id) == [], f"after a failure at {step}"
+            assert leftovers(settings) == held, f"a failure at {step} left things behind"
+            directory = snapshot_dir(manager, sb.id)
+            assert not [p.name for p in directory.parent.glob(".*tmp*")], step
+            if previous is None:
+                assert not directory.exists(), f"a failure at {step} of a first pause left a snapshot"
+            else:
+                assert tree(directory) == previous, f"a failure at {step} changed the last good snapshot"
+
+    await manager.destroy(sb.id)
+    sb = await manager.create(CreateRequest())
+    await contents.write(manager, sb.id)
+    await fail_each_step(None)  # a first pause: there is no snapshot yet
+    await pause_and_resume()
+    await fail_each_step(tree(snapshot_dir(manager, sb.id)))  # a later pause: the last one stays
+
+    # And the last good snapshot still serves a resume, after a pause that works.
+    await manager.pause(sb.id)
+    await manager.resume(sb.id)
+    assert await contents.check(manager, sb.id) == []

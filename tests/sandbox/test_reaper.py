@@ -1,0 +1,89 @@
+"""The inactivity reaper on real VMs: a sandbox idle past its timeout is paused (or killed) by a running
+Reaper and resumes intact; any use (exec, file operations, ping) postpones it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+
+from wrenbox.manager import CreateRequest, SandboxManager
+from wrenbox.models import SandboxState
+from wrenbox.reaper import Reaper, ReaperConfig
+
+from .guest import Contents, counter, process_tags, start_counter
+
+pytestmark = [pytest.mark.anyio, pytest.mark.vm, pytest.mark.root]
+S = SandboxState
+TIMEOUT_S = 3
+
+
+@asynccontextmanager
+async def reaping(mgr: SandboxManager) -> AsyncIterator[Reaper]:
+    reaper = Reaper(mgr, ReaperConfig(interval_s=0.25))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reaper.run)
+        yield reaper
+        tg.cancel_scope.cancel()
+
+
+async def wait_for_state(mgr: SandboxManager, sandbox_id: str, state: S, within: float) -> float:
+    """The time (``time.monotonic()``) the sandbox was seen in ``state``; fails after ``within`` s."""
+    with anyio.fail_after(within):
+        while True:
+            if mgr.get(sandbox_id).state is state:
+                return time.monotonic()
+            await anyio.sleep(0.1)
+
+
+async def test_idle_sandboxes_are_paused_or_killed_and_activity_postpones_it(manager: SandboxManager) -> None:
+    keep = await manager.create(CreateRequest(timeout_s=TIMEOUT_S))
+    kill = await manager.create(CreateRequest(timeout_s=TIMEOUT_S, on_timeout="kill"))
+    forever = await manager.create(CreateRequest(timeout_s=0))  # no timeout: never reaped
+    contents = Contents.random(1 << 20)
+    await contents.write(manager, keep.id)
+    await start_counter(manager, keep.id)
+    before = await counter(manager, keep.id)
+
+    async with reaping(manager):
+        # Busy for twice the timeout, each kind of use in turn: the sandbox stays up.
+        uses = [
+            lambda: manager.exec(keep.id, "true"),
+            lambda: _stat(manager, keep.id),
+            lambda: _ping(manager, keep.id),
+        ]
+        end = time.monotonic() + 2 * TIMEOUT_S
+        n = 0
+        while time.monotonic() < end:
+            await anyio.sleep(1.0)
+            assert manager.get(keep.id).state is S.RUNNING, f"paused although used {n} times in a row"
+            await uses[n % len(uses)]()
+            last_used = time.monotonic()
+            n += 1
+        assert manager.get(kill.id).state is S.DESTROYED  # idle all along: killed
+
+        # Idle now: paused once the timeout has passed (the reaper looks every 0.25 s).
+        idle = await wait_for_state(manager, keep.id, S.PAUSED, within=TIMEOUT_S + 10) - last_used
+        assert TIMEOUT_S - 0.2 < idle < TIMEOUT_S + 5
+        assert manager.get(forever.id).state is S.RUNNING
+
+    paused = manager.get(keep.id)
+    assert paused.pause_failures == 0
+    assert [e["kind"] for e in manager.store.events(sandbox_id=keep.id)].count("expired") == 1
+    resumed = await manager.resume(keep.id)
+    assert resumed.timeout_s == TIMEOUT_S
+    assert await contents.check(manager, keep.id) == []
+    assert "counter" in await process_tags(manager, keep.id)
+    assert await counter(manager, keep.id) > before
+
+
+async def _stat(mgr: SandboxManager, sandbox_id: str) -> None:
+    async with mgr.use(sandbox_id) as envd:
+        await envd.files.stat("/home/user")
+
+
+async def _ping(mgr: SandboxManager, sandbox_id: str) -> None:
+    mgr.ping(sandbox_id)
