@@ -205,3 +205,29 @@ async def test_fork_makes_independent_children_and_keeps_the_source_running(
         await manager.fork(source.id, 1)
     await manager.destroy(source.id)
     assert leftovers(settings) == {}
+
+
+async def test_forks_of_forks_and_repeated_forks(manager: SandboxManager, settings: Settings) -> None:
+    source = await manager.create(CreateRequest())
+    contents = Contents.random(256 * 1024)
+    await contents.write(manager, source.id)
+
+    [child] = await manager.fork(source.id, 1)
+    [grandchild] = await manager.fork(child.id, 1)  # a fork of a sandbox restored from a fork
+    [second] = await manager.fork(source.id, 1)  # the same VM snapshotted in place a second time
+    for rec in (child, grandchild, second):
+        assert await contents.check(manager, rec.id) == [], rec.id
+    fork_templates = {child.template, grandchild.template, second.template}
+    assert len(fork_templates) == 3
+
+    for rec in (child, grandchild, second):
+        await manager.destroy(rec.id)
+    assert [t.name for t in manager.store.list_templates() if t.kind == "fork"] == []
+    assert [p.name for p in settings.templates_dir.iterdir() if p.name in fork_templates] == []
+
+    # The source, snapshotted in place twice, still pauses and resumes with its data.
+    await manager.pause(source.id)
+    await manager.resume(source.id)
+    assert await contents.check(manager, source.id) == []
+    await manager.destroy(source.id)
+    assert leftovers(settings) == {}
