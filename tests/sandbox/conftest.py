@@ -10,12 +10,14 @@ QEMU process, namespace, link, RAM file or data directory.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -45,6 +47,11 @@ def make_settings(root: Path, tag: str, **overrides: object) -> Settings:
         "limits": LimitsConfig(max_sandboxes=8, max_concurrent_starts=4),
     }
     return Settings(**{**fields, **overrides})  # type: ignore[arg-type]
+
+
+def policy(mgr: SandboxManager, **changes: Any) -> SandboxManager:
+    """A manager over the same store and host runtime with other limits (a second policy, same mechanics)."""
+    return SandboxManager(dataclasses.replace(mgr.config, **changes), mgr.store, mgr.runtime)
 
 
 def _names(directory: Path) -> list[str]:
@@ -87,6 +94,8 @@ def settings() -> Iterator[Settings]:
 
 @pytest.fixture
 async def manager(settings: Settings) -> AsyncIterator[SandboxManager]:
+    """A manager on the session's data dir. Afterwards every sandbox is destroyed and every template but
+    ``minimal`` deleted; one that cannot be (still in use, files astray) fails the test."""
     async with open_manager(settings, reaper=False) as mgr:
         await ensure_template(mgr, settings)
         try:
@@ -95,7 +104,18 @@ async def manager(settings: Settings) -> AsyncIterator[SandboxManager]:
             with anyio.CancelScope(shield=True):
                 for rec in mgr.list():
                     await mgr.destroy(rec.id)
-                for tpl in mgr.store.list_templates():
-                    if tpl.name != "minimal" and not mgr.store.template_users(tpl.name):
-                        await mgr.delete_template(tpl.name)
+                await _delete_templates(mgr)
         assert [r.id for r in mgr.list() if r.state is not SandboxState.DESTROYED] == []
+        assert [t.name for t in mgr.store.list_templates()] == ["minimal"]
+        assert sorted(p.name for p in settings.templates_dir.iterdir()) == ["minimal"]
+
+
+async def _delete_templates(mgr: SandboxManager) -> None:
+    """Delete every unused template but ``minimal``, children before the parents they keep in use."""
+    while deletable := [
+        t.name
+        for t in mgr.store.list_templates()
+        if t.name != "minimal" and not mgr.store.template_users(t.name)
+    ]:
+        for name in deletable:
+            await mgr.delete_template(name)

@@ -9,8 +9,12 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
+from wrenbox.envd.config import ENVD_PORT
 from wrenbox.manager import SandboxManager
 from wrenbox.memory.format import HEADER_NAME, Header
+from wrenbox.models import SandboxRecord
 from wrenbox.runtime import HostRuntime
 
 TMPFS_FILE = "/dev/shm/integrity.bin"  # guest RAM only: lives in the memory snapshot
@@ -105,6 +109,14 @@ def tree(directory: Path) -> dict[str, tuple[int, str]]:
         if path.is_file():
             out[str(path.relative_to(directory))] = (path.stat().st_size, sha256(path.read_bytes()))
     return out
+
+
+async def agent_status(rec: SandboxRecord, token: str | None) -> int:
+    """The HTTP status the sandbox's agent answers ``GET /envs`` with, given ``token`` (or none)."""
+    headers = {} if token is None else {"X-Access-Token": token}
+    async with httpx.AsyncClient(timeout=10) as http:
+        response = await http.get(f"http://{rec.host_ip}:{ENVD_PORT}/envs", headers=headers)
+    return response.status_code
 
 
 def vm_cmdline(mgr: SandboxManager, sandbox_id: str) -> list[str]:

@@ -11,12 +11,13 @@ import pytest
 
 from wrenbox import faults
 from wrenbox.config import Settings
+from wrenbox.errors import Unavailable
 from wrenbox.faults import InjectedFault
 from wrenbox.manager import CreateRequest, SandboxManager
 from wrenbox.models import SandboxState
 from wrenbox.names import new_sandbox_id
 
-from .conftest import leftovers
+from .conftest import leftovers, policy
 from .guest import Contents, process_tags, run, runtime, snapshot_dir, start_counter, tree
 
 pytestmark = [pytest.mark.anyio, pytest.mark.vm, pytest.mark.root]
@@ -139,5 +140,49 @@ async def test_a_failed_pause_step_keeps_it_running(manager: SandboxManager, set
 
     # And the last good snapshot still serves a resume, after a pause that works.
     await manager.pause(sb.id)
+    await manager.resume(sb.id)
+    assert await contents.check(manager, sb.id) == []
+
+
+async def test_a_failed_snapshot_or_fork_leaves_no_template(
+    manager: SandboxManager, settings: Settings
+) -> None:
+    sb = await manager.create(CreateRequest())
+    contents = Contents.random(1 << 20)
+    await contents.write(manager, sb.id)
+    templates = {t.name for t in manager.store.list_templates()}
+    on_disk = sorted(p.name for p in settings.templates_dir.iterdir())
+
+    def unchanged() -> None:
+        assert {t.name for t in manager.store.list_templates()} == templates
+        assert sorted(p.name for p in settings.templates_dir.iterdir()) == on_disk
+
+    # A fork that fails while writing its template: the source keeps running.
+    with faults.armed("snapshot.write"), injected("snapshot.write"):
+        await manager.fork(sb.id, 2)
+    unchanged()
+    assert manager.get(sb.id).state is S.RUNNING
+    assert await contents.check(manager, sb.id) == []
+
+    # A fork that cannot make every child makes none (all or nothing): the second child fails, or is
+    # refused by the sandbox limit.
+    def only_the_source_is_left() -> None:
+        unchanged()
+        assert [r.id for r in manager.list()] == [sb.id]
+        assert manager.get(sb.id).state is S.RUNNING
+
+    with faults.armed("create.init"), injected("create.init"):
+        await manager.fork(sb.id, 2)
+    only_the_source_is_left()
+    with pytest.raises(Unavailable):
+        await policy(manager, max_sandboxes=2).fork(sb.id, 2)
+    only_the_source_is_left()
+    assert await contents.check(manager, sb.id) == []
+
+    # A snapshot that fails while writing: the sandbox was paused for it and stays paused, intact.
+    with faults.armed("snapshot.write"), injected("snapshot.write"):
+        await manager.snapshot(sb.id, "never-published")
+    unchanged()
+    assert manager.get(sb.id).state is S.PAUSED
     await manager.resume(sb.id)
     assert await contents.check(manager, sb.id) == []

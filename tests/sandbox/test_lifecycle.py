@@ -14,6 +14,7 @@ from wrenbox.names import new_sandbox_id
 from .conftest import leftovers
 from .guest import (
     Contents,
+    agent_status,
     counter,
     process_tags,
     run,
@@ -101,6 +102,7 @@ async def test_pause_and_resume_keep_everything_but_the_address(
         k: getattr(sb, k) for k in kept
     }
     assert await run(manager, sb.id, "echo $SECRET; cat /home/user/note.txt") == "s3\nkept\n"
+    assert [await agent_status(resumed, t) for t in (sb.access_token, None)] == [200, 401]
     assert await manager.resume(sb.id) == manager.get(sb.id)  # resuming a running sandbox changes nothing
     await manager.destroy(sb.id)
     assert leftovers(settings) == {}
@@ -131,6 +133,10 @@ async def test_snapshots_become_templates(manager: SandboxManager, settings: Set
     # A sandbox from it has the data, memory (the process) included.
     child = await manager.create(CreateRequest(template=running_tpl.name))
     assert child.template == running_tpl.name
+    # The template's memory holds the source's agent token; the child's agent took a token of its own.
+    assert child.access_token != source.access_token
+    tokens = (child.access_token, source.access_token, None)
+    assert [await agent_status(child, t) for t in tokens] == [200, 401, 401]
     assert await contents.check(manager, child.id) == []
     assert "counter" in await process_tags(manager, child.id)
     with pytest.raises(InUse):
@@ -178,6 +184,7 @@ async def test_fork_makes_independent_children_and_keeps_the_source_running(
         assert child.state is S.RUNNING
         assert child.template == fork_tpl.name
         assert (child.metadata, child.env) == (source.metadata, source.env)
+        assert await agent_status(child, source.access_token) == 401
         assert await contents.check(manager, child.id) == []
         assert "counter" in await process_tags(manager, child.id)
     assert await counter(manager, source.id) > before  # the source kept running through the fork

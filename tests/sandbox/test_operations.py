@@ -3,7 +3,6 @@ streams, list/get filters, ping and timeouts, metrics, admission limits, and exe
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
@@ -16,17 +15,12 @@ from wrenbox.errors import InvalidArgument, NotFound, NotRunning, Unavailable
 from wrenbox.manager import CreateRequest, SandboxManager
 from wrenbox.models import SandboxRecord, SandboxState
 
-from .conftest import leftovers
+from .conftest import leftovers, policy
 from .guest import run, runtime
 
 pytestmark = [pytest.mark.anyio, pytest.mark.vm, pytest.mark.root]
 S = SandboxState
 MIB = 1 << 20
-
-
-def policy(mgr: SandboxManager, **changes: Any) -> SandboxManager:
-    """A manager over the same store and host runtime with other limits (a second policy, same mechanics)."""
-    return SandboxManager(dataclasses.replace(mgr.config, **changes), mgr.store, mgr.runtime)
 
 
 async def test_exec_collects_caps_and_reports_exit_codes(manager: SandboxManager) -> None:
