@@ -228,7 +228,7 @@ class SandboxManager(RecoveryMixin):
                 async with self._ledger(rec, "create") as ledger:
                     host_ip = await self.runtime.start(rec, template, ledger, cold=req.cold_boot)
                     ledger.commit()
-            except Exception as exc:
+            except BaseException as exc:  # cancelled too: settle, then propagate
                 self._failed(rec, exc, fallback=S.DESTROYED)
                 raise
             self.touch(rec.id)
@@ -262,7 +262,7 @@ class SandboxManager(RecoveryMixin):
                 async with self._ledger(rec, "resume") as ledger:
                     host_ip = await self.runtime.resume(rec, ledger)
                     ledger.commit()
-            except Exception as exc:
+            except BaseException as exc:  # cancelled too: settle, then propagate
                 self._failed(rec, exc, fallback=S.PAUSED)
                 raise
             self.touch(sandbox_id)
@@ -423,7 +423,7 @@ class SandboxManager(RecoveryMixin):
             async with self._ledger(rec, "pause") as ledger:
                 await self.runtime.pause(rec, ledger)
                 ledger.commit()
-        except Exception as exc:
+        except BaseException as exc:  # cancelled too: settle, then propagate
             self._failed(rec, exc, fallback=S.RUNNING)
             raise
         return self._move(rec, S.PAUSED, host_ip=None, pause_failures=0)
@@ -431,7 +431,8 @@ class SandboxManager(RecoveryMixin):
     async def _destroy_locked(self, rec: SandboxRecord) -> None:
         self._move(rec, S.STOPPING)
         self._cancel_users(rec.id)
-        leftovers = await self._release_all(rec)
+        with anyio.CancelScope(shield=True):  # half a destroy would leave it 'stopping' until a restart
+            leftovers = await self._release_all(rec)
         if leftovers:
             self._move(rec, S.ERROR, leftovers=leftovers, error="destroy could not release everything")
             return
@@ -457,7 +458,7 @@ class SandboxManager(RecoveryMixin):
             async with self._ledger(rec, "snapshot") as ledger:
                 manifest = await self.runtime.snapshot(rec, Path(template.path), ledger)
                 ledger.commit()
-        except Exception as exc:
+        except BaseException as exc:  # cancelled too: settle, then propagate
             self.store.delete_template(name)
             self._failed(rec, exc, fallback=back_to)
             raise
@@ -548,7 +549,7 @@ class SandboxManager(RecoveryMixin):
         faults.point(f"state.{target.value}")
         return rec
 
-    def _failed(self, rec: SandboxRecord, exc: Exception, *, fallback: SandboxState) -> None:
+    def _failed(self, rec: SandboxRecord, exc: BaseException, *, fallback: SandboxState) -> None:
         leftovers = list(getattr(exc, "leftovers", []))
         target = S.ERROR if leftovers else fallback
         log.warning("sandbox %s: %s failed (%s); now %s", rec.id, rec.state.value, exc, target.value)
