@@ -148,13 +148,16 @@ class HostRuntime:
         faults.point("pause.committed")
         ledger.commit()
         log.info("sandbox %s written to disk in %.3f s", rec.id, time.monotonic() - t0)
-        # The sandbox is on disk now; a failure below only leaves something to reclaim.
-        for key in ("vm", "memory", "slot"):
-            try:
-                await ledger.release(key)
-            except Exception as exc:
-                log.error("sandbox %s paused, but its %s could not be released: %s", rec.id, key, exc)
-                ledger.leftovers.append(key)
+        # The sandbox is on disk now; a failure below only leaves something to reclaim. Shielded: a
+        # cancellation here would leave a half-destroyed VM under a sandbox that is neither paused nor
+        # running.
+        with anyio.CancelScope(shield=True):
+            for key in ("vm", "memory", "slot"):
+                try:
+                    await ledger.release(key)
+                except Exception as exc:
+                    log.error("sandbox %s paused, but its %s could not be released: %s", rec.id, key, exc)
+                    ledger.leftovers.append(key)
 
     async def resume(self, rec: SandboxRecord, ledger: Ledger) -> str:
         snap_dir = self.snapshot_dir(rec.id)
