@@ -4,9 +4,11 @@ the code (``wrenbox.faults``)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import anyio
 import pytest
 
 from wrenbox import faults
@@ -186,3 +188,84 @@ async def test_a_failed_snapshot_or_fork_leaves_no_template(
     assert manager.get(sb.id).state is S.PAUSED
     await manager.resume(sb.id)
     assert await contents.check(manager, sb.id) == []
+
+
+@contextmanager
+def cancelled_at(step: str) -> Iterator[anyio.CancelScope]:
+    """A cancel scope that is cancelled when the code inside passes fault point ``step`` (as when a
+    client gives up or a deadline passes right there); the cancellation lands at the next await."""
+    scope = anyio.CancelScope()
+    real = faults.point
+
+    def point(name: str) -> None:
+        real(name)
+        if name == step:
+            scope.cancel()
+
+    faults.point = point  # type: ignore[assignment]
+    try:
+        with scope:
+            yield scope
+    finally:
+        faults.point = real  # type: ignore[assignment]
+
+
+async def test_a_cancelled_operation_ends_in_a_settled_state(
+    manager: SandboxManager, settings: Settings
+) -> None:
+    """Cancellation is not an error to wait out: the sandbox settles as after a failure, at once."""
+    create_steps = await steps_of("create", lambda: manager.create(CreateRequest()))
+    for rec in manager.list():
+        await manager.destroy(rec.id)
+    for step in create_steps:
+        sandbox_id = new_sandbox_id()
+        with cancelled_at(step):
+            await manager.create(CreateRequest(sandbox_id=sandbox_id))
+        rec = manager.get(sandbox_id)
+        if rec.state is S.RUNNING:  # cancelled after the last await: the create completed
+            await manager.destroy(sandbox_id)
+        assert manager.get(sandbox_id).state is S.DESTROYED, step
+        assert leftovers(settings) == {}, f"a create cancelled at {step} left things behind"
+
+    sb = await manager.create(CreateRequest())
+    contents = Contents.random(1 << 20)
+    await contents.write(manager, sb.id)
+    await manager.pause(sb.id)
+    resume_steps = await steps_of("resume", lambda: manager.resume(sb.id))
+    pause_steps = await steps_of("pause", lambda: manager.pause(sb.id))
+    for step in resume_steps:
+        with cancelled_at(step):
+            await manager.resume(sb.id)
+        state = manager.get(sb.id).state
+        assert state in (S.PAUSED, S.RUNNING), f"a resume cancelled at {step} left it {state.value}"
+        if state is S.PAUSED:
+            await manager.resume(sb.id)
+        assert await contents.check(manager, sb.id) == [], step
+        for pause_step in pause_steps:
+            with cancelled_at(pause_step):
+                await manager.pause(sb.id)
+            state = manager.get(sb.id).state
+            assert state in (S.PAUSED, S.RUNNING), f"a pause cancelled at {pause_step} left it {state.value}"
+            if state is S.PAUSED:
+                break
+            assert await contents.check(manager, sb.id) == [], pause_step
+        else:
+            await manager.pause(sb.id)
+
+    # A destroy cancelled as it starts releasing still completes: half a destroy helps nobody.
+    rt = runtime(manager)
+    scope = anyio.CancelScope()
+    real_release = rt.release
+
+    async def release(rec: Any, key: str, value: Any) -> None:
+        scope.cancel()
+        await real_release(rec, key, value)
+
+    rt.release = release  # type: ignore[method-assign]
+    try:
+        with scope:
+            await manager.destroy(sb.id)
+    finally:
+        del rt.release
+    assert manager.get(sb.id).state is S.DESTROYED
+    assert leftovers(settings) == {}
