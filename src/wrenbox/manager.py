@@ -346,17 +346,24 @@ class SandboxManager(RecoveryMixin):
         request is cancelled and raises NotRunning, so nobody ever waits on a frozen VM.
         """
         scope = anyio.CancelScope()
+        gone = f"sandbox {sandbox_id} was paused or stopped while the request ran"
         self._users.setdefault(sandbox_id, set()).add(scope)
         try:
             rec = self._running(sandbox_id)
             self.touch(sandbox_id)
             with scope:
                 yield self.runtime.envd(rec)
+        except Exception as exc:
+            # Cleanup that talks to the agent after the cancellation (e.g. killing the command) fails
+            # in its own way once the VM is going; the cause is still the pause or stop.
+            if scope.cancel_called:
+                raise NotRunning(gone) from exc
+            raise
         finally:
             self._users.get(sandbox_id, set()).discard(scope)
             self.touch(sandbox_id)
         if scope.cancelled_caught:
-            raise NotRunning(f"sandbox {sandbox_id} was paused or stopped while the request ran")
+            raise NotRunning(gone)
 
     async def exec(self, sandbox_id: str, cmd: str, **kwargs: Any) -> Any:
         """Run ``cmd`` and collect its output, capped at the configured size."""
