@@ -4,6 +4,7 @@ streams, list/get filters, ping and timeouts, metrics, admission limits, and exe
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -209,31 +210,43 @@ async def test_exec_against_a_pausing_sandbox_fails_fast(manager: SandboxManager
         await real_pause(rec, ledger)
 
     rt.pause = observed_pause  # type: ignore[method-assign]
-    started = anyio.Event()
-    outcome: dict[str, Any] = {}
+    outcomes: dict[str, tuple[BaseException | None, float]] = {}
 
-    async def long_exec() -> None:
+    async def long_request(name: str, request: Callable[[], Awaitable[Any]]) -> None:
         try:
-            async for event in manager.exec_stream(sb.id, "sleep 120"):
-                if isinstance(event, Started):
-                    started.set()
-        except NotRunning as exc:
-            outcome["error"] = exc
-            outcome["at"] = time.monotonic()
+            await request()
+            error = None
+        except Exception as exc:
+            error = exc
+        outcomes[name] = (error, time.monotonic())
+
+    async def stream() -> None:
+        async for _ in manager.exec_stream(sb.id, "sleep 120 # stream"):
+            pass
+
+    async def long_requests_running() -> None:
+        while True:
+            async with manager.use(sb.id) as envd:
+                running = [" ".join(p.args) for p in await envd.processes.list()]
+            if sum("sleep 120" in args for args in running) == 2:
+                return
+            await anyio.sleep(0.1)
 
     try:
         with anyio.fail_after(30):  # never hangs on the frozen VM
             async with anyio.create_task_group() as tg:
-                tg.start_soon(long_exec)
-                await started.wait()
+                tg.start_soon(long_request, "exec", lambda: manager.exec(sb.id, "sleep 120 # collect"))
+                tg.start_soon(long_request, "exec_stream", stream)
+                await long_requests_running()
                 t0 = time.monotonic()
                 await manager.pause(sb.id)
                 paused_at = time.monotonic()
     finally:
         del rt.pause
     assert len(during_pause) == 1
-    assert isinstance(outcome.get("error"), NotRunning), f"the running exec ended with {outcome}"
-    assert outcome["at"] - t0 < 5.0
+    for name, (error, at) in outcomes.items():
+        assert isinstance(error, NotRunning), f"the running {name} ended with {error!r}"
+        assert at - t0 < 5.0, name
     assert paused_at - t0 < 10.0
     await manager.resume(sb.id)
     assert await run(manager, sb.id, "echo back") == "back\n"
