@@ -162,7 +162,7 @@ class SandboxManager(RecoveryMixin):
 
     def get(self, sandbox_id: str) -> SandboxRecord:
         rec = self.store.get_sandbox(sandbox_id)
-        rec.last_active_at = max(rec.last_active_at, self._active.get(sandbox_id, 0.0))
+        rec.last_active_at = self._last_active(rec)
         return rec
 
     def list(
@@ -175,7 +175,7 @@ class SandboxManager(RecoveryMixin):
         wanted = states if states is not None else set(SandboxState) - {S.DESTROYED}
         recs = self.store.list_sandboxes(states=wanted, metadata=metadata)
         for rec in recs:
-            rec.last_active_at = max(rec.last_active_at, self._active.get(rec.id, 0.0))
+            rec.last_active_at = self._last_active(rec)
         return recs
 
     def list_running(self) -> list[SandboxRecord]:
@@ -186,6 +186,11 @@ class SandboxManager(RecoveryMixin):
     def touch(self, sandbox_id: str) -> None:
         """Note that the sandbox is in use now (kept in memory; get/list and the reaper see it)."""
         self._active[sandbox_id] = self.clock()
+
+    def _last_active(self, rec: SandboxRecord) -> float:
+        if self._users.get(rec.id):  # a request in flight (a long command, a stream) is use right now
+            return self.clock()
+        return max(rec.last_active_at, self._active.get(rec.id, 0.0))
 
     def ping(self, sandbox_id: str) -> None:
         self._running(sandbox_id)
