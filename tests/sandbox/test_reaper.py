@@ -4,12 +4,13 @@ Reaper and resumes intact; any use (exec, file operations, ping) postpones it.""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
 import pytest
 
+from wrenbox import faults
 from wrenbox.manager import CreateRequest, SandboxManager
 from wrenbox.models import SandboxState
 from wrenbox.reaper import Reaper, ReaperConfig
@@ -30,13 +31,17 @@ async def reaping(mgr: SandboxManager) -> AsyncIterator[Reaper]:
         tg.cancel_scope.cancel()
 
 
-async def wait_for_state(mgr: SandboxManager, sandbox_id: str, state: S, within: float) -> float:
-    """The time (``time.monotonic()``) the sandbox was seen in ``state``; fails after ``within`` s."""
+async def wait_until(check: Callable[[], bool], within: float) -> float:
+    """The time (``time.monotonic()``) ``check()`` was first seen true; fails after ``within`` s."""
     with anyio.fail_after(within):
         while True:
-            if mgr.get(sandbox_id).state is state:
+            if check():
                 return time.monotonic()
             await anyio.sleep(0.1)
+
+
+def in_state(mgr: SandboxManager, sandbox_id: str, state: S) -> Callable[[], bool]:
+    return lambda: mgr.get(sandbox_id).state is state
 
 
 async def test_idle_sandboxes_are_paused_or_killed_and_activity_postpones_it(manager: SandboxManager) -> None:
@@ -66,7 +71,7 @@ async def test_idle_sandboxes_are_paused_or_killed_and_activity_postpones_it(man
         assert manager.get(kill.id).state is S.DESTROYED  # idle all along: killed
 
         # Idle now: paused once the timeout has passed (the reaper looks every 0.25 s).
-        idle = await wait_for_state(manager, keep.id, S.PAUSED, within=TIMEOUT_S + 10) - last_used
+        idle = await wait_until(in_state(manager, keep.id, S.PAUSED), within=TIMEOUT_S + 10) - last_used
         assert TIMEOUT_S - 0.2 < idle < TIMEOUT_S + 5
         assert manager.get(forever.id).state is S.RUNNING
 
@@ -87,3 +92,21 @@ async def _stat(mgr: SandboxManager, sandbox_id: str) -> None:
 
 async def _ping(mgr: SandboxManager, sandbox_id: str) -> None:
     mgr.ping(sandbox_id)
+
+
+async def test_a_failed_auto_pause_is_retried_and_the_sandbox_kept(manager: SandboxManager) -> None:
+    sb = await manager.create(CreateRequest(timeout_s=1))
+    contents = Contents.random(1 << 20)
+    await contents.write(manager, sb.id)
+    reaper = Reaper(manager, ReaperConfig(interval_s=0.2, backoff_initial_s=0.5))
+    async with anyio.create_task_group() as tg:
+        with faults.armed("pause.memory"):
+            tg.start_soon(reaper.run)
+            await wait_until(lambda: manager.get(sb.id).pause_failures >= 2, within=15)
+            assert manager.get(sb.id).state is S.RUNNING  # kept, never destroyed for it
+            assert reaper.failures(sb.id) >= 2
+        await wait_until(in_state(manager, sb.id, S.PAUSED), within=15)  # retried once the fault is gone
+        tg.cancel_scope.cancel()
+    assert manager.get(sb.id).pause_failures == 0
+    await manager.resume(sb.id)
+    assert await contents.check(manager, sb.id) == []
