@@ -35,7 +35,7 @@ from wrenbox.models import (
     TemplateState,
     check_transition,
 )
-from wrenbox.names import new_sandbox_id, validate_name
+from wrenbox.names import new_sandbox_id, validate_name, validate_sandbox_id
 from wrenbox.recovery import RecoveryMixin
 from wrenbox.store import Store
 
@@ -216,7 +216,7 @@ class SandboxManager(RecoveryMixin):
             raise InvalidArgument(f"on_timeout must be 'pause' or 'kill', not {req.on_timeout!r}")
         now = self.clock()
         rec = SandboxRecord(
-            id=req.sandbox_id or new_sandbox_id(),
+            id=new_sandbox_id() if req.sandbox_id is None else validate_sandbox_id(req.sandbox_id),
             template=template.name,
             vcpus=template.vcpus,
             memory_mb=template.memory_mb,
