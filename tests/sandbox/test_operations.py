@@ -12,7 +12,7 @@ import pytest
 
 from wrenbox.config import Settings
 from wrenbox.envd.models import Exited, Started, Stderr, Stdout
-from wrenbox.errors import InvalidArgument, NotFound, NotRunning, Unavailable
+from wrenbox.errors import AlreadyExists, InvalidArgument, NotFound, NotRunning, Unavailable
 from wrenbox.manager import CreateRequest, SandboxManager
 from wrenbox.models import SandboxRecord, SandboxState
 
@@ -250,3 +250,33 @@ async def test_exec_against_a_pausing_sandbox_fails_fast(manager: SandboxManager
     assert paused_at - t0 < 10.0
     await manager.resume(sb.id)
     assert await run(manager, sb.id, "echo back") == "back\n"
+
+
+async def test_bad_requests_are_refused_and_change_nothing(
+    manager: SandboxManager, settings: Settings
+) -> None:
+    sb = await manager.create(CreateRequest())
+    records = {r.id: (r.state, r.resources) for r in manager.list(states=set(S))}
+    held = leftovers(settings)
+    bad: list[tuple[type[Exception], CreateRequest]] = [
+        (InvalidArgument, CreateRequest(template="../minimal")),
+        (NotFound, CreateRequest(template="no-such-template")),
+        (InvalidArgument, CreateRequest(metadata={"n": 1})),  # type: ignore[dict-item]
+        (InvalidArgument, CreateRequest(env={"": "empty name"})),
+        (InvalidArgument, CreateRequest(timeout_s=-5)),
+        (InvalidArgument, CreateRequest(on_timeout="explode")),  # type: ignore[arg-type]
+        (InvalidArgument, CreateRequest(sandbox_id="../../etc")),
+        (InvalidArgument, CreateRequest(sandbox_id="UPPER")),
+        (AlreadyExists, CreateRequest(sandbox_id=sb.id)),
+    ]
+    for error, req in bad:
+        with pytest.raises(error):
+            await manager.create(req)
+        assert {r.id: (r.state, r.resources) for r in manager.list(states=set(S))} == records, req
+        assert leftovers(settings) == held, req
+    for sandbox_id in ("../../etc", "a/b", "x" * 100):
+        with pytest.raises((InvalidArgument, NotFound)):
+            await manager.pause(sandbox_id)
+        with pytest.raises((InvalidArgument, NotFound)):
+            await manager.exec(sandbox_id, "true")
+    assert await run(manager, sb.id, "echo fine") == "fine\n"
