@@ -151,16 +151,21 @@ async def test_snapshots_become_templates(manager: SandboxManager, settings: Set
     await manager.resume(source.id)
     assert await contents.check(manager, source.id) == []
 
+    # A template does not depend on the sandbox it was made from.
+    await manager.destroy(source.id)
+    orphan = await manager.create(CreateRequest(template=paused_tpl.name))
+    assert await contents.check(manager, orphan.id) == []
+
     # Deleting a template works once nothing uses it.
-    for sb, tpl in ((child, running_tpl), (grandchild, paused_tpl)):
-        await manager.destroy(sb.id)
+    for sandboxes, tpl in (([child], running_tpl), ([grandchild, orphan], paused_tpl)):
+        for sb in sandboxes:
+            await manager.destroy(sb.id)
         await manager.delete_template(tpl.name)
         with pytest.raises(NotFound):
             manager.store.get_template(tpl.name)
         assert not (settings.templates_dir / tpl.name).exists()
     with pytest.raises(NotFound):
         await manager.create(CreateRequest(template=running_tpl.name))
-    await manager.destroy(source.id)
     assert leftovers(settings) == {}
 
 

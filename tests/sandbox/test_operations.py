@@ -113,8 +113,9 @@ async def test_ping_and_set_timeout(manager: SandboxManager) -> None:
     with pytest.raises(NotRunning):
         manager.ping(sb.id)
     assert manager.set_timeout(sb.id, 30).timeout_s == 30  # a paused sandbox keeps its timeout for later
-    resumed = await manager.resume(sb.id, timeout_s=45)
-    assert resumed.timeout_s == 45
+    resumed = await manager.connect(sb.id, timeout_s=45)  # connecting to a paused sandbox resumes it
+    assert (resumed.state, resumed.timeout_s) == (S.RUNNING, 45)
+    assert (await manager.connect(sb.id, timeout_s=50)).timeout_s == 50
     await manager.destroy(sb.id)
     with pytest.raises(NotFound):
         manager.ping(sb.id)
