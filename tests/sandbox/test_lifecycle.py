@@ -10,6 +10,7 @@ from wrenbox.errors import AlreadyExists, InUse, InvalidArgument, NotFound, NotR
 from wrenbox.manager import CreateRequest, SandboxManager
 from wrenbox.models import SandboxState, TemplateState
 from wrenbox.names import new_sandbox_id
+from wrenbox.service import ensure_template, open_manager
 
 from .conftest import leftovers
 from .guest import (
@@ -242,4 +243,25 @@ async def test_forks_of_forks_and_repeated_forks(manager: SandboxManager, settin
     await manager.resume(source.id)
     assert await contents.check(manager, source.id) == []
     await manager.destroy(source.id)
+    assert leftovers(settings) == {}
+
+
+async def test_a_graceful_restart_pauses_and_keeps_sandboxes(settings: Settings) -> None:
+    """Leaving ``open_manager`` pauses what runs (``on_shutdown="pause"``); the next manager resumes it."""
+    pausing = settings.model_copy(update={"on_shutdown": "pause"})
+    contents = Contents.random(1 << 20)
+    async with open_manager(pausing, reaper=False) as mgr:
+        await ensure_template(mgr, pausing)
+        sb = await mgr.create(CreateRequest(metadata={"restart": "yes"}))
+        await contents.write(mgr, sb.id)
+        await start_counter(mgr, sb.id)
+    assert set(leftovers(settings)) == {"sandbox dirs", "disks"}  # no VM, slot or RAM file while closed
+
+    async with open_manager(pausing, reaper=False) as mgr:
+        rec = mgr.get(sb.id)
+        assert (rec.state, rec.metadata) == (S.PAUSED, {"restart": "yes"})
+        await mgr.resume(sb.id)
+        assert await contents.check(mgr, sb.id) == []
+        assert "counter" in await process_tags(mgr, sb.id)
+        await mgr.destroy(sb.id)
     assert leftovers(settings) == {}
