@@ -67,6 +67,16 @@ async def test_cold_boot_boots_the_image(manager: SandboxManager, settings: Sett
     assert "-kernel" in argv
     assert "-incoming" not in argv
     assert await run(manager, sb.id, "echo $MODE") == "cold\n"
+    # A booted VM pauses, resumes and forks like a restored one.
+    contents = Contents.random(256 * 1024)
+    await contents.write(manager, sb.id)
+    await manager.pause(sb.id)
+    await manager.resume(sb.id)
+    assert await contents.check(manager, sb.id) == []
+    [child] = await manager.fork(sb.id, 1)
+    assert await contents.check(manager, child.id) == []
+    assert await run(manager, child.id, "echo $MODE") == "cold\n"
+    await manager.destroy(child.id)
     await manager.destroy(sb.id)
     assert leftovers(settings) == {}
 
