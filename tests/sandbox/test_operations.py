@@ -12,7 +12,7 @@ import pytest
 
 from wrenbox.config import Settings
 from wrenbox.envd.models import Exited, Started, Stderr, Stdout
-from wrenbox.errors import AlreadyExists, InvalidArgument, NotFound, NotRunning, Unavailable
+from wrenbox.errors import AlreadyExists, InvalidArgument, NotFound, NotRunning, Timeout, Unavailable
 from wrenbox.manager import CreateRequest, SandboxManager
 from wrenbox.models import SandboxRecord, SandboxState
 
@@ -45,6 +45,13 @@ async def test_exec_collects_caps_and_reports_exit_codes(manager: SandboxManager
     assert (len(by_config.stdout), by_config.stdout_truncated) == (1024, True)
     uncapped = await manager.exec(sb.id, "head -c 4096 /dev/zero | tr '\\0' c")
     assert (len(uncapped.stdout), uncapped.stdout_truncated) == (4096, False)
+
+    # A command past its deadline is killed, and says so.
+    with pytest.raises(Timeout):
+        await manager.exec(sb.id, "sleep 31.5", timeout=1.0)
+    running = await run(manager, sb.id, "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done")
+    assert "sleep 31.5" not in running
+    assert "/cmdline" in running  # the listing itself is there: it can see processes
 
 
 async def test_exec_stream_yields_events_as_they_happen(manager: SandboxManager) -> None:
