@@ -337,9 +337,6 @@ class SandboxManager(RecoveryMixin):
         await self.runtime.delete_template(template)
         self.store.delete_template(name)
         self.store.record_event("template_deleted", None, template=name)
-        if template.parent:
-            # A fork template kept alive only by this one as its child is unused now.
-            await self._collect_template(template.parent)
 
     # -- guest operations ----------------------------------------------------------------------------
 

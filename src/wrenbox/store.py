@@ -237,14 +237,15 @@ class Store:
         return [_template_from_row(r) for r in rows]
 
     def template_users(self, name: str) -> list[str]:
-        """What still depends on template ``name``: sandbox ids and child template names."""
+        """What still depends on template ``name``: the sandboxes made from it (their disks are overlays
+        on its root disk). Templates made from those sandboxes are standalone: flattened disk, own
+        memory; ``parent`` only records where they came from."""
         with self._lock:
             sandboxes = self._db.execute(
                 "SELECT id FROM sandboxes WHERE template = ? AND state != ?",
                 (name, SandboxState.DESTROYED.value),
             ).fetchall()
-            children = self._db.execute("SELECT name FROM templates WHERE parent = ?", (name,)).fetchall()
-        return [f"sandbox {r[0]}" for r in sandboxes] + [f"template {r[0]}" for r in children]
+        return [f"sandbox {r[0]}" for r in sandboxes]
 
     def delete_template(self, name: str) -> None:
         with self._tx() as db:

@@ -75,7 +75,7 @@ def test_templates_and_their_users(store: Store) -> None:
     store.insert_template(TemplateRecord(name="child", kind="snapshot", path="/t/child", parent="minimal"))
     store.insert_sandbox(SandboxRecord(id="aaaa0001", template="minimal"))
     store.insert_sandbox(SandboxRecord(id="aaaa0002", template="minimal", state=SandboxState.DESTROYED))
-    assert store.template_users("minimal") == ["sandbox aaaa0001", "template child"]
+    assert store.template_users("minimal") == ["sandbox aaaa0001"]  # a child template is standalone
     assert store.template_users("child") == []
     rec = store.get_template("minimal")
     rec.state = TemplateState.READY

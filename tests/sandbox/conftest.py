@@ -111,7 +111,8 @@ async def manager(settings: Settings) -> AsyncIterator[SandboxManager]:
 
 
 async def _delete_templates(mgr: SandboxManager) -> None:
-    """Delete every unused template but ``minimal``, children before the parents they keep in use."""
+    """Delete every unused template but ``minimal`` (a template is in use while sandboxes made from it
+    exist; deleting those can free further templates, hence the loop)."""
     while deletable := [
         t.name
         for t in mgr.store.list_templates()
