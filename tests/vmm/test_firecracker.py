@@ -22,9 +22,9 @@ import pytest
 from tests.vmm.fake_firecracker import PAGE, FakeFirecracker, call
 
 from wrenbox.errors import Timeout, Unavailable
+from wrenbox.fileio import data_extents
 from wrenbox.memory import uffd_abi
 from wrenbox.memory.chain import Chain
-from wrenbox.memory.fileio import data_extents
 from wrenbox.memory.process import RawKind, process_diff, process_full
 from wrenbox.memory.uffd import PageServerConfig, ServerState
 from wrenbox.network.netns import NETNS_DIR, create_netns, remove_netns

@@ -33,11 +33,12 @@ from typing import Literal
 from wrenbox.command import require_tool
 from wrenbox.config import Settings
 from wrenbox.errors import MissingTool
+from wrenbox.fileio import fsync_tree
 from wrenbox.images import initramfs, kernel, rootfs
 from wrenbox.images.agent import GuestPackages, guest_packages
 from wrenbox.images.cache import LayerCache, exclusive_lock, remove_tree
 from wrenbox.images.manifest import MANIFEST, KernelInfo, Manifest, file_info
-from wrenbox.images.store import FILES, Image, current_image, fsync_tree, prune, publish
+from wrenbox.images.store import FILES, Image, current_image, prune, publish
 from wrenbox.names import validate_name
 
 __all__ = [

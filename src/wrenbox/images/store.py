@@ -7,7 +7,6 @@ Older builds are kept while a process still has one of their files open (a VM's 
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +14,12 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from wrenbox.errors import Conflict, CorruptData, NotFound
+from wrenbox.fileio import fsync_path
 from wrenbox.images.cache import remove_tree
 from wrenbox.images.manifest import MANIFEST, Manifest, file_info
 from wrenbox.names import validate_name
 
-__all__ = ["FILES", "Image", "current_image", "fsync_tree", "load_image", "prune", "publish"]
+__all__ = ["FILES", "Image", "current_image", "load_image", "prune", "publish"]
 
 FILES = {"kernel": "vmlinuz", "initramfs": "initramfs.cpio.gz", "rootfs": "rootfs.ext4"}
 
@@ -112,17 +112,3 @@ def _open_files() -> set[str]:
                 with contextlib.suppress(OSError):
                     paths.add(str(fd.readlink()))
     return paths
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    for child in root.iterdir():
-        fsync_path(child)
-    fsync_path(root)

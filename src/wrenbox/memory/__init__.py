@@ -9,7 +9,7 @@ Modules:
 - :mod:`wrenbox.memory.process` — raw memory to snapshot: ``process_full``, ``process_diff`` (exact:
   compared with the parent, or the VMM's sparse dirty file), ``collapse``; the generation cap. Built on
   :mod:`~wrenbox.memory.scan` (which blocks hold data / changed) and :mod:`~wrenbox.memory.pack`
-  (writing a checksummed diff file; reflinks on XFS/btrfs), with :mod:`~wrenbox.memory.fileio`.
+  (writing a checksummed diff file; reflinks on XFS/btrfs), with :mod:`~wrenbox.fileio`.
 - :mod:`wrenbox.memory.writer` — :class:`~wrenbox.memory.writer.SnapshotWriter`: temp dir, fsync,
   atomic rename; ``reclaim`` for what a crash left behind.
 - :mod:`wrenbox.memory.uffd` — the userfaultfd page server that serves a snapshot to Firecracker lazily;

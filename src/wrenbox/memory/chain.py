@@ -31,7 +31,7 @@ from types import TracebackType
 from uuid import UUID
 
 from wrenbox.errors import AlreadyExists, CorruptData, InvalidArgument
-from wrenbox.memory.fileio import clone_range, temp_sibling, write_at
+from wrenbox.fileio import clone_range, temp_sibling, write_at
 from wrenbox.memory.format import HEADER_NAME, DiffFile, Header, Location, Mapping, checksum, diff_name
 
 __all__ = ["LEGACY_DIFF_NAME", "Chain"]

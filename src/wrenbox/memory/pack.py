@@ -14,7 +14,7 @@ from uuid import UUID
 
 import xxhash
 
-from wrenbox.memory.fileio import clone_range, write_at
+from wrenbox.fileio import clone_range, write_at
 from wrenbox.memory.format import DiffFile, Mapping, diff_name, normalize
 
 __all__ = ["DiffWriter", "Source", "pack"]

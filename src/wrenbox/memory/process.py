@@ -43,8 +43,8 @@ from pathlib import Path
 from uuid import UUID
 
 from wrenbox.errors import InvalidArgument, Unsupported
+from wrenbox.fileio import copy_range, write_new
 from wrenbox.memory.chain import Chain
-from wrenbox.memory.fileio import copy_range, write_new
 from wrenbox.memory.format import (
     BLOCK_SIZE,
     HEADER_NAME,

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from wrenbox.errors import InvalidArgument, NotFound, Unsupported
+from wrenbox.fileio import data_extents
 from wrenbox.memory.chain import Chain
-from wrenbox.memory.fileio import data_extents
 from wrenbox.memory.format import BLOCK_SIZE
 
 __all__ = ["DATA", "SLICE", "ZERO", "RawFile", "changed_runs", "dirty_runs", "nonzero_runs"]

@@ -35,8 +35,8 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from wrenbox.errors import CorruptData, InvalidArgument
+from wrenbox.fileio import data_extents
 from wrenbox.memory import uffd_abi
-from wrenbox.memory.fileio import data_extents
 
 __all__ = ["BLOCK_SIZE", "Extent", "FileSource", "PageSource"]
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 
 from wrenbox.errors import AlreadyExists, Conflict, NotFound, Unsupported
-from wrenbox.memory.fileio import fsync_path, temp_prefix, temp_sibling
+from wrenbox.fileio import fsync_path, fsync_tree, temp_prefix, temp_sibling
 
 __all__ = ["SnapshotWriter", "reclaim"]
 
@@ -70,7 +70,7 @@ class SnapshotWriter:
         """Make the temporary directory durable and put it at ``dest``; return ``dest``."""
         if self._committed:
             raise Conflict(f"{self.dest} was already committed")
-        _fsync_tree(self.path)
+        fsync_tree(self.path)
         exchanged = self.replace and self.dest.exists()
         try:
             _renameat2(self.path, self.dest, _RENAME_EXCHANGE if exchanged else _RENAME_NOREPLACE)
@@ -95,13 +95,6 @@ class SnapshotWriter:
         # Not committed: the half-built snapshot. Committed: nothing, or the replaced snapshot if removing
         # it failed above. Either way it is garbage.
         shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _fsync_tree(root: Path) -> None:
-    for directory, _dirs, files in os.walk(root, topdown=False):
-        for name in files:
-            fsync_path(Path(directory, name))
-        fsync_path(Path(directory))
 
 
 def reclaim(dest: Path) -> list[Path]:

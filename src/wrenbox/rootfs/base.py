@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from wrenbox.command import Completed, arun
 from wrenbox.errors import AlreadyExists, CommandFailed, CorruptData, InvalidArgument, NotFound
+from wrenbox.fileio import fsync_path
 from wrenbox.names import validate_name
 from wrenbox.rootfs.sparse import content_digest
 
@@ -224,15 +225,6 @@ def check_size(size: int | None, base: BaseImage) -> int:
     if size > MAX_DISK_SIZE:
         raise InvalidArgument(f"disk size {size} exceeds the maximum of {MAX_DISK_SIZE} bytes")
     return size
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.asynccontextmanager

@@ -38,6 +38,7 @@ from wrenbox.errors import (
     NotFound,
     WrenboxError,
 )
+from wrenbox.fileio import fsync_path
 from wrenbox.rollback import Rollback
 from wrenbox.rootfs.base import (
     SECTOR,
@@ -47,7 +48,6 @@ from wrenbox.rootfs.base import (
     RootfsBackend,
     atomic_output,
     check_size,
-    fsync_path,
 )
 from wrenbox.rootfs.loops import LoopDevice, LoopRegistry, Losetup
 from wrenbox.rootfs.sparse import sparse_copy

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from wrenbox.errors import AlreadyExists, CorruptData, InvalidArgument, NotFound
+from wrenbox.fileio import fsync_path
 from wrenbox.rollback import Rollback
 from wrenbox.rootfs.base import (
     BaseImage,
@@ -21,7 +22,6 @@ from wrenbox.rootfs.base import (
     RootfsBackend,
     atomic_output,
     check_size,
-    fsync_path,
 )
 
 __all__ = ["FileDiskBackend"]

@@ -8,7 +8,6 @@ holes. Two users: :func:`sparse_copy` (the copy backend, flattening block device
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import itertools
 import os
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from wrenbox.errors import CorruptData
+from wrenbox.fileio import data_extents
 
 __all__ = ["BLOCK", "content_digest", "sparse_copy"]
 
@@ -32,23 +32,12 @@ _DIGEST_SCHEME = "sha256-blocks64k"
 def data_ranges(fd: int, length: int) -> list[tuple[int, int]]:
     """Block-aligned, merged ranges covering every data extent of ``fd`` (all of it without hole support)."""
     ranges: list[tuple[int, int]] = []
-    pos = 0
-    while pos < length:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # nothing but holes after pos
-                break
-            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                return [(0, length)] if length else []
-            raise
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), length)
+    for start, end in data_extents(fd, length):
         start, aligned_end = start - start % BLOCK, min(-(-end // BLOCK) * BLOCK, length)
         if ranges and start <= ranges[-1][1]:
             ranges[-1] = (ranges[-1][0], aligned_end)
         else:
             ranges.append((start, aligned_end))
-        pos = end
     return ranges
 
 

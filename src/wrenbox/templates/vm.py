@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import errno
-import os
 import time
 from pathlib import Path
 
 from wrenbox.envd import AsyncEnvdClient, EnvdConfig
 from wrenbox.envd.config import ENVD_PORT
-from wrenbox.errors import CorruptData, Timeout, Unavailable
+from wrenbox.errors import Timeout, Unavailable
+from wrenbox.fileio import copy_sparse
 from wrenbox.network import NetworkSlot
 from wrenbox.network.netns import NETNS_DIR
 from wrenbox.rootfs.reflink import clone_file
@@ -59,41 +58,4 @@ def copy_ram(src: Path, dst: Path) -> None:
         return
     except OSError:
         dst.unlink(missing_ok=True)
-    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            size = os.fstat(sfd).st_size
-            os.ftruncate(dfd, size)
-            offset = 0
-            while offset < size:
-                try:
-                    start = os.lseek(sfd, offset, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:  # only a hole after offset
-                        break
-                    raise
-                offset = os.lseek(sfd, start, os.SEEK_HOLE)
-                _copy_extent(sfd, dfd, start, offset)
-        finally:
-            os.close(dfd)
-    finally:
-        os.close(sfd)
-
-
-_CHUNK = 4 << 20
-_NO_COPY_RANGE = (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)
-
-
-def _copy_extent(sfd: int, dfd: int, start: int, end: int) -> None:
-    while start < end:
-        try:
-            copied = os.copy_file_range(sfd, dfd, end - start, start, start)
-        except OSError as exc:
-            if exc.errno not in _NO_COPY_RANGE:  # e.g. across filesystems (disk to tmpfs)
-                raise
-            data = os.pread(sfd, min(_CHUNK, end - start), start)
-            copied = os.pwrite(dfd, data, start) if data else 0
-        if copied == 0:
-            raise CorruptData("the RAM file shrank while being copied")
-        start += copied
+    copy_sparse(src, dst)

@@ -1,4 +1,7 @@
-"""File primitives the memory snapshot code shares: extents, kernel-side copies, durable writes."""
+"""File primitives wrenbox shares: data extents of sparse files, kernel-side copies, durable writes.
+
+Guest RAM files, memory snapshots, disk images and templates all go through these, so holes are
+found, copies are made and durability is reached one way everywhere."""
 
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ from pathlib import Path
 __all__ = [
     "clone_range",
     "copy_range",
+    "copy_sparse",
     "data_extents",
     "fsync_path",
+    "fsync_tree",
     "temp_prefix",
     "temp_sibling",
     "write_at",
@@ -49,8 +54,8 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # no data after position
                 break
-            if exc.errno == errno.EINVAL:
-                return [(0, size)]
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no SEEK_DATA here (block devices, ...)
+                return [(0, size)] if size else []
             raise
         if start >= size:
             break
@@ -140,3 +145,31 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (deepest first), then ``root`` itself."""
+    for directory, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(directory, name))
+        fsync_path(Path(directory))
+
+
+def copy_sparse(src: Path, dst: Path) -> None:
+    """Create ``dst`` as a copy of ``src`` with the same holes: only data extents are copied, inside the
+    kernel where it can (a reflink of the extents on XFS/btrfs). ``dst`` must not exist."""
+    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            size = os.fstat(sfd).st_size
+            os.ftruncate(dfd, size)
+            for start, end in data_extents(sfd, size):
+                copy_range(sfd, dfd, start, start, end - start)
+        except BaseException:
+            os.close(dfd)
+            dst.unlink(missing_ok=True)
+            raise
+        os.close(dfd)
+    finally:
+        os.close(sfd)
