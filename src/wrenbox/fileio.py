@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
+    "clone_or_copy",
     "clone_range",
     "copy_range",
-    "copy_sparse",
     "data_extents",
     "fsync_path",
     "fsync_tree",
@@ -155,17 +155,19 @@ def fsync_tree(root: Path) -> None:
         fsync_path(Path(directory))
 
 
-def copy_sparse(src: Path, dst: Path) -> None:
-    """Create ``dst`` as a copy of ``src`` with the same holes: only data extents are copied, inside the
-    kernel where it can (a reflink of the extents on XFS/btrfs). ``dst`` must not exist."""
+def clone_or_copy(src: Path, dst: Path) -> None:
+    """Create ``dst`` as an independent copy of ``src``: a reflink of the whole file where the filesystem
+    can (XFS, btrfs), else a copy of its data extents inside the kernel, holes kept. ``dst`` must not
+    exist; nothing is left of it if the copy fails."""
     sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
         dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            size = os.fstat(sfd).st_size
-            os.ftruncate(dfd, size)
-            for start, end in data_extents(sfd, size):
-                copy_range(sfd, dfd, start, start, end - start)
+            if not _clone_whole(sfd, dfd):
+                size = os.fstat(sfd).st_size
+                os.ftruncate(dfd, size)
+                for start, end in data_extents(sfd, size):
+                    copy_range(sfd, dfd, start, start, end - start)
         except BaseException:
             os.close(dfd)
             dst.unlink(missing_ok=True)
@@ -173,3 +175,16 @@ def copy_sparse(src: Path, dst: Path) -> None:
         os.close(dfd)
     finally:
         os.close(sfd)
+
+
+_FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+
+
+def _clone_whole(src: int, dst: int) -> bool:
+    try:
+        fcntl.ioctl(dst, _FICLONE, src)
+    except OSError as exc:
+        if exc.errno in _NO_CLONE:
+            return False
+        raise
+    return True

@@ -57,7 +57,8 @@ _TRANSITIONAL = {S.CREATING, S.PAUSING, S.RESUMING, S.SNAPSHOTTING, S.STOPPING}
 # a failed resume goes back to paused (the snapshot is untouched), anything unrecoverable to error.
 TRANSITIONS: dict[SandboxState, frozenset[SandboxState]] = {
     S.CREATING: frozenset({S.RUNNING, S.ERROR, S.DESTROYED}),
-    S.RUNNING: frozenset({S.PAUSING, S.SNAPSHOTTING, S.STOPPING, S.ERROR}),
+    # running → paused only in recovery: the VM was lost and the disk went back to the last pause.
+    S.RUNNING: frozenset({S.PAUSING, S.PAUSED, S.SNAPSHOTTING, S.STOPPING, S.ERROR}),
     S.PAUSING: frozenset({S.PAUSED, S.RUNNING, S.ERROR}),
     S.PAUSED: frozenset({S.RESUMING, S.SNAPSHOTTING, S.STOPPING}),
     S.RESUMING: frozenset({S.RUNNING, S.PAUSED, S.ERROR}),

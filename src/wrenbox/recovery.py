@@ -5,12 +5,17 @@ Each transitional state has one safe ending, decided from what is on record and 
 ==============  ===================================================================================
 creating        give back everything → destroyed (the caller never got an answer)
 stopping        give back everything → destroyed
-running         VM alive → adopted (continued if a crash left it stopped); VM gone → error
+running         VM alive → adopted (continued if a crash left it stopped); VM gone → "lost" (below)
 pausing         snapshot committed → finish the pause → paused; else VM alive → continued → running;
-                else → error (memory since the last pause is lost)
+                else → "lost"
 resuming        VM up and running → finish (agent, /init) → running; else back to paused, snapshot intact
 snapshotting    the half-built template is dropped; a fork's source continues → running, else paused
 ==============  ===================================================================================
+
+"Lost": the VM is gone (the host rebooted, someone killed it). If the sandbox was resumed from a pause,
+its disk has a checkpoint taken for that pause: the disk goes back to it and the sandbox is paused
+again, consistent, having lost only what happened since that resume. A sandbox never paused has no
+such state to go back to and ends in error.
 
 Paused sandboxes are never touched: their state is on disk. After the per-sandbox endings, a sweep
 removes whatever no record names (:func:`wrenbox.runtime.recovery.sweep`), and template rows are
@@ -60,7 +65,6 @@ class RecoveryMixin:
 
     async def _recover_one(self, rec: SandboxRecord) -> None:
         rt = self.runtime
-        lost = "its VM exited while wrenbox was not running; memory since the last pause is lost"
         if rec.state in (S.CREATING, S.STOPPING):
             leftovers = await self._release(rec, rec.resources)
             target = S.ERROR if leftovers else S.DESTROYED
@@ -70,7 +74,7 @@ class RecoveryMixin:
             if vm == "paused":
                 await rt.continue_vm(rec)
             elif vm == "gone":
-                await self._back_to_disk(rec, S.ERROR, error=lost)
+                await self._vm_lost(rec)
         elif rec.state is S.PAUSING:
             if rt.pause_committed(rec):
                 await self._back_to_disk(rec, S.PAUSED)
@@ -78,7 +82,7 @@ class RecoveryMixin:
                 await rt.continue_vm(rec)
                 self._move(rec, S.RUNNING, error="a pause was interrupted by a restart; still running")
             else:
-                await self._back_to_disk(rec, S.ERROR, error=lost)
+                await self._vm_lost(rec)
         elif rec.state is S.RESUMING:
             if await rt.vm_state(rec) == "running":
                 host_ip = await rt.finish_resume(rec)
@@ -92,7 +96,17 @@ class RecoveryMixin:
                 await rt.continue_vm(rec)
                 self._move(rec, S.RUNNING)
             else:
-                await self._back_to_disk(rec, S.ERROR, error=lost)
+                await self._vm_lost(rec)
+
+    async def _vm_lost(self, rec: SandboxRecord) -> None:
+        """The VM is gone (the host rebooted, it was killed): back to the last pause if the disk can go
+        back with it, else error (a sandbox never paused has nothing to go back to)."""
+        if self.runtime.revertible(rec):
+            error = "the VM was lost while wrenbox was not running; back to the state of the last pause"
+            await self._back_to_disk(rec, S.PAUSED, error=error)
+        else:
+            error = "the VM was lost while wrenbox was not running and the sandbox was never paused"
+            await self._back_to_disk(rec, S.ERROR, error=error)
 
     async def _back_to_disk(self, rec: SandboxRecord, target: SandboxState, **changes: Any) -> None:
         """Give back what only a live VM holds, keep the disk and snapshot, and move to ``target``."""

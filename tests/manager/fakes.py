@@ -71,6 +71,7 @@ class FakeRuntime:
         self.envd_client = FakeEnvd()
         self.stopped: set[str] = set()  # sandboxes whose VM exists with its vCPUs stopped
         self.committed: set[str] = set()  # sandboxes whose last pause reached its commit
+        self.revertible_ids: set[str] = set()  # sandboxes whose disk can go back to their snapshot
         self._ips = 0
 
     persistent = frozenset({"disk", "snapshot"})
@@ -127,6 +128,9 @@ class FakeRuntime:
 
     async def continue_vm(self, rec: SandboxRecord) -> None:
         self.stopped.discard(rec.id)
+
+    def revertible(self, rec: SandboxRecord) -> bool:
+        return rec.id in self.revertible_ids
 
     def pause_committed(self, rec: SandboxRecord) -> bool:
         return rec.id in self.committed

@@ -53,10 +53,12 @@ async def test_template_rows_follow_the_disk(store: Store, runtime: FakeRuntime,
         (S.STOPPING, ["disk", "snapshot"], None, S.DESTROYED, []),
         (S.RUNNING, ["slot", "disk", "vm"], None, S.RUNNING, ["slot", "disk", "vm"]),
         (S.RUNNING, ["slot", "disk", "vm"], "stopped", S.RUNNING, ["slot", "disk", "vm"]),
-        (S.RUNNING, ["slot", "disk"], None, S.ERROR, ["disk"]),  # VM gone
+        (S.RUNNING, ["slot", "disk"], None, S.ERROR, ["disk"]),  # VM gone, never paused
+        (S.RUNNING, ["disk", "snapshot", "slot"], "revertible", S.PAUSED, ["disk", "snapshot"]),
         (S.PAUSING, ["slot", "disk", "vm", "snapshot"], "committed", S.PAUSED, ["disk", "snapshot"]),
         (S.PAUSING, ["slot", "disk", "vm"], "stopped", S.RUNNING, ["slot", "disk", "vm"]),
         (S.PAUSING, ["slot", "disk"], None, S.ERROR, ["disk"]),
+        (S.PAUSING, ["disk", "snapshot", "slot"], "revertible", S.PAUSED, ["disk", "snapshot"]),
         (S.RESUMING, ["disk", "snapshot", "slot", "vm"], None, S.RUNNING, ["disk", "snapshot", "slot", "vm"]),
         (S.RESUMING, ["disk", "snapshot", "slot"], None, S.PAUSED, ["disk", "snapshot"]),
         (S.SNAPSHOTTING, ["disk", "snapshot"], None, S.PAUSED, ["disk", "snapshot"]),
@@ -78,6 +80,8 @@ async def test_each_interrupted_state_settles(
         runtime.stopped.add("crash001")
     if setup == "committed":
         runtime.committed.add("crash001")
+    if setup == "revertible":
+        runtime.revertible_ids.add("crash001")
     report = await manager(store, runtime, tmp_path).recover()
     rec = store.get_sandbox("crash001")
     assert rec.state is expected

@@ -241,3 +241,46 @@ def test_corrupt_record_is_refused() -> None:
         Disk.from_json('{"backend": "qcow2"}')
     with pytest.raises(CorruptData):
         Disk.from_json("not json")
+
+
+async def test_revert_goes_back_to_the_checkpoint(setup: Setup) -> None:
+    disk = await setup.backend.create(setup.base, "ckpt1")
+    expected = bytearray(setup.content)
+    write_pattern(disk, MiB, 4096, 0x11, expected)
+    at_checkpoint = bytes(expected)
+    await setup.backend.checkpoint(disk)
+    write_pattern(disk, 0, 8192, 0x22, expected)  # what a resumed VM writes before the resume fails
+    write_pattern(disk, 3 * MiB, 4096, 0x33, expected)
+    await setup.fresh_backend().revert(disk)  # after a restart, too
+    assert_content(disk, at_checkpoint, setup.scratch)
+    await setup.backend.revert(disk)  # the checkpoint is gone: nothing happens
+    assert_content(disk, at_checkpoint, setup.scratch)
+    await setup.backend.remove(disk)
+    assert list(setup.backend.config.disks_dir.iterdir()) == []
+
+
+async def test_dropping_the_checkpoint_keeps_the_writes(setup: Setup) -> None:
+    disk = await setup.backend.create(setup.base, "ckpt2")
+    expected = bytearray(setup.content)
+    await setup.backend.checkpoint(disk)
+    await setup.backend.checkpoint(disk)  # a second checkpoint replaces the first
+    write_pattern(disk, 0, 4096, 0x44, expected)
+    await setup.backend.drop_checkpoint(disk)
+    await setup.backend.drop_checkpoint(disk)
+    await setup.backend.revert(disk)  # nothing to revert to
+    assert_content(disk, bytes(expected), setup.scratch)
+    assert await setup.backend.reclaim([disk]) == []
+    await setup.backend.remove(disk)
+
+
+async def test_reclaim_removes_checkpoints_of_unknown_disks(setup: Setup) -> None:
+    disk = await setup.backend.create(setup.base, "ckpt3")
+    await setup.backend.checkpoint(disk)
+    kept = await setup.backend.create(setup.base, "ckpt4")
+    await setup.backend.checkpoint(kept)
+    await setup.backend.reclaim([kept])
+    await setup.backend.revert(kept)  # its checkpoint survived the reclaim
+    left = sorted(p.name for p in setup.backend.config.disks_dir.iterdir())
+    assert all(name.startswith("ckpt4") for name in left)
+    await setup.backend.remove(kept)
+    assert list(setup.backend.config.disks_dir.iterdir()) == []

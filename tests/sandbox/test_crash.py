@@ -17,8 +17,6 @@ import hashlib
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,10 +34,10 @@ from wrenbox.runtime.recovery import our_processes
 from wrenbox.service import ensure_template, open_manager
 
 from .conftest import leftovers, make_settings
+from .crash_worker import crash
 
 pytestmark = [pytest.mark.anyio, pytest.mark.vm, pytest.mark.root, pytest.mark.slow]
 S = SandboxState
-REPO = Path(__file__).resolve().parents[2]
 BYSTANDER_FILE = "/home/user/bystander.bin"
 
 
@@ -88,23 +86,6 @@ def bystander(crash_settings: Settings) -> Iterator[dict[str, str]]:
             await mgr.destroy(sandbox_id)
 
     anyio.run(destroy)
-
-
-def crash(settings: Settings, point: str, sandbox_id: str, *ops: str) -> list[str]:
-    """Run ``ops`` in a worker process that kills itself at ``point``; return the ops it completed."""
-    env = {**os.environ, "WRENBOX_FAULTS": f"{point}=crash"}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.sandbox.crash_worker", settings.model_dump_json(), sandbox_id, *ops],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == -9, (
-        f"the worker was not killed at {point} (exit {done.returncode}):\n{done.stderr.decode()[-3000:]}"
-    )
-    return done.stdout.decode().split()[1::2]
 
 
 async def check_after_restart(

@@ -106,7 +106,8 @@ async def test_pause_and_resume_keep_everything_but_the_address(
     resumed = await manager.resume(sb.id)
     assert resumed.state is S.RUNNING
     assert resumed.host_ip is not None
-    assert set(resumed.resources) == RUNNING_HOLDS | {"snapshot"}  # the parent of the next pause's diff
+    # the snapshot: the parent of the next pause's diff; the checkpoint: the disk as it was at the pause
+    assert set(resumed.resources) == RUNNING_HOLDS | {"snapshot", "checkpoint"}
     kept = ("template", "vcpus", "memory_mb", "metadata", "env", "created_at", "timeout_s", "on_timeout")
     assert {k: getattr(resumed, k) for k in kept} == {k: getattr(sb, k) for k in kept}
     assert {k: getattr(manager.store.get_sandbox(sb.id), k) for k in kept} == {

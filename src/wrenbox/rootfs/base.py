@@ -301,6 +301,24 @@ class RootfsBackend(abc.ABC):
     async def reclaim(self, in_use: Iterable[Disk]) -> list[str]:
         """After a crash: release this backend's disks and devices not in ``in_use``; say what went."""
 
+    # Checkpoints ----------------------------------------------------------------------------------
+    # A resume continues the VM before it can know the resume succeeded; if it then fails (or the host
+    # dies), the sandbox goes back to its paused memory, and its disk must go back too, or the guest's
+    # page cache and its filesystem disagree. So a resume checkpoints the disk first.
+
+    @abc.abstractmethod
+    async def checkpoint(self, disk: Disk) -> None:
+        """Remember the disk's content now (no VM may be using it); replaces an older checkpoint."""
+
+    @abc.abstractmethod
+    async def revert(self, disk: Disk) -> None:
+        """Put the disk back to its checkpoint and forget the checkpoint (no VM may be using the disk).
+        Without a checkpoint, nothing happens."""
+
+    @abc.abstractmethod
+    async def drop_checkpoint(self, disk: Disk) -> None:
+        """Forget the checkpoint, keeping the disk as it is now. Idempotent."""
+
     # Shared helpers -----------------------------------------------------------------------------
 
     async def _base(self, base: Path | BaseImage) -> BaseImage:

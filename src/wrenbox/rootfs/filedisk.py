@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from wrenbox.errors import AlreadyExists, CorruptData, InvalidArgument, NotFound
-from wrenbox.fileio import fsync_path
+from wrenbox.fileio import clone_or_copy, fsync_path, temp_sibling
 from wrenbox.rollback import Rollback
 from wrenbox.rootfs.base import (
     BaseImage,
@@ -24,7 +24,9 @@ from wrenbox.rootfs.base import (
     check_size,
 )
 
-__all__ = ["FileDiskBackend"]
+__all__ = ["CHECKPOINT", "FileDiskBackend"]
+
+CHECKPOINT = ".checkpoint"  # suffix of a disk file's checkpoint copy
 
 
 class FileDiskBackend(RootfsBackend):
@@ -94,15 +96,37 @@ class FileDiskBackend(RootfsBackend):
 
     async def remove(self, disk: Disk) -> None:
         self._check_own(disk)
+        self.checkpoint_path(disk).unlink(missing_ok=True)
         disk.store.unlink(missing_ok=True)
+
+    # Checkpoints: a copy of the disk file beside it (a reflink on XFS/btrfs, else a sparse copy).
+
+    def checkpoint_path(self, disk: Disk) -> Path:
+        return disk.store.with_name(disk.store.name + CHECKPOINT)
+
+    async def checkpoint(self, disk: Disk) -> None:
+        self._check_own(disk)
+        self._require_store(disk)
+        await asyncio.to_thread(_copy_durably, disk.store, self.checkpoint_path(disk))
+
+    async def revert(self, disk: Disk) -> None:
+        self._check_own(disk)
+        saved = self.checkpoint_path(disk)
+        if saved.exists():
+            await asyncio.to_thread(_replace_durably, saved, disk.store)
+
+    async def drop_checkpoint(self, disk: Disk) -> None:
+        self._check_own(disk)
+        self.checkpoint_path(disk).unlink(missing_ok=True)
 
     async def reclaim(self, in_use: Iterable[Disk]) -> list[str]:
         keep = {d.store for d in in_use}
         if not self.config.disks_dir.is_dir():
             return []
         reclaimed = []
-        for path in sorted(self.config.disks_dir.glob(f"*{self.suffix}")):
-            if path not in keep:
+        checkpoints = self.config.disks_dir.glob(f"*{self.suffix}{CHECKPOINT}")
+        for path in sorted([*self.config.disks_dir.glob(f"*{self.suffix}"), *checkpoints]):
+            if path not in keep and path.with_name(path.name.removesuffix(CHECKPOINT)) not in keep:
                 path.unlink(missing_ok=True)
                 reclaimed.append(f"disk file {path}")
         return reclaimed
@@ -116,3 +140,21 @@ class FileDiskBackend(RootfsBackend):
     def _require_store(self, disk: Disk) -> None:
         if not disk.store.is_file():
             raise NotFound(f"disk {disk.id} has no data file ({disk.store} is missing)")
+
+
+def _copy_durably(src: Path, dst: Path) -> None:
+    """``dst`` becomes a durable copy of ``src``, replacing any older one only once complete."""
+    tmp = temp_sibling(dst)
+    clone_or_copy(src, tmp)
+    try:
+        fsync_path(tmp)
+        tmp.replace(dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(dst.parent)
+
+
+def _replace_durably(src: Path, dst: Path) -> None:
+    src.replace(dst)
+    fsync_path(dst.parent)

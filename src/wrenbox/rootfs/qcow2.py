@@ -16,6 +16,8 @@ from wrenbox.rootfs.filedisk import FileDiskBackend
 
 __all__ = ["Qcow2Backend"]
 
+CHECKPOINT_NAME = "wrenbox-checkpoint"
+
 
 class Qcow2Backend(FileDiskBackend):
     name = "qcow2"
@@ -31,12 +33,37 @@ class Qcow2Backend(FileDiskBackend):
             ]
         )  # fmt: skip
 
-    async def _check_store(self, disk: Disk) -> None:
+    # Checkpoints are qcow2 internal snapshots: taking one copies no data (later writes allocate new
+    # clusters), where a copy of the overlay would cost as much as the sandbox has written.
+
+    async def checkpoint(self, disk: Disk) -> None:
+        self._check_own(disk)
+        await self.drop_checkpoint(disk)
+        await self._run(["qemu-img", "snapshot", "-c", CHECKPOINT_NAME, str(disk.store)])
+
+    async def revert(self, disk: Disk) -> None:
+        self._check_own(disk)
+        if CHECKPOINT_NAME in await self._snapshots(disk):
+            await self._run(["qemu-img", "snapshot", "-a", CHECKPOINT_NAME, str(disk.store)])
+            await self._run(["qemu-img", "snapshot", "-d", CHECKPOINT_NAME, str(disk.store)])
+
+    async def drop_checkpoint(self, disk: Disk) -> None:
+        self._check_own(disk)
+        if CHECKPOINT_NAME in await self._snapshots(disk):
+            await self._run(["qemu-img", "snapshot", "-d", CHECKPOINT_NAME, str(disk.store)])
+
+    async def _snapshots(self, disk: Disk) -> set[str]:
+        return {s.get("name") for s in (await self._info(disk)).get("snapshots", [])}
+
+    async def _info(self, disk: Disk) -> dict:
         done = await self._run(["qemu-img", "info", "-U", "--output=json", str(disk.store)])
         try:
-            info = json.loads(done.text)
+            return json.loads(done.text)
         except ValueError as exc:
             raise CorruptData(f"disk {disk.id}: unreadable 'qemu-img info' output: {exc}") from exc
+
+    async def _check_store(self, disk: Disk) -> None:
+        info = await self._info(disk)
         corrupt = info.get("format-specific", {}).get("data", {}).get("corrupt", False)
         found = (
             info.get("format"),

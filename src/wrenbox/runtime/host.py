@@ -32,6 +32,7 @@ from wrenbox import faults
 from wrenbox.envd import AsyncEnvdClient, EnvdConfig
 from wrenbox.envd.config import ENVD_PORT
 from wrenbox.errors import CorruptData, InvalidArgument, NotFound, WrenboxError
+from wrenbox.fileio import clone_or_copy
 from wrenbox.images import load_image
 from wrenbox.ledger import Ledger
 from wrenbox.memory.chain import Chain
@@ -44,7 +45,7 @@ from wrenbox.network import Network, NetworkSlot, SlotAllocator
 from wrenbox.pids import ProcessRef
 from wrenbox.rootfs import BaseImage, Disk
 from wrenbox.runtime.recovery import sweep
-from wrenbox.templates import Placement, Templates, agent_ready, copy_ram
+from wrenbox.templates import Placement, Templates, agent_ready
 from wrenbox.templates.store import MEMORY, ROOTFS, SNAPSHOT_DIR
 from wrenbox.templates.vm import netns_path
 from wrenbox.vmm.base import Drive, Machine, MemoryFile, Snapshot, Vm, VmConfig
@@ -152,7 +153,7 @@ class HostRuntime:
         # cancellation here would leave a half-destroyed VM under a sandbox that is neither paused nor
         # running.
         with anyio.CancelScope(shield=True):
-            for key in ("vm", "memory", "slot"):
+            for key in ("vm", "memory", "slot", "checkpoint"):  # the checkpoint is superseded: dropped
                 try:
                     await ledger.release(key)
                 except Exception as exc:
@@ -164,6 +165,10 @@ class HostRuntime:
         snapshot = Snapshot.load(snap_dir / VM_STATE)
         disk = await self.rootfs.restore(self._disk(rec))
         ledger.update("disk", _dump(disk))
+        # The VM writes to its disk as soon as it runs: a resume that fails after that (or a host that
+        # dies before the next pause) must put the disk back where this snapshot left it.
+        await self.rootfs.checkpoint(disk)
+        ledger.hold("checkpoint", {"snapshot": self._snapshot_token(rec.id)})
         faults.point("resume.disk")
         slot = await self._take_slot(ledger)
         faults.point("resume.slot")
@@ -217,6 +222,8 @@ class HostRuntime:
             await self._destroy_vm(rec, value)
         elif key == "snapshot":
             await anyio.to_thread.run_sync(_rmtree, self.snapshot_dir(rec.id))
+        elif key == "checkpoint":
+            await self._settle_checkpoint(rec, value)
         else:
             raise CorruptData(f"sandbox {rec.id} records an unknown resource {key!r}")
         if not rec.resources.keys() - {key}:
@@ -267,14 +274,36 @@ class HostRuntime:
     async def continue_vm(self, rec: SandboxRecord) -> None:
         await self._vm(rec).resume()
 
+    def revertible(self, rec: SandboxRecord) -> bool:
+        """Whether giving back what only a live VM holds leaves a consistent paused sandbox: its disk
+        has a checkpoint taken for the snapshot on disk, which releasing the checkpoint reverts to."""
+        held = rec.resources.get("checkpoint")
+        token = self._snapshot_token(rec.id)
+        return held is not None and token is not None and held.get("snapshot") == token
+
     def pause_committed(self, rec: SandboxRecord) -> bool:
         """Whether the pause that was under way when wrenbox stopped had written its snapshot."""
         token = rec.resources.get("vm", {}).get("pause_token")
+        return token is not None and self._snapshot_token(rec.id) == token
+
+    def _snapshot_token(self, sandbox_id: str) -> str | None:
+        """The token of the snapshot on disk (each pause writes a new one), None if there is none."""
         try:
-            meta = json.loads((self.snapshot_dir(rec.id) / META).read_text())
+            meta = json.loads((self.snapshot_dir(sandbox_id) / META).read_text())
         except (FileNotFoundError, ValueError):
-            return False
-        return token is not None and meta.get("pause_token") == token
+            return None
+        return meta.get("pause_token")
+
+    async def _settle_checkpoint(self, rec: SandboxRecord, value: dict[str, Any]) -> None:
+        """Revert the disk if the snapshot the checkpoint was taken for is still the one on disk (the
+        sandbox goes back to it); drop the checkpoint if a later pause superseded that snapshot."""
+        if "disk" not in rec.resources:
+            return
+        disk = self._disk(rec)
+        if value.get("snapshot") is not None and value.get("snapshot") == self._snapshot_token(rec.id):
+            await self.rootfs.revert(disk)
+        else:
+            await self.rootfs.drop_checkpoint(disk)
 
     async def finish_resume(self, rec: SandboxRecord) -> str:
         """Complete a resume whose VM is up: wait for the agent, then ``/init`` it."""
@@ -390,7 +419,7 @@ class HostRuntime:
         vm = self._vm(rec)
         try:
             snapshot = await vm.snapshot(build / SNAPSHOT_DIR)
-            await anyio.to_thread.run_sync(copy_ram, self.ram_file(rec.id), build / MEMORY)
+            await anyio.to_thread.run_sync(clone_or_copy, self.ram_file(rec.id), build / MEMORY)
             base = await self.rootfs.flatten(self._disk(rec), build / ROOTFS)
         finally:
             with anyio.CancelScope(shield=True):

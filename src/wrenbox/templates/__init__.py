@@ -28,7 +28,7 @@ from wrenbox.templates.store import (
     Templates,
     TemplateStore,
 )
-from wrenbox.templates.vm import agent_client, agent_ready, copy_ram
+from wrenbox.templates.vm import agent_client, agent_ready
 
 __all__ = [
     "Placement",
@@ -40,6 +40,5 @@ __all__ = [
     "agent_client",
     "agent_ready",
     "build_template",
-    "copy_ram",
     "host_templates",
 ]

@@ -19,12 +19,13 @@ import anyio
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from wrenbox.errors import AlreadyExists, CorruptData, NotFound
+from wrenbox.fileio import clone_or_copy
 from wrenbox.images import Image, guest_kernel_args
 from wrenbox.names import validate_name
 from wrenbox.network import GATEWAY_IP, GUEST_IP, GUEST_NETWORK, NetworkSlot
 from wrenbox.rollback import Rollback
 from wrenbox.rootfs import BaseImage, RootfsBackend
-from wrenbox.templates.vm import agent_client, agent_ready, copy_ram, netns_path
+from wrenbox.templates.vm import agent_client, agent_ready, netns_path
 from wrenbox.vmm.base import Drive, Driver, Kernel, Machine, MemoryFile, Snapshot, Vm, VmConfig
 
 if TYPE_CHECKING:
@@ -329,7 +330,7 @@ class Templates:
             raise AlreadyExists(f"{placement.memory} exists; a VM's RAM file must be new")
         async with Rollback(f"start from template {template.name}") as rb:
             rb.push(f"RAM file {placement.memory}", placement.memory.unlink, True)
-            await anyio.to_thread.run_sync(copy_ram, template.memory, placement.memory)
+            await anyio.to_thread.run_sync(clone_or_copy, template.memory, placement.memory)
             vm = await self.driver.restore(config, snapshot)
             rb.push(f"VM {vm.pid}", vm.destroy)
             await agent_ready(vm, placement.slot, timeout=self.config.ready_timeout_s, init=init)

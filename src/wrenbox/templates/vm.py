@@ -8,13 +8,11 @@ from pathlib import Path
 from wrenbox.envd import AsyncEnvdClient, EnvdConfig
 from wrenbox.envd.config import ENVD_PORT
 from wrenbox.errors import Timeout, Unavailable
-from wrenbox.fileio import copy_sparse
 from wrenbox.network import NetworkSlot
 from wrenbox.network.netns import NETNS_DIR
-from wrenbox.rootfs.reflink import clone_file
 from wrenbox.vmm.base import Vm
 
-__all__ = ["agent_client", "agent_ready", "copy_ram", "netns_path"]
+__all__ = ["agent_client", "agent_ready", "netns_path"]
 
 
 def netns_path(slot: NetworkSlot) -> Path:
@@ -48,14 +46,3 @@ async def agent_ready(
                     ) from None
         if init:
             await client.init()
-
-
-def copy_ram(src: Path, dst: Path) -> None:
-    """``dst`` becomes an independent copy of ``src``: a reflink where the filesystem can, else a copy of
-    its data extents (in the kernel where it can: ``copy_file_range``), holes kept."""
-    try:
-        clone_file(src, dst)
-        return
-    except OSError:
-        dst.unlink(missing_ok=True)
-    copy_sparse(src, dst)
