@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from wrenbox.errors import CorruptData
 from wrenbox.rootfs.base import Disk, DiskFormat
@@ -55,7 +56,7 @@ class Qcow2Backend(FileDiskBackend):
     async def _snapshots(self, disk: Disk) -> set[str]:
         return {s.get("name") for s in (await self._info(disk)).get("snapshots", [])}
 
-    async def _info(self, disk: Disk) -> dict:
+    async def _info(self, disk: Disk) -> dict[str, Any]:
         done = await self._run(["qemu-img", "info", "-U", "--output=json", str(disk.store)])
         try:
             return json.loads(done.text)
