@@ -147,23 +147,28 @@ class Store:
 
     # -- sandboxes -----------------------------------------------------------------------------------
 
-    def insert_sandbox(self, rec: SandboxRecord) -> None:
-        row = _sandbox_row(rec)
+    def _insert(self, table: str, row: dict[str, Any], what: str) -> None:
         cols = ", ".join(row)
         marks = ", ".join(f":{k}" for k in row)
         try:
             with self._tx() as db:
-                db.execute(f"INSERT INTO sandboxes ({cols}) VALUES ({marks})", row)
+                db.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", row)
         except sqlite3.IntegrityError as exc:
-            raise AlreadyExists(f"sandbox {rec.id} already exists") from exc
+            raise AlreadyExists(f"{what} already exists") from exc
+
+    def _update(self, table: str, key: str, row: dict[str, Any], what: str) -> None:
+        """Write a whole row, which must exist."""
+        sets = ", ".join(f"{k} = :{k}" for k in row if k != key)
+        with self._tx() as db:
+            if db.execute(f"UPDATE {table} SET {sets} WHERE {key} = :{key}", row).rowcount != 1:
+                raise NotFound(f"{what} not found")
+
+    def insert_sandbox(self, rec: SandboxRecord) -> None:
+        self._insert("sandboxes", _sandbox_row(rec), f"sandbox {rec.id}")
 
     def save_sandbox(self, rec: SandboxRecord) -> None:
         """Write the whole record (it must exist)."""
-        row = _sandbox_row(rec)
-        sets = ", ".join(f"{k} = :{k}" for k in row if k != "id")
-        with self._tx() as db:
-            if db.execute(f"UPDATE sandboxes SET {sets} WHERE id = :id", row).rowcount != 1:
-                raise NotFound(f"sandbox {rec.id} not found")
+        self._update("sandboxes", "id", _sandbox_row(rec), f"sandbox {rec.id}")
 
     def get_sandbox(self, sandbox_id: str) -> SandboxRecord:
         with self._lock:
@@ -204,21 +209,10 @@ class Store:
     # -- templates -----------------------------------------------------------------------------------
 
     def insert_template(self, rec: TemplateRecord) -> None:
-        row = _template_row(rec)
-        cols = ", ".join(row)
-        marks = ", ".join(f":{k}" for k in row)
-        try:
-            with self._tx() as db:
-                db.execute(f"INSERT INTO templates ({cols}) VALUES ({marks})", row)
-        except sqlite3.IntegrityError as exc:
-            raise AlreadyExists(f"template {rec.name} already exists") from exc
+        self._insert("templates", _template_row(rec), f"template {rec.name}")
 
     def save_template(self, rec: TemplateRecord) -> None:
-        row = _template_row(rec)
-        sets = ", ".join(f"{k} = :{k}" for k in row if k != "name")
-        with self._tx() as db:
-            if db.execute(f"UPDATE templates SET {sets} WHERE name = :name", row).rowcount != 1:
-                raise NotFound(f"template {rec.name} not found")
+        self._update("templates", "name", _template_row(rec), f"template {rec.name}")
 
     def get_template(self, name: str) -> TemplateRecord:
         with self._lock:
