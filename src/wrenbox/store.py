@@ -265,34 +265,36 @@ class Store:
         return [Event(dict(r) | {"detail": json.loads(r["detail"])}) for r in rows]
 
 
-def _sandbox_row(rec: SandboxRecord) -> dict[str, Any]:
-    row = {f: getattr(rec, f) for f in rec.__slots__}  # type: ignore[attr-defined]
+def _to_row(rec: SandboxRecord | TemplateRecord, json_fields: tuple[str, ...]) -> dict[str, Any]:
+    row = {f: getattr(rec, f) for f in rec.__slots__}  # type: ignore[union-attr]
     row["state"] = rec.state.value
-    for key in _SANDBOX_JSON:
-        # Not sorted: the order of ``resources`` is the order of acquisition, which release reverses.
+    for key in json_fields:
+        # Not sorted: the order of a sandbox's ``resources`` is the order of acquisition, which
+        # release reverses.
         row[key] = json.dumps(row[key])
     return row
 
 
-def _sandbox_from_row(row: sqlite3.Row) -> SandboxRecord:
+def _from_row(row: sqlite3.Row, json_fields: tuple[str, ...]) -> dict[str, Any]:
     data = dict(row)
-    for key in _SANDBOX_JSON:
+    for key in json_fields:
         data[key] = json.loads(data[key])
-    data["state"] = SandboxState(data["state"])
-    return SandboxRecord(**data)
+    return data
+
+
+def _sandbox_row(rec: SandboxRecord) -> dict[str, Any]:
+    return _to_row(rec, _SANDBOX_JSON)
+
+
+def _sandbox_from_row(row: sqlite3.Row) -> SandboxRecord:
+    data = _from_row(row, _SANDBOX_JSON)
+    return SandboxRecord(**data | {"state": SandboxState(data["state"])})
 
 
 def _template_row(rec: TemplateRecord) -> dict[str, Any]:
-    row = {f: getattr(rec, f) for f in rec.__slots__}  # type: ignore[attr-defined]
-    row["state"] = rec.state.value
-    for key in _TEMPLATE_JSON:
-        row[key] = json.dumps(row[key], sort_keys=True)
-    return row
+    return _to_row(rec, _TEMPLATE_JSON)
 
 
 def _template_from_row(row: sqlite3.Row) -> TemplateRecord:
-    data = dict(row)
-    for key in _TEMPLATE_JSON:
-        data[key] = json.loads(data[key])
-    data["state"] = TemplateState(data["state"])
-    return TemplateRecord(**data)
+    data = _from_row(row, _TEMPLATE_JSON)
+    return TemplateRecord(**data | {"state": TemplateState(data["state"])})
