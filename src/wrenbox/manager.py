@@ -3,8 +3,9 @@
 The manager owns *policy*: which moves are legal (:mod:`wrenbox.models`), one lock per sandbox so
 lifecycle operations never interleave, admission limits, activity, persistence of every transition, and
 what a failure leaves behind. The *mechanics* — VMs, disks, network slots, memory snapshots, the guest
-agent — live behind the :class:`Runtime` protocol (:mod:`wrenbox.runtime` on a real host, a fake in unit
-tests), which records every resource it acquires in a :class:`~wrenbox.ledger.Ledger`.
+agent — live behind the :class:`~wrenbox.runtime.base.Runtime` protocol (:mod:`wrenbox.runtime.host` on a
+real host, a fake in unit tests), which records every resource it acquires in a
+:class:`~wrenbox.ledger.Ledger`.
 
 Failure rules, for every operation: the ledger unwinds what the operation acquired, newest first; the
 sandbox goes back to the state it was in (a failed pause leaves it running, a failed resume leaves it
@@ -21,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import anyio
 
@@ -37,6 +38,7 @@ from wrenbox.models import (
 )
 from wrenbox.names import new_sandbox_id, validate_name, validate_sandbox_id
 from wrenbox.recovery import RecoveryMixin
+from wrenbox.runtime.base import Runtime
 from wrenbox.store import Store
 
 __all__ = ["CreateRequest", "ManagerConfig", "Runtime", "SandboxManager"]
@@ -46,61 +48,6 @@ S = SandboxState
 
 _MAX_MAP_ITEMS = 64
 _MAX_MAP_LEN = 1024
-
-
-class Runtime(Protocol):
-    """Host mechanics. Each method records what it acquires in the ledger it is given."""
-
-    async def start(self, rec: SandboxRecord, template: TemplateRecord, ledger: Ledger, *, cold: bool) -> str:
-        """Bring up a VM for ``rec`` from ``template`` (restore, or boot its image when ``cold``)."""
-        ...
-
-    async def pause(self, rec: SandboxRecord, ledger: Ledger) -> None:
-        """Write the running VM to disk and release the VM, its slot and everything else it ran on."""
-        ...
-
-    async def resume(self, rec: SandboxRecord, ledger: Ledger) -> str:
-        """Bring a paused sandbox back; returns its new host IP."""
-        ...
-
-    async def snapshot(self, rec: SandboxRecord, dest: Path, ledger: Ledger) -> dict[str, Any]:
-        """Write sandbox ``rec`` as a template into ``dest`` (atomically); a running VM keeps running."""
-        ...
-
-    async def release(self, rec: SandboxRecord, key: str, value: Any) -> None:
-        """Give back one resource recorded in ``rec.resources``; idempotent."""
-        ...
-
-    async def delete_template(self, template: TemplateRecord) -> None: ...
-
-    def envd(self, rec: SandboxRecord) -> Any:
-        """The guest agent client of a running sandbox."""
-        ...
-
-    # Recovery after a restart (see wrenbox.recovery).
-    persistent: frozenset[str]  # resource keys a paused sandbox keeps
-
-    async def vm_state(self, rec: SandboxRecord) -> str:
-        """``running``, ``paused`` or ``gone``."""
-        ...
-
-    async def continue_vm(self, rec: SandboxRecord) -> None: ...
-
-    def pause_committed(self, rec: SandboxRecord) -> bool: ...
-
-    def revertible(self, rec: SandboxRecord) -> bool:
-        """Whether releasing the VM's resources leaves a consistent paused sandbox (disk reverted)."""
-        ...
-
-    async def finish_resume(self, rec: SandboxRecord) -> str: ...
-
-    async def sweep(self, records: list[SandboxRecord]) -> dict[str, list[str]]: ...
-
-    def host_metrics(self, rec: SandboxRecord) -> dict[str, int | float]: ...
-
-    def template_names(self) -> list[tuple[str, str, int, int]]:
-        """Published templates: (name, path, vcpus, memory MiB)."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)

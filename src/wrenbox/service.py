@@ -27,7 +27,7 @@ from wrenbox.manager import ManagerConfig, SandboxManager
 from wrenbox.models import TemplateRecord, TemplateState
 from wrenbox.network import Network
 from wrenbox.reaper import Reaper
-from wrenbox.runtime import HostRuntime, RuntimeConfig
+from wrenbox.runtime.host import HostRuntime, RuntimeConfig
 from wrenbox.store import Store
 from wrenbox.templates import build_template, host_templates
 

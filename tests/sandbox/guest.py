@@ -15,7 +15,7 @@ from wrenbox.envd.config import ENVD_PORT
 from wrenbox.manager import SandboxManager
 from wrenbox.memory.format import HEADER_NAME, Header
 from wrenbox.models import SandboxRecord
-from wrenbox.runtime import HostRuntime
+from wrenbox.runtime.host import HostRuntime
 
 TMPFS_FILE = "/dev/shm/integrity.bin"  # guest RAM only: lives in the memory snapshot
 DISK_FILE = "/home/user/integrity.bin"  # the guest's root disk (qcow2 overlay on the host)

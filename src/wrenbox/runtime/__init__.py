@@ -1,5 +1,4 @@
-"""The host runtime: sandbox lifecycle steps on this machine (VMs, disks, slots, memory snapshots)."""
+"""The host runtime: sandbox lifecycle steps on a machine (VMs, disks, network slots, memory snapshots).
 
-from wrenbox.runtime.host import HostRuntime, RuntimeConfig
-
-__all__ = ["HostRuntime", "RuntimeConfig"]
+``base.Runtime`` is the interface the manager uses; ``host.HostRuntime`` implements it on this host.
+"""
