@@ -17,7 +17,7 @@ import pytest
 from wrenbox import faults
 from wrenbox.config import Settings
 from wrenbox.manager import CreateRequest, SandboxManager
-from wrenbox.models import SandboxState
+from wrenbox.models import SandboxRecord, SandboxState
 from wrenbox.names import new_sandbox_id
 from wrenbox.pids import ProcessRef
 from wrenbox.rootfs import Disk
@@ -42,6 +42,20 @@ def same_disk(a: Path, b: Path) -> bool:
     return done.returncode == 0
 
 
+def write_then_fail(mgr: SandboxManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the next resume fail right after the guest wrote and synced to its disk (so the VM is known
+    to have run and changed the disk before the failure)."""
+    rt = mgr.runtime
+    original = rt._init_agent  # type: ignore[attr-defined]
+
+    async def init_write_fail(rec: SandboxRecord, slot: object, **kwargs: object) -> None:
+        await original(rec, slot, **kwargs)
+        await rt.envd(rec).processes.exec("echo after-resume >> /home/user/poke; sync")  # type: ignore[attr-defined]
+        raise faults.InjectedFault("the resume fails after the guest wrote to its disk")
+
+    monkeypatch.setattr(rt, "_init_agent", init_write_fail)
+
+
 async def paused_with_a_busy_writer(mgr: SandboxManager, tmp: Path) -> tuple[str, Path]:
     """A paused sandbox whose guest writes to disk as soon as it runs; and a copy of its paused disk."""
     sb = await mgr.create(CreateRequest())
@@ -54,10 +68,14 @@ async def paused_with_a_busy_writer(mgr: SandboxManager, tmp: Path) -> tuple[str
     return sb.id, copy
 
 
-async def test_a_failed_resume_puts_the_disk_back(manager: SandboxManager, tmp_path: Path) -> None:
+async def test_a_failed_resume_puts_the_disk_back(
+    manager: SandboxManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sid, paused_disk = await paused_with_a_busy_writer(manager, tmp_path)
-    with faults.armed("resume.init"), pytest.raises(faults.InjectedFault):
-        await manager.resume(sid)  # the VM ran (agent ready, /init) before this point
+    with monkeypatch.context() as m:
+        write_then_fail(manager, m)
+        with pytest.raises(faults.InjectedFault):
+            await manager.resume(sid)
     assert manager.get(sid).state is S.PAUSED
     assert same_disk(paused_disk, disk_of(manager, sid).store)
     # And it resumes for real, the writer still going.
@@ -80,7 +98,8 @@ async def test_without_the_revert_the_disk_would_be_ahead(
         await rootfs.drop_checkpoint(disk)
 
     monkeypatch.setattr(rootfs, "revert", keep)
-    with faults.armed("resume.init"), pytest.raises(faults.InjectedFault):
+    write_then_fail(manager, monkeypatch)
+    with pytest.raises(faults.InjectedFault):
         await manager.resume(sid)
     assert not same_disk(paused_disk, disk_of(manager, sid).store)
 
