@@ -21,6 +21,7 @@ obscurely, or worse, succeeds and corrupts the guest.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from typing import Any, Literal
 from pydantic import TypeAdapter, ValidationError
 
 from wrenbox.errors import CorruptData, InvalidArgument, NotFound
+from wrenbox.fileio import fsync_path
 from wrenbox.names import validate_name
 from wrenbox.network.plan import GUEST_MAC, TAP
 from wrenbox.pids import ProcessRef
@@ -297,6 +299,8 @@ class Vm(ABC):
     config: VmConfig
     process: ProcessRef
     timings: dict[str, float]
+    driver: Driver
+    argv: list[str]
 
     @property
     def pid(self) -> int:
@@ -333,11 +337,38 @@ class Vm(ABC):
     def console_tail(self, max_bytes: int = 4000) -> str:
         """The end of the guest's serial console log (for error messages)."""
 
+    async def _seal_snapshot(self, dest: Path, state: Path, kind: SnapshotKind) -> Snapshot:
+        """The VMM has written its state file: make it durable and record what it pins (every driver
+        ends :meth:`snapshot` this way)."""
+        size = await asyncio.to_thread(_fsync_size, state)
+        meta = SnapshotMeta(
+            vmm=self.driver.name,
+            vmm_version=await self.driver.version(),
+            kind=kind,
+            pinned=self.driver.pinned(self.config.machine),
+            argv=tuple(self.argv),
+            state_bytes=size,
+        )
+        return Snapshot.save(dest, meta)
+
+
+def _fsync_size(path: Path) -> int:
+    fsync_path(path)
+    return path.stat().st_size
+
 
 class Driver(ABC):
     """Makes VMs. One instance per host configuration; it keeps no per-VM state."""
 
     name: str
+
+    @abstractmethod
+    async def version(self) -> str:
+        """The VMM's version, as snapshots record it."""
+
+    @abstractmethod
+    def pinned(self, machine: Machine) -> dict[str, Any]:
+        """What a snapshot taken by this driver fixes: the machine plus the VMM's own choices."""
 
     @abstractmethod
     async def boot(self, config: VmConfig) -> Vm:

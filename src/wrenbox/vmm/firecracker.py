@@ -40,7 +40,6 @@ from wrenbox.vmm.base import (
     PagedMemory,
     Snapshot,
     SnapshotKind,
-    SnapshotMeta,
     Vm,
     VmConfig,
 )
@@ -258,16 +257,8 @@ class FirecrackerVm(Vm):
             "/snapshot/create", body, timeout=fc.snapshot_timeout(self.config.machine.memory_mib)
         )
         t_saved = time.monotonic()
-        size = await asyncio.to_thread(_fsync, state)  # RAW_MEMORY is an intermediate: processed, removed
-        meta = SnapshotMeta(
-            vmm=self.driver.name,
-            vmm_version=await self.driver.version(),
-            kind=kind,
-            pinned=self.driver.pinned(self.config.machine),
-            argv=tuple(self.argv),
-            state_bytes=size,
-        )
-        snapshot = Snapshot.save(dest, meta)
+        # Only the state file is sealed: RAW_MEMORY is an intermediate, processed and removed.
+        snapshot = await self._seal_snapshot(dest, state, kind)
         t_end = time.monotonic()
         self.timings.update(
             pause=t_pause - t0, save=t_saved - t_pause, sync=t_end - t_saved, snapshot=t_end - t0
@@ -323,15 +314,6 @@ def _snapshot_files(dest: Path) -> tuple[Path, Path, Path]:
     memory.unlink(missing_ok=True)
     state.unlink(missing_ok=True)
     return dest, state, memory
-
-
-def _fsync(path: Path) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        return os.fstat(fd).st_size
-    finally:
-        os.close(fd)
 
 
 class FirecrackerDriver(Driver):

@@ -39,7 +39,6 @@ from wrenbox.vmm.base import (
     MemoryFile,
     Snapshot,
     SnapshotKind,
-    SnapshotMeta,
     Vm,
     VmConfig,
 )
@@ -231,26 +230,14 @@ class QemuVm(Vm):
             await q.run("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
             await q.wait_migration(q_cfg.command_timeout_s)
         t_saved = time.monotonic()
-        fd = os.open(state, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        meta = SnapshotMeta(
-            vmm=self.driver.name,
-            vmm_version=await self.driver.version(),
-            kind=kind,
-            pinned=self.driver.pinned(self.config.machine),
-            argv=tuple(self.argv),
-            state_bytes=size,
-        )
-        snapshot = Snapshot.save(dest, meta)
+        snapshot = await self._seal_snapshot(dest, state, kind)
         t_end = time.monotonic()
         self.timings.update(
             stop=t_stop - t0, save=t_saved - t_stop, sync=t_end - t_saved, snapshot=t_end - t0
         )
-        log.info("snapshot of %r into %s: %d bytes in %.3f s", self, dest, size, t_end - t0)
+        log.info(
+            "snapshot of %r into %s: %d bytes in %.3f s", self, dest, snapshot.meta.state_bytes, t_end - t0
+        )
         return snapshot
 
     async def destroy(self) -> None:
