@@ -352,6 +352,16 @@ class Vm(ABC):
         return Snapshot.save(dest, meta)
 
 
+def log_tail(path: Path, max_bytes: int) -> str:
+    """The last ``max_bytes`` of a VMM's log or console file ("" if there is none), for error messages."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
 def _fsync_size(path: Path) -> int:
     fsync_path(path)
     return path.stat().st_size

@@ -42,6 +42,7 @@ from wrenbox.vmm.base import (
     SnapshotKind,
     Vm,
     VmConfig,
+    log_tail,
 )
 from wrenbox.vmm.firecracker_api import FirecrackerApi
 from wrenbox.vmm.firecracker_launch import drive_link, end_process, launch_argv, wait_for_socket
@@ -170,15 +171,6 @@ def boot_calls(config: VmConfig, fc: FirecrackerConfig) -> list[tuple[str, str, 
     return calls
 
 
-def _tail(path: Path, max_bytes: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
-            return f.read().decode(errors="replace")
-    except FileNotFoundError:
-        return ""
-
-
 class FirecrackerVm(Vm):
     """A Firecracker process. ``page_server`` is set when its memory comes from a :class:`PagedMemory`:
     the VM owns it and stops it in :meth:`destroy`, once the process is gone."""
@@ -214,7 +206,7 @@ class FirecrackerVm(Vm):
         return None if self.page_server is None else self.page_server.error
 
     def console_tail(self, max_bytes: int = 4000) -> str:
-        return _tail(self.config.run_dir / FIRECRACKER_LOG, max_bytes)
+        return log_tail(self.config.run_dir / FIRECRACKER_LOG, max_bytes)
 
     def _why_gone(self) -> str:
         # A VMM that just hung up is usually on its way out: a moment lets the message say how it ended.

@@ -41,6 +41,7 @@ from wrenbox.vmm.base import (
     SnapshotKind,
     Vm,
     VmConfig,
+    log_tail,
 )
 from wrenbox.vmm.qmp import Qmp, session
 
@@ -152,15 +153,6 @@ def qemu_argv(config: VmConfig, qemu: QemuConfig, *, incoming: bool) -> list[str
     return argv
 
 
-def _tail(path: Path, max_bytes: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
-            return f.read().decode(errors="replace")
-    except FileNotFoundError:
-        return ""
-
-
 class QemuVm(Vm):
     def __init__(self, driver: QemuDriver, config: VmConfig, process: ProcessRef, argv: list[str]) -> None:
         self.driver = driver
@@ -177,12 +169,12 @@ class QemuVm(Vm):
         return self.config.run_dir / QMP_SOCKET
 
     def console_tail(self, max_bytes: int = 4000) -> str:
-        return _tail(self.config.run_dir / CONSOLE_LOG, max_bytes)
+        return log_tail(self.config.run_dir / CONSOLE_LOG, max_bytes)
 
     def _why_gone(self) -> str:
         parts = [f" (QEMU pid {self.pid}, {'alive' if self.alive() else 'exited'})"]
         for title, text in (
-            ("qemu log", _tail(self.config.run_dir / QEMU_LOG, 2000)),
+            ("qemu log", log_tail(self.config.run_dir / QEMU_LOG, 2000)),
             ("console", self.console_tail(2000)),
         ):
             if text.strip():
