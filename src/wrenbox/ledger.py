@@ -18,8 +18,6 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Protocol
 
-import anyio
-
 from wrenbox.models import SandboxRecord
 from wrenbox.rollback import Rollback
 
@@ -77,7 +75,5 @@ class Ledger:
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if exc is not None:
-            # A cancelled request must still give everything back, so the unwind is shielded.
-            with anyio.CancelScope(shield=True):
-                self.leftovers = await self._rollback.aunwind()
-            exc.leftovers = self.leftovers  # type: ignore[attr-defined]
+            await self._rollback.__aexit__(et, exc, tb)  # shielded unwind; sets exc.leftovers
+            self.leftovers = exc.leftovers  # type: ignore[attr-defined]
