@@ -1,7 +1,7 @@
 """What the Firecracker driver adds around Firecracker itself (no Firecracker needed; run as root).
 
 ``fc_launch_ms``
-    p50 wall time of the launcher (``wrenbox.vmm.firecracker_launch.launch_argv``: ``unshare -m`` +
+    p50 wall time of the launcher (``wrenbox.vmm.firecracker.launch.launch_argv``: ``unshare -m`` +
     ``sh`` + a tmpfs mount + one link per disk + ``nsenter --net``) running ``/bin/true`` to its exit,
     with two disks, in a real network namespace.
 ``fc_launch_direct_ms`` / ``fc_launch_overhead_ms``
@@ -30,8 +30,8 @@ from pathlib import Path
 
 from wrenbox.command import run
 from wrenbox.network.netns import NETNS_DIR, create_netns, remove_netns
-from wrenbox.vmm.firecracker_api import FirecrackerApi
-from wrenbox.vmm.firecracker_launch import launch_argv
+from wrenbox.vmm.firecracker.api import FirecrackerApi
+from wrenbox.vmm.firecracker.launch import launch_argv
 
 INFO = json.dumps({"app_name": "Firecracker", "id": "i", "state": "Running", "vmm_version": "1.7.0"}).encode()
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (

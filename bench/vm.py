@@ -36,9 +36,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wrenbox.config import SandboxDefaults, Settings
-from wrenbox.host import HostCapabilities
 from wrenbox.images import ImageConfig, build_image
 from wrenbox.network import Network, NetworkConfig, NetworkSlot
+from wrenbox.probe import HostCapabilities
 from wrenbox.templates import Placement, Template, Templates, agent_client, build_template, host_templates
 from wrenbox.templates.vm import netns_path
 from wrenbox.vmm.base import Drive, MemoryFile, VmConfig

@@ -1,4 +1,4 @@
-"""The host probe (``wrenbox.host``) and ``wrenbox doctor``, against this real host."""
+"""The host probe (``wrenbox.probe``) and ``wrenbox doctor``, against this real host."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from wrenbox.cli import app
 from wrenbox.config import Settings
-from wrenbox.host import HostCapabilities
-from wrenbox.host import probes as host_probes
-from wrenbox.host.kvm import real_mode_probe_firmware, watch_console
+from wrenbox.probe import HostCapabilities
+from wrenbox.probe import probes as host_probes
+from wrenbox.probe.kvm import real_mode_probe_firmware, watch_console
 
 PVM_HOST = Path("/sys/module/kvm_pvm").exists()
 pytestmark = pytest.mark.root  # netns probes, /dev/kvm, /dev/kmsg, loop mounts

@@ -66,7 +66,7 @@ def doctor(
     ] = False,
 ) -> None:
     """Probe what this host can do and show which backends wrenbox will use, and why."""
-    from wrenbox.host import HostCapabilities
+    from wrenbox.probe import HostCapabilities
 
     try:
         with console.status("probing the host (the first run tries to boot a KVM guest)…"):

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Protocol
 
-from wrenbox.models import SandboxRecord
+from wrenbox.records import SandboxRecord
 from wrenbox.rollback import Rollback
 
 __all__ = ["Ledger", "RecordSink", "Releaser"]

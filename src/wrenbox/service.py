@@ -20,15 +20,15 @@ import anyio
 
 from wrenbox.config import Settings
 from wrenbox.errors import NotFound
-from wrenbox.host import HostCapabilities
 from wrenbox.images import ImageConfig, build_image, load_image
 from wrenbox.images.builder import StepEvent
 from wrenbox.manager import ManagerConfig, SandboxManager
-from wrenbox.models import TemplateRecord, TemplateState
+from wrenbox.manager.reaper import Reaper
+from wrenbox.manager.store import Store
 from wrenbox.network import Network
-from wrenbox.reaper import Reaper
+from wrenbox.probe import HostCapabilities
+from wrenbox.records import TemplateRecord, TemplateState
 from wrenbox.runtime.host import HostRuntime, RuntimeConfig
-from wrenbox.store import Store
 from wrenbox.templates import build_template, host_templates
 
 __all__ = ["ensure_template", "manager_config", "open_manager", "runtime_config"]

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from wrenbox.command import spawn
-from wrenbox.host import HostCapabilities
 from wrenbox.images import Image, guest_kernel_args
 from wrenbox.network.plan import GATEWAY_IP, GUEST_IP, GUEST_MAC, GUEST_NETWORK, TAP_MAC
+from wrenbox.probe import HostCapabilities
 
 pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.slow]
 

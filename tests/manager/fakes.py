@@ -12,7 +12,7 @@ import anyio
 
 from wrenbox import faults
 from wrenbox.ledger import Ledger
-from wrenbox.models import SandboxRecord, TemplateRecord
+from wrenbox.records import SandboxRecord, TemplateRecord
 
 
 @dataclass

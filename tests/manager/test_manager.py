@@ -18,8 +18,8 @@ from wrenbox.errors import (
     Unavailable,
 )
 from wrenbox.manager import CreateRequest, ManagerConfig, SandboxManager
-from wrenbox.models import SandboxState, TemplateRecord, TemplateState
-from wrenbox.store import Store
+from wrenbox.manager.store import Store
+from wrenbox.records import SandboxState, TemplateRecord, TemplateState
 
 from .fakes import FakeRuntime
 

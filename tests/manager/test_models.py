@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from wrenbox.errors import Conflict, NotRunning
-from wrenbox.models import TRANSITIONS, SandboxState, check_transition
+from wrenbox.records import TRANSITIONS, SandboxState, check_transition
 
 S = SandboxState
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from wrenbox.models import SandboxRecord, SandboxState
-from wrenbox.reaper import Reaper, ReaperConfig
+from wrenbox.manager.reaper import Reaper, ReaperConfig
+from wrenbox.records import SandboxRecord, SandboxState
 
 
 class FakeClock:

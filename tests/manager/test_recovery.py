@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from wrenbox.manager import CreateRequest, ManagerConfig, SandboxManager
-from wrenbox.models import SandboxRecord, SandboxState, TemplateRecord, TemplateState
-from wrenbox.store import Store
+from wrenbox.manager.store import Store
+from wrenbox.records import SandboxRecord, SandboxState, TemplateRecord, TemplateState
 
 from .fakes import FakeRuntime
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from wrenbox import store as store_mod
 from wrenbox.errors import AlreadyExists, NotFound
-from wrenbox.models import SandboxRecord, SandboxState, TemplateRecord, TemplateState
-from wrenbox.store import Store
+from wrenbox.manager import store as store_mod
+from wrenbox.manager.store import Store
+from wrenbox.records import SandboxRecord, SandboxState, TemplateRecord, TemplateState
 
 
 @pytest.fixture

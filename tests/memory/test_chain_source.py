@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from wrenbox.errors import CorruptData, InvalidArgument
-from wrenbox.memory import uffd_abi
 from wrenbox.memory.chain import Chain
-from wrenbox.memory.chain_source import ChainSource
 from wrenbox.memory.format import HEADER_NAME
 from wrenbox.memory.process import process_diff, process_full
 from wrenbox.memory.uffd import PageServer, PageServerConfig, PageSource
+from wrenbox.memory.uffd import abi as uffd_abi
+from wrenbox.memory.uffd.chain_source import ChainSource
 
 K = 4096
 MiB = 1 << 20

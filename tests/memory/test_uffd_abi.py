@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from wrenbox.memory import uffd_abi
+from wrenbox.memory.uffd import abi as uffd_abi
 
 PAGE = 4096
 

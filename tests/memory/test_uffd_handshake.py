@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from wrenbox.errors import InvalidArgument, Timeout
-from wrenbox.memory import uffd_abi
 from wrenbox.memory.uffd import FileSource, GuestRegion, PageServer, PageServerConfig, ServerState
-from wrenbox.memory.uffd_handshake import parse_regions
+from wrenbox.memory.uffd import abi as uffd_abi
+from wrenbox.memory.uffd.handshake import parse_regions
 
 MiB = 1 << 20
 SOURCE_SIZE = 16 * MiB

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from wrenbox.errors import AlreadyExists, Conflict, CorruptData, InvalidArgument, Timeout
-from wrenbox.memory import uffd_abi
 from wrenbox.memory.uffd import FileSource, PageServer, PageServerConfig, PageSource, ServerState
+from wrenbox.memory.uffd import abi as uffd_abi
 
 VMM = Path(__file__).with_name("uffd_vmm.py")
 MiB = 1 << 20

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 
-from wrenbox.memory import uffd_abi
+from wrenbox.memory.uffd import abi as uffd_abi
 
 PAGE = 4096
 HUGE = 2 << 20

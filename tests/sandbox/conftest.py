@@ -25,11 +25,11 @@ from tests.support.images import TEST_DATA_DIR, ensure_test_image
 
 from wrenbox.config import LimitsConfig, SandboxDefaults, Settings
 from wrenbox.manager import SandboxManager
-from wrenbox.models import SandboxState
 from wrenbox.network import Network, NetworkConfig
 from wrenbox.network.links import link_names
 from wrenbox.network.netns import list_netns
-from wrenbox.runtime.recovery import our_processes
+from wrenbox.records import SandboxState
+from wrenbox.runtime.sweep import our_processes
 from wrenbox.service import ensure_template, open_manager
 
 GUEST_MEMORY_MB = 256

@@ -14,7 +14,7 @@ import httpx
 from wrenbox.envd.config import ENVD_PORT
 from wrenbox.manager import SandboxManager
 from wrenbox.memory.format import HEADER_NAME, Header
-from wrenbox.models import SandboxRecord
+from wrenbox.records import SandboxRecord
 from wrenbox.runtime.host import HostRuntime
 
 TMPFS_FILE = "/dev/shm/integrity.bin"  # guest RAM only: lives in the memory snapshot

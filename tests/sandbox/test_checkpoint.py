@@ -17,12 +17,12 @@ import pytest
 from wrenbox import faults
 from wrenbox.config import Settings
 from wrenbox.manager import CreateRequest, SandboxManager
-from wrenbox.models import SandboxRecord, SandboxState
+from wrenbox.manager.store import Store
 from wrenbox.names import new_sandbox_id
 from wrenbox.pids import ProcessRef
+from wrenbox.records import SandboxRecord, SandboxState
 from wrenbox.rootfs import Disk
 from wrenbox.service import open_manager
-from wrenbox.store import Store
 
 from .crash_worker import crash
 from .guest import run

@@ -27,10 +27,10 @@ from tests.support.images import TEST_DATA_DIR, ensure_test_image
 
 from wrenbox.config import Settings
 from wrenbox.manager import CreateRequest, SandboxManager
-from wrenbox.models import SandboxState, TemplateState
 from wrenbox.names import new_sandbox_id
 from wrenbox.network import Network, NetworkConfig
-from wrenbox.runtime.recovery import our_processes
+from wrenbox.records import SandboxState, TemplateState
+from wrenbox.runtime.sweep import our_processes
 from wrenbox.service import ensure_template, open_manager
 
 from .conftest import leftovers, make_settings

@@ -16,8 +16,8 @@ from wrenbox.config import Settings
 from wrenbox.errors import Unavailable
 from wrenbox.faults import InjectedFault
 from wrenbox.manager import CreateRequest, SandboxManager
-from wrenbox.models import SandboxState
 from wrenbox.names import new_sandbox_id
+from wrenbox.records import SandboxState
 
 from .conftest import leftovers, policy
 from .guest import Contents, process_tags, run, runtime, snapshot_dir, start_counter, tree
@@ -109,7 +109,7 @@ async def test_a_failed_pause_step_keeps_it_running(manager: SandboxManager, set
         await manager.resume(sb.id)
 
     steps = await steps_of("pause", pause_and_resume)
-    # A failure after the snapshot is committed is a crash test's business (wrenbox.recovery).
+    # A failure after the snapshot is committed is a crash test's business (wrenbox.manager.recovery).
     steps = steps[: steps.index("pause.committed")]
     assert set(steps) >= PAUSE_WRITES
 

@@ -8,8 +8,8 @@ import pytest
 from wrenbox.config import Settings
 from wrenbox.errors import AlreadyExists, InUse, InvalidArgument, NotFound, NotRunning
 from wrenbox.manager import CreateRequest, SandboxManager
-from wrenbox.models import SandboxState, TemplateState
 from wrenbox.names import new_sandbox_id
+from wrenbox.records import SandboxState, TemplateState
 from wrenbox.service import ensure_template, open_manager
 
 from .conftest import leftovers

@@ -14,7 +14,7 @@ from wrenbox.config import Settings
 from wrenbox.envd.models import Exited, Started, Stderr, Stdout
 from wrenbox.errors import AlreadyExists, InvalidArgument, NotFound, NotRunning, Timeout, Unavailable
 from wrenbox.manager import CreateRequest, SandboxManager
-from wrenbox.models import SandboxRecord, SandboxState
+from wrenbox.records import SandboxRecord, SandboxState
 
 from .conftest import leftovers, policy
 from .guest import run, runtime

@@ -12,8 +12,8 @@ import pytest
 
 from wrenbox import faults
 from wrenbox.manager import CreateRequest, SandboxManager
-from wrenbox.models import SandboxState
-from wrenbox.reaper import Reaper, ReaperConfig
+from wrenbox.manager.reaper import Reaper, ReaperConfig
+from wrenbox.records import SandboxState
 
 from .guest import Contents, counter, process_tags, start_counter
 

@@ -6,7 +6,7 @@ import pytest
 
 from wrenbox.config import Settings
 from wrenbox.manager import CreateRequest, SandboxManager
-from wrenbox.models import SandboxState
+from wrenbox.records import SandboxState
 
 from .conftest import leftovers
 

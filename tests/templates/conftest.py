@@ -22,11 +22,11 @@ from tests.support.images import image_settings
 
 from wrenbox.config import SandboxDefaults, Settings
 from wrenbox.envd import AsyncEnvdClient, ExecResult
-from wrenbox.host.capabilities import HostCapabilities
 from wrenbox.images import Image
 from wrenbox.network import Network, NetworkConfig, NetworkSlot
 from wrenbox.network.links import link_names
 from wrenbox.network.netns import NETNS_DIR, list_netns
+from wrenbox.probe.capabilities import HostCapabilities
 from wrenbox.rootfs import Disk, RootfsBackend
 from wrenbox.templates import (
     Placement,

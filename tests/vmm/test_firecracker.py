@@ -23,10 +23,10 @@ from tests.vmm.fake_firecracker import PAGE, FakeFirecracker, call
 
 from wrenbox.errors import Timeout, Unavailable
 from wrenbox.fileio import data_extents
-from wrenbox.memory import uffd_abi
 from wrenbox.memory.chain import Chain
 from wrenbox.memory.process import RawKind, process_diff, process_full
 from wrenbox.memory.uffd import PageServerConfig, ServerState
+from wrenbox.memory.uffd import abi as uffd_abi
 from wrenbox.network.netns import NETNS_DIR, create_netns, remove_netns
 from wrenbox.pids import ProcessRef
 from wrenbox.vmm.base import (
@@ -41,7 +41,7 @@ from wrenbox.vmm.base import (
     VmConfig,
 )
 from wrenbox.vmm.firecracker import FirecrackerConfig, FirecrackerDriver
-from wrenbox.vmm.firecracker_api import FirecrackerApiError
+from wrenbox.vmm.firecracker.api import FirecrackerApiError
 
 pytestmark = [pytest.mark.root, pytest.mark.anyio]
 

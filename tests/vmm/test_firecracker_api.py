@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from wrenbox.errors import Timeout, Unavailable, WrenboxError
-from wrenbox.vmm.firecracker_api import FirecrackerApi, FirecrackerApiError
+from wrenbox.vmm.firecracker.api import FirecrackerApi, FirecrackerApiError
 
 pytestmark = pytest.mark.anyio
 

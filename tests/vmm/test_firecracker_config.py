@@ -11,10 +11,10 @@ import pytest
 from tests.vmm.fake_firecracker import FakeFirecracker
 
 from wrenbox.errors import CorruptData, InvalidArgument, MissingTool, NotFound, Unsupported
-from wrenbox.host.capabilities import HostCapabilities
-from wrenbox.host.kvm import KvmVerdict
 from wrenbox.memory.format import HEADER_NAME
 from wrenbox.memory.process import process_full
+from wrenbox.probe.capabilities import HostCapabilities
+from wrenbox.probe.kvm import KvmVerdict
 from wrenbox.vmm.base import (
     Drive,
     Kernel,
@@ -27,7 +27,7 @@ from wrenbox.vmm.base import (
     VmConfig,
 )
 from wrenbox.vmm.firecracker import FirecrackerConfig, FirecrackerDriver
-from wrenbox.vmm.firecracker_launch import launch_argv
+from wrenbox.vmm.firecracker.launch import launch_argv
 
 pytestmark = pytest.mark.anyio
 

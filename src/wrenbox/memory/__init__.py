@@ -13,7 +13,7 @@ Modules:
 - :mod:`wrenbox.memory.writer` — :class:`~wrenbox.memory.writer.SnapshotWriter`: temp dir, fsync,
   atomic rename; ``reclaim`` for what a crash left behind.
 - :mod:`wrenbox.memory.uffd` — the userfaultfd page server that serves a snapshot to Firecracker lazily;
-  :class:`~wrenbox.memory.chain_source.ChainSource` is a snapshot chain as its memory source.
+  :class:`~wrenbox.memory.uffd.chain_source.ChainSource` is a snapshot chain as its memory source.
 
 The memory part of a snapshot directory::
 

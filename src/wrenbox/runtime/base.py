@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from wrenbox.ledger import Ledger
-from wrenbox.models import SandboxRecord, TemplateRecord
+from wrenbox.records import SandboxRecord, TemplateRecord
 
 __all__ = ["Runtime"]
 
@@ -47,7 +47,7 @@ class Runtime(Protocol):
         """The guest agent client of a running sandbox."""
         ...
 
-    # Recovery after a restart (see wrenbox.recovery).
+    # Recovery after a restart (see wrenbox.manager.recovery).
     persistent: frozenset[str]  # resource keys a paused sandbox keeps
 
     async def vm_state(self, rec: SandboxRecord) -> str:

@@ -39,12 +39,12 @@ from wrenbox.memory.chain import Chain
 from wrenbox.memory.format import HEADER_NAME
 from wrenbox.memory.process import MemoryConfig, process_diff, process_full
 from wrenbox.memory.writer import SnapshotWriter
-from wrenbox.models import SandboxRecord, TemplateRecord
 from wrenbox.names import validate_sandbox_id
 from wrenbox.network import Network, NetworkSlot, SlotAllocator
 from wrenbox.pids import ProcessRef
+from wrenbox.records import SandboxRecord, TemplateRecord
 from wrenbox.rootfs import BaseImage, Disk
-from wrenbox.runtime.recovery import sweep
+from wrenbox.runtime.sweep import sweep
 from wrenbox.templates import Placement, Templates, agent_ready
 from wrenbox.templates.store import MEMORY, ROOTFS, SNAPSHOT_DIR
 from wrenbox.templates.vm import netns_path
@@ -255,7 +255,7 @@ class HostRuntime:
             out.update(_process_usage(vm.pid))
         return out
 
-    # -- recovery after a restart (see wrenbox.recovery) -------------------------------------------------
+    # -- recovery after a restart (see wrenbox.manager.recovery) ---------------------------------------
 
     persistent = frozenset({"disk", "snapshot"})  # what a paused sandbox holds
 

@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 from wrenbox.config import Settings
 from wrenbox.errors import AlreadyExists, Unavailable
-from wrenbox.host import HostCapabilities
 from wrenbox.images import Image, load_image
 from wrenbox.names import validate_name
 from wrenbox.network import Network, NetworkSlot
+from wrenbox.probe import HostCapabilities
 from wrenbox.rootfs import RootfsConfig, backend_for
 from wrenbox.templates.store import Template, TemplateConfig, Templates
 from wrenbox.vmm.qemu import QemuConfig, QemuDriver

@@ -46,7 +46,7 @@ from wrenbox.vmm.base import (
 from wrenbox.vmm.qmp import Qmp, session
 
 if TYPE_CHECKING:
-    from wrenbox.host.capabilities import HostCapabilities
+    from wrenbox.probe.capabilities import HostCapabilities
 
 __all__ = ["QemuConfig", "QemuDriver", "QemuVm", "qemu_argv"]
 

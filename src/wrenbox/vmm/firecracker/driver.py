@@ -1,7 +1,7 @@
 """The Firecracker driver: microVMs on KVM hosts, driven through Firecracker's API socket.
 
 Each VM runs in its own mount namespace inside the sandbox's network namespace, its disks linked into a
-private ``vm_dir`` so that snapshots record stable drive paths (:mod:`wrenbox.vmm.firecracker_launch`).
+private ``vm_dir`` so that snapshots record stable drive paths (:mod:`wrenbox.vmm.firecracker.launch`).
 
 Cold boot: ``/boot-source``, ``/drives/*``, ``/machine-config`` (dirty page tracking on, which Diff
 snapshots need), ``/network-interfaces/*``, ``/balloon``, ``/entropy``, then ``InstanceStart``.
@@ -44,13 +44,13 @@ from wrenbox.vmm.base import (
     VmConfig,
     log_tail,
 )
-from wrenbox.vmm.firecracker_api import FirecrackerApi
-from wrenbox.vmm.firecracker_launch import drive_link, end_process, launch_argv, wait_for_socket
-from wrenbox.vmm.firecracker_memory import RAW_MEMORY, memory_backend, page_server
+from wrenbox.vmm.firecracker.api import FirecrackerApi
+from wrenbox.vmm.firecracker.launch import drive_link, end_process, launch_argv, wait_for_socket
+from wrenbox.vmm.firecracker.memory import RAW_MEMORY, memory_backend, page_server
 
 if TYPE_CHECKING:
     from wrenbox.errors import WrenboxError
-    from wrenbox.host.capabilities import HostCapabilities
+    from wrenbox.probe.capabilities import HostCapabilities
 
 __all__ = [
     "API_SOCKET",

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from wrenbox.errors import InvalidArgument, NotFound
-from wrenbox.memory.chain_source import ChainSource
 from wrenbox.memory.uffd import PageServer, PageServerConfig
+from wrenbox.memory.uffd.chain_source import ChainSource
 from wrenbox.vmm.base import PagedMemory, Snapshot, VmConfig
 
 __all__ = ["RAW_MEMORY", "memory_backend", "page_server"]

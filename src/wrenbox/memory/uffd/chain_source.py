@@ -1,6 +1,6 @@
 """A snapshot chain as the UFFD page server's memory source.
 
-:class:`ChainSource` implements :class:`~wrenbox.memory.uffd_source.PageSource` over a
+:class:`ChainSource` implements :class:`~wrenbox.memory.uffd.source.PageSource` over a
 :class:`~wrenbox.memory.chain.Chain`: each diff file is mapped read-only at a fixed address (so
 ``UFFDIO_COPY`` copies straight from the page cache), and ``extents`` answers a range by bisecting the
 header: zero mappings become zero extents, the others point into their build's mapping. The chain is
@@ -16,9 +16,9 @@ from types import TracebackType
 from uuid import UUID
 
 from wrenbox.errors import InvalidArgument
-from wrenbox.memory import uffd_abi
 from wrenbox.memory.chain import Chain
-from wrenbox.memory.uffd_source import BLOCK_SIZE, Extent
+from wrenbox.memory.uffd import abi
+from wrenbox.memory.uffd.source import BLOCK_SIZE, Extent
 
 __all__ = ["ChainSource"]
 
@@ -28,10 +28,10 @@ class ChainSource:
 
     def __init__(self, chain: Chain) -> None:
         self._chain = chain
-        self._maps: dict[UUID, uffd_abi.Mapping] = {}
+        self._maps: dict[UUID, abi.Mapping] = {}
         try:
             for build in chain.header.builds:
-                self._maps[build] = uffd_abi.map_file(chain.fileno(build), len(chain.view(build)))
+                self._maps[build] = abi.map_file(chain.fileno(build), len(chain.view(build)))
         except BaseException:
             self.close()
             raise

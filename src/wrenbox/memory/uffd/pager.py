@@ -32,9 +32,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 
 from wrenbox.errors import WrenboxError
-from wrenbox.memory import uffd_abi
-from wrenbox.memory.uffd_handshake import GuestRegion
-from wrenbox.memory.uffd_source import BLOCK_SIZE, Extent, PageSource
+from wrenbox.memory.uffd import abi
+from wrenbox.memory.uffd.handshake import GuestRegion
+from wrenbox.memory.uffd.source import BLOCK_SIZE, Extent, PageSource
 
 __all__ = ["PageServerStats", "Pager", "PeerGone"]
 
@@ -130,8 +130,8 @@ class Pager:
         self._counters = _Counters()
         self._deferred: list[int] = []
         self._prefetching = False
-        self._zeros: uffd_abi.Mapping | None = None
-        self._bounce: uffd_abi.Mapping | None = None
+        self._zeros: abi.Mapping | None = None
+        self._bounce: abi.Mapping | None = None
         self._wait = wait
 
     @property
@@ -154,7 +154,7 @@ class Pager:
         steps = self._prefetch() if prefetch else None
         while not stop.is_set():
             try:
-                batch = os.read(self._uffd, uffd_abi.MSG_SIZE * _BATCH)
+                batch = os.read(self._uffd, abi.MSG_SIZE * _BATCH)
             except BlockingIOError:
                 batch = b""
             if batch:
@@ -172,23 +172,23 @@ class Pager:
 
     def _dispatch(self, batch: bytes, *, defer_faults: bool = False) -> None:
         counters = self._counters
-        for at in range(0, len(batch), uffd_abi.MSG_SIZE):
-            event, arg0, arg1, _ = uffd_abi.MSG.unpack_from(batch, at)
-            if event == uffd_abi.EVENT_PAGEFAULT:  # arg0: flags, arg1: address
+        for at in range(0, len(batch), abi.MSG_SIZE):
+            event, arg0, arg1, _ = abi.MSG.unpack_from(batch, at)
+            if event == abi.EVENT_PAGEFAULT:  # arg0: flags, arg1: address
                 counters.faults += 1
                 if defer_faults:
                     self._deferred.append(arg1)
                 else:
                     self._fault(arg1)
-            elif event == uffd_abi.EVENT_REMOVE:  # [arg0, arg1)
+            elif event == abi.EVENT_REMOVE:  # [arg0, arg1)
                 counters.removes += 1
                 self._mark(arg0, arg1, _REMOVED)
-            elif event == uffd_abi.EVENT_UNMAP:
+            elif event == abi.EVENT_UNMAP:
                 counters.unmaps += 1
                 self._mark(arg0, arg1, _GONE)
             else:
                 counters.other_events += 1
-                if event == uffd_abi.EVENT_FORK:  # the child's new uffd landed in our fd table
+                if event == abi.EVENT_FORK:  # the child's new uffd landed in our fd table
                     os.close(arg0 & 0xFFFFFFFF)
                 log.warning("page server %s: ignoring uffd event %#x", self._name, event)
 
@@ -196,7 +196,7 @@ class Pager:
         """Read events that are pending (or about to be) while we are in the middle of a fill."""
         self._wait(self._uffd, 0.01)
         try:
-            batch = os.read(self._uffd, uffd_abi.MSG_SIZE * _BATCH)
+            batch = os.read(self._uffd, abi.MSG_SIZE * _BATCH)
         except BlockingIOError:
             return
         self._dispatch(batch, defer_faults=True)
@@ -294,7 +294,7 @@ class Pager:
         """Huge pages whose contents span several extents: assemble each page, then copy it whole."""
         ps = r.page_size
         if self._bounce is None:
-            self._bounce = uffd_abi.map_anonymous(ps)
+            self._bounce = abi.map_anonymous(ps)
         bounce = self._bounce.address
         for page in range(a, b):
             start, end = r.offset + page * ps, r.offset + (page + 1) * ps
@@ -307,11 +307,11 @@ class Pager:
                         ctypes.memmove(bounce + lo - start, e.address + lo - e.offset, hi - lo)
             self._fill(r, r.base + page * ps, ps, bounce)
 
-    def _zero_buffer(self) -> uffd_abi.Mapping:
+    def _zero_buffer(self) -> abi.Mapping:
         if self._zeros is None:
             size = max(self._chunk_size, self._prefetch_chunk_size, *(r.page_size for r in self._regions))
             # Never written, so every page of it is the kernel's shared zero page: it costs no memory.
-            self._zeros = uffd_abi.map_anonymous(size, writable=False)
+            self._zeros = abi.map_anonymous(size, writable=False)
         return self._zeros
 
     def _fill(self, r: _Region, dst: int, length: int, src: int | None) -> None:
@@ -326,11 +326,11 @@ class Pager:
             n = end - dst
             try:
                 if src is None:
-                    uffd_abi.zeropage(uffd, dst, n)
+                    abi.zeropage(uffd, dst, n)
                 else:
-                    uffd_abi.copy(uffd, dst, src + (dst - start), n)
+                    abi.copy(uffd, dst, src + (dst - start), n)
                 done = n
-            except uffd_abi.UffdError as exc:
+            except abi.UffdError as exc:
                 # The kernel reports progress as EAGAIN + bytes done; the real error comes on the next
                 # call, which starts at the page that stopped it.
                 done = exc.done
@@ -359,7 +359,7 @@ class Pager:
         if err == errno.EEXIST:  # already there (a racing fill, or memory the VMM populated)
             self._counters.exists += 1
             r.state[page] = _PRESENT
-            uffd_abi.wake(self._uffd, dst, r.page_size)
+            abi.wake(self._uffd, dst, r.page_size)
         elif err == errno.ENOENT:  # the mapping is gone and the VMM did not tell (no UNMAP event)
             r.state[page] = _GONE
         elif err == errno.EAGAIN:

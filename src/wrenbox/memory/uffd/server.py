@@ -10,9 +10,9 @@ One server per restored VM, owned by the sandbox record::
     server.stop()                       # after the VM is gone: closes the uffd, the socket, the source
 
 (or ``with PageServer(...) as server:``). The server accepts exactly one connection, takes Firecracker's
-hand-off (:mod:`wrenbox.memory.uffd_handshake`), closes that connection, then answers faults and events
-and prefetches on its one thread (:mod:`wrenbox.memory.uffd_pager`). Memory comes from a
-:class:`PageSource` (:mod:`wrenbox.memory.uffd_source`), which the server owns from construction on.
+hand-off (:mod:`wrenbox.memory.uffd.handshake`), closes that connection, then answers faults and events
+and prefetches on its one thread (:mod:`wrenbox.memory.uffd.pager`). Memory comes from a
+:class:`PageSource` (:mod:`wrenbox.memory.uffd.source`), which the server owns from construction on.
 
 ``stop()`` works in every state: never started, waiting for a VMM that never connects, in the middle of a
 hand-off, serving, after the VMM died. It closes everything the server holds. Firecracker keeps its own
@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wrenbox.errors import AlreadyExists, Conflict, InvalidArgument, Timeout, WrenboxError
-from wrenbox.memory.uffd_handshake import GuestRegion, parse_regions, receive_handshake
-from wrenbox.memory.uffd_pager import Pager, PageServerStats, PeerGone
-from wrenbox.memory.uffd_source import BLOCK_SIZE, Extent, FileSource, PageSource
+from wrenbox.memory.uffd.handshake import GuestRegion, parse_regions, receive_handshake
+from wrenbox.memory.uffd.pager import Pager, PageServerStats, PeerGone
+from wrenbox.memory.uffd.source import BLOCK_SIZE, Extent, FileSource, PageSource
 
 __all__ = [
     "Extent",

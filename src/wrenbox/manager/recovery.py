@@ -18,7 +18,7 @@ again, consistent, having lost only what happened since that resume. A sandbox n
 such state to go back to and ends in error.
 
 Paused sandboxes are never touched: their state is on disk. After the per-sandbox endings, a sweep
-removes whatever no record names (:func:`wrenbox.runtime.recovery.sweep`), and template rows are
+removes whatever no record names (:func:`wrenbox.runtime.sweep.sweep`), and template rows are
 brought in line with the templates on disk.
 """
 
@@ -27,10 +27,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from wrenbox.models import SandboxRecord, SandboxState, TemplateRecord, TemplateState
+from wrenbox.records import SandboxRecord, SandboxState, TemplateRecord, TemplateState
 
 if TYPE_CHECKING:
-    from wrenbox.store import Store
+    from wrenbox.manager.store import Store
 
 __all__ = ["RecoveryMixin"]
 

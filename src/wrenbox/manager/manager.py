@@ -1,6 +1,6 @@
 """The sandbox manager: the lifecycle users see, persisted, serialised per sandbox, surviving restarts.
 
-The manager owns *policy*: which moves are legal (:mod:`wrenbox.models`), one lock per sandbox so
+The manager owns *policy*: which moves are legal (:mod:`wrenbox.records`), one lock per sandbox so
 lifecycle operations never interleave, admission limits, activity, persistence of every transition, and
 what a failure leaves behind. The *mechanics* — VMs, disks, network slots, memory snapshots, the guest
 agent — live behind the :class:`~wrenbox.runtime.base.Runtime` protocol (:mod:`wrenbox.runtime.host` on a
@@ -29,17 +29,17 @@ import anyio
 from wrenbox import faults
 from wrenbox.errors import AlreadyExists, InUse, InvalidArgument, NotFound, NotRunning, Unavailable
 from wrenbox.ledger import Ledger
-from wrenbox.models import (
+from wrenbox.manager.recovery import RecoveryMixin
+from wrenbox.manager.store import Store
+from wrenbox.names import new_sandbox_id, validate_name, validate_sandbox_id
+from wrenbox.records import (
     SandboxRecord,
     SandboxState,
     TemplateRecord,
     TemplateState,
     check_transition,
 )
-from wrenbox.names import new_sandbox_id, validate_name, validate_sandbox_id
-from wrenbox.recovery import RecoveryMixin
 from wrenbox.runtime.base import Runtime
-from wrenbox.store import Store
 
 __all__ = ["CreateRequest", "ManagerConfig", "Runtime", "SandboxManager"]
 

@@ -30,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from wrenbox.errors import InvalidArgument, Timeout
-from wrenbox.memory import uffd_abi
-from wrenbox.memory.uffd_source import BLOCK_SIZE
+from wrenbox.memory.uffd import abi
+from wrenbox.memory.uffd.source import BLOCK_SIZE
 
 __all__ = ["GuestRegion", "parse_regions", "receive_handshake"]
 
@@ -183,7 +183,7 @@ def receive_handshake(
         payload = _receive(conn, time.monotonic() + timeout, max_bytes, wait, fds)
         if len(fds) != 1:
             raise InvalidArgument(f"handshake must carry exactly one userfaultfd, it carried {len(fds)}")
-        if not uffd_abi.is_userfaultfd(fds[0]):
+        if not abi.is_userfaultfd(fds[0]):
             raise InvalidArgument("the descriptor sent with the handshake is not a userfaultfd")
     except BaseException:
         for fd in fds:

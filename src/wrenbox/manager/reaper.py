@@ -16,7 +16,7 @@ from typing import Protocol
 
 import anyio
 
-from wrenbox.models import SandboxRecord, SandboxState
+from wrenbox.records import SandboxRecord, SandboxState
 
 __all__ = ["Reapable", "Reaper", "ReaperConfig"]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from wrenbox.errors import AlreadyExists, NotFound
-from wrenbox.models import SandboxRecord, SandboxState, TemplateRecord, TemplateState
+from wrenbox.records import SandboxRecord, SandboxState, TemplateRecord, TemplateState
 
 __all__ = ["MIGRATIONS", "Event", "Store"]
 

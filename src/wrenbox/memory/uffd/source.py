@@ -22,7 +22,7 @@ Contract for implementers (the snapshot-chain reader is the next one):
 * Calls come from the page server's own thread, one at a time.
 
 Python's :class:`mmap.mmap` does not give out the address of a read-only mapping; map files with
-:func:`wrenbox.memory.uffd_abi.map_file` (as :class:`FileSource` does) to have one. A chain of diff files
+:func:`wrenbox.memory.uffd.abi.map_file` (as :class:`FileSource` does) to have one. A chain of diff files
 maps each file once and turns each header mapping clipped to the range into one extent (zero build id →
 ``None``, else the file's mapping address + storage offset).
 """
@@ -36,7 +36,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 from wrenbox.errors import CorruptData, InvalidArgument
 from wrenbox.fileio import data_extents
-from wrenbox.memory import uffd_abi
+from wrenbox.memory.uffd import abi
 
 __all__ = ["BLOCK_SIZE", "Extent", "FileSource", "PageSource"]
 
@@ -93,7 +93,7 @@ class FileSource:
                     f"memory file {self.path} is {size} bytes: not a positive multiple of 4 KiB"
                 )
             self._starts, self._ends = _data_runs(fd, size)
-            self._map = uffd_abi.map_file(fd, size)
+            self._map = abi.map_file(fd, size)
         finally:
             # The mapping keeps the file contents reachable; the descriptor is not needed any more.
             os.close(fd)

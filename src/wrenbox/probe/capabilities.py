@@ -20,10 +20,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from wrenbox.command import PACKAGE_OF, require_tool
 from wrenbox.config import Settings
 from wrenbox.errors import MissingTool
-from wrenbox.host import probes
-from wrenbox.host.kvm import KvmVerdict, find_guest_kernel, probe_kvm
-from wrenbox.host.probes import Check, NetworkChecks
 from wrenbox.images.initramfs import is_static_executable
+from wrenbox.probe import probes
+from wrenbox.probe.kvm import KvmVerdict, find_guest_kernel, probe_kvm
+from wrenbox.probe.probes import Check, NetworkChecks
 
 __all__ = ["Choice", "HostCapabilities", "Resources", "Tool"]
 

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 import anyio
 
 from wrenbox.memory import writer
-from wrenbox.models import SandboxRecord
 from wrenbox.network import NetworkSlot
 from wrenbox.pids import ProcessRef
+from wrenbox.records import SandboxRecord
 from wrenbox.rootfs import Disk
 
 if TYPE_CHECKING:
