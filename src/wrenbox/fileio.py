@@ -1,17 +1,29 @@
-"""File primitives wrenbox shares: data extents of sparse files, kernel-side copies, durable writes.
+"""File primitives wrenbox shares: data extents of sparse files, kernel-side copies, durable writes,
+and publishing a file or directory atomically.
 
-Guest RAM files, memory snapshots, disk images and templates all go through these, so holes are
-found, copies are made and durability is reached one way everywhere."""
+Guest RAM files, memory snapshots, disk images, images and templates all go through these, so holes are
+found, copies are made, and things appear complete or not at all, one way everywhere.
+
+Publishing: build under a temporary name beside the destination (:func:`temp_sibling`), then
+:func:`publish` it. Whatever a crash leaves is a temporary whose name starts with :func:`temp_prefix`
+(or the caller's own prefix), for a sweep at the next start.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
+import logging
 import os
 import secrets
+import shutil
 import struct
 from collections.abc import Callable
 from pathlib import Path
+
+from wrenbox.errors import AlreadyExists, Unsupported
 
 __all__ = [
     "clone_or_copy",
@@ -20,11 +32,15 @@ __all__ = [
     "data_extents",
     "fsync_path",
     "fsync_tree",
+    "publish",
+    "remove_path",
     "temp_prefix",
     "temp_sibling",
     "write_at",
     "write_new",
 ]
+
+log = logging.getLogger(__name__)
 
 _MAX_COPY = 1 << 30  # copy_file_range moves at most ~2 GiB per call anyway
 # copy_file_range cannot serve these pairs (another filesystem type, tmpfs on old kernels, ...): use sendfile.
@@ -139,7 +155,8 @@ def write_new(path: Path, data: bytes) -> None:
 
 
 def fsync_path(path: Path) -> None:
-    """fsync a file or a directory by path."""
+    """fsync a file or a directory by path (the one directory fsync: after a rename or a create, fsync
+    the parent so the new name survives a power cut)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -188,3 +205,58 @@ def _clone_whole(src: int, dst: int) -> bool:
             return False
         raise
     return True
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> None:
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(src), None, str(dst))
+
+
+def publish(src: Path, dest: Path, *, replace: bool = False, durable: bool = True) -> None:
+    """Put ``src`` (a complete file, directory or symlink, normally a :func:`temp_sibling` of ``dest``)
+    at ``dest`` in one step: a reader sees the old ``dest`` (or none) or the whole new one, never a part.
+
+    Without ``replace``, AlreadyExists if ``dest`` exists, and nothing changes (``RENAME_NOREPLACE``: no
+    window in which a ``dest`` created meanwhile is overwritten). With ``replace``, an existing ``dest``
+    is swapped out in the same step (``RENAME_EXCHANGE``, which works for non-empty directories) and
+    removed afterwards; a reader that opened it keeps its open files.
+
+    With ``durable``, everything under ``src`` is fsynced first and the parent directory after, so after a
+    power cut ``dest`` is the new one, complete, or the old one.
+    """
+    if durable and src.is_dir() and not src.is_symlink():
+        fsync_tree(src)
+    elif durable:
+        fsync_path(src)
+    exchanged = replace and (dest.exists() or dest.is_symlink())
+    try:
+        _renameat2(src, dest, _RENAME_EXCHANGE if exchanged else _RENAME_NOREPLACE)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise AlreadyExists(f"{dest} already exists") from None
+        if exc.errno == errno.EINVAL:
+            raise Unsupported(f"the filesystem of {dest.parent} cannot rename atomically") from exc
+        raise
+    if durable:
+        fsync_path(dest.parent)
+    if exchanged:  # the old dest now sits at src
+        try:
+            remove_path(src)
+        except OSError as exc:
+            log.warning("could not remove %s, replaced by %s (a sweep will): %s", src, dest, exc)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, symlink or whole directory tree; nothing there is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from wrenbox import fileio
 from wrenbox.errors import AlreadyExists, Conflict, NotFound
-from wrenbox.memory import writer as writer_module
 from wrenbox.memory.chain import Chain
 from wrenbox.memory.format import HEADER_NAME, diff_name
 from wrenbox.memory.process import process_diff, process_full
@@ -42,7 +42,7 @@ _TARGETS = [
     (os, "unlink"),
     (os, "rmdir"),
     (os, "rename"),
-    (writer_module, "_renameat2"),
+    (fileio, "_renameat2"),
 ]
 
 

@@ -60,7 +60,7 @@ def overwrite(path: Path, offset: int, data: bytes) -> None:
 
 def temporaries(directory: Path) -> list[Path]:
     """Leftover temporaries of atomic_output (there must never be any)."""
-    return list(directory.glob(".*.tmp"))
+    return list(directory.glob(".*.tmp-*"))
 
 
 def write_pattern(disk: Disk, offset: int, length: int, byte: int, expected: bytearray) -> None:

@@ -33,12 +33,12 @@ from typing import Literal
 from wrenbox.command import require_tool
 from wrenbox.config import Settings
 from wrenbox.errors import MissingTool
-from wrenbox.fileio import fsync_tree
+from wrenbox.fileio import publish
 from wrenbox.images import initramfs, kernel, rootfs
 from wrenbox.images.agent import GuestPackages, guest_packages
 from wrenbox.images.cache import LayerCache, exclusive_lock, remove_tree
 from wrenbox.images.manifest import MANIFEST, KernelInfo, Manifest, file_info
-from wrenbox.images.store import FILES, Image, current_image, prune, publish
+from wrenbox.images.store import FILES, Image, current_image, make_current, prune
 from wrenbox.names import validate_name
 
 __all__ = [
@@ -134,12 +134,11 @@ def build_image(
         tmp.mkdir()
         try:
             manifest = _build(config, name, inputs, cache, tmp, steps)
-            fsync_tree(tmp)
-            tmp.rename(final)
+            publish(tmp, final)
         finally:
             if tmp.exists():
                 remove_tree(tmp)
-        publish(config.images_dir, name, final)
+        make_current(config.images_dir, name, final)
         prune(builds, name, keep=config.keep_builds, current=final)
     return BuildResult(Image(name, final, manifest), cached=False, timings=steps.timings)
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from wrenbox.command import run
+from wrenbox.fileio import publish
 
 __all__ = ["LayerCache", "exclusive_lock", "remove_tree", "unmount_under"]
 
@@ -41,7 +42,7 @@ class LayerCache:
         try:
             yield tmp
             unmount_under(tmp)
-            tmp.rename(parent / key)
+            publish(tmp, parent / key, durable=False)  # a cache: lost layers are rebuilt
         finally:
             if tmp.exists():
                 remove_tree(tmp)

@@ -14,12 +14,12 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from wrenbox.errors import Conflict, CorruptData, NotFound
-from wrenbox.fileio import fsync_path
+from wrenbox.fileio import publish
 from wrenbox.images.cache import remove_tree
 from wrenbox.images.manifest import MANIFEST, Manifest, file_info
 from wrenbox.names import validate_name
 
-__all__ = ["FILES", "Image", "current_image", "load_image", "prune", "publish"]
+__all__ = ["FILES", "Image", "current_image", "load_image", "make_current", "prune"]
 
 FILES = {"kernel": "vmlinuz", "initramfs": "initramfs.cpio.gz", "rootfs": "rootfs.ext4"}
 
@@ -79,14 +79,14 @@ def current_image(images_dir: Path, name: str) -> Image | None:
     return image
 
 
-def publish(images_dir: Path, name: str, build: Path) -> None:
+def make_current(images_dir: Path, name: str, build: Path) -> None:
+    """Point ``<images_dir>/<name>`` at ``build`` (an atomic symlink swap)."""
     link = images_dir / name
     if link.exists() and not link.is_symlink():
         raise Conflict(f"{link} is not a wrenbox-managed image link; move it away")
     tmp = images_dir / f".tmp-link-{name}-{secrets.token_hex(4)}"
     tmp.symlink_to(build.relative_to(images_dir))
-    tmp.replace(link)  # atomic: readers see the old build or the new one
-    fsync_path(images_dir)
+    publish(tmp, link, replace=True)  # readers see the old build or the new one
 
 
 def prune(builds: Path, name: str, *, keep: int, current: Path) -> None:

@@ -30,8 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from uuid import UUID
 
-from wrenbox.errors import AlreadyExists, CorruptData, InvalidArgument
-from wrenbox.fileio import clone_range, temp_sibling, write_at
+from wrenbox.errors import CorruptData, InvalidArgument
+from wrenbox.fileio import clone_range, publish, temp_sibling, write_at
 from wrenbox.memory.format import HEADER_NAME, DiffFile, Header, Location, Mapping, checksum, diff_name
 
 __all__ = ["LEGACY_DIFF_NAME", "Chain"]
@@ -189,10 +189,7 @@ class Chain:
                         write_at(fd, data, m.offset)
             finally:
                 os.close(fd)
-            try:
-                os.link(tmp, dest)  # unlike rename, never replaces an existing file
-            except FileExistsError:
-                raise AlreadyExists(f"{dest} already exists") from None
+            publish(tmp, dest, durable=False)
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -11,42 +11,26 @@ Until ``commit()`` returns, ``dest`` is exactly what it was; afterwards it is th
 If the block raises before ``commit()``, the temporary directory is removed. A crash leaves at most a
 temporary directory ``.<name>.tmp-<hex>`` next to ``dest``, which :func:`reclaim` removes on restart.
 
-``commit()``: fsync every file and directory in the temporary tree, then ``renameat2`` it onto ``dest``
-(``RENAME_NOREPLACE``, or ``RENAME_EXCHANGE`` with ``replace=True``, which swaps old and new in one step),
-fsync the parent directory, and delete the old snapshot now sitting at the temporary name. There is no
+``commit()`` is :func:`wrenbox.fileio.publish`: fsync every file and directory in the temporary tree, put
+it at ``dest`` in one rename (``replace=True`` swaps old and new in one step), fsync the parent directory,
+and delete the old snapshot. There is no
 moment at which ``dest`` is missing or partial, and a reader that opened the old snapshot keeps its open
 files (the page server of a running VM does).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import logging
-import os
 import shutil
 from pathlib import Path
 from types import TracebackType
 
-from wrenbox.errors import AlreadyExists, Conflict, NotFound, Unsupported
-from wrenbox.fileio import fsync_path, fsync_tree, temp_prefix, temp_sibling
+from wrenbox.errors import AlreadyExists, Conflict, NotFound
+from wrenbox.fileio import publish, temp_prefix, temp_sibling
 
 __all__ = ["SnapshotWriter", "reclaim"]
 
 log = logging.getLogger(__name__)
-
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
-_RENAME_EXCHANGE = 2
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-
-
-def _renameat2(src: Path, dst: Path, flags: int) -> None:
-    if _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), str(src), None, str(dst))
 
 
 class SnapshotWriter:
@@ -70,23 +54,8 @@ class SnapshotWriter:
         """Make the temporary directory durable and put it at ``dest``; return ``dest``."""
         if self._committed:
             raise Conflict(f"{self.dest} was already committed")
-        fsync_tree(self.path)
-        exchanged = self.replace and self.dest.exists()
-        try:
-            _renameat2(self.path, self.dest, _RENAME_EXCHANGE if exchanged else _RENAME_NOREPLACE)
-        except OSError as exc:
-            if exc.errno == errno.EEXIST:
-                raise AlreadyExists(f"{self.dest} already exists") from None
-            if exc.errno == errno.EINVAL:
-                raise Unsupported(f"the filesystem of {self.dest.parent} cannot rename atomically") from exc
-            raise
+        publish(self.path, self.dest, replace=self.replace)
         self._committed = True
-        fsync_path(self.dest.parent)
-        if exchanged:  # the old snapshot now sits at self.path
-            try:
-                shutil.rmtree(self.path)
-            except OSError as exc:
-                log.warning("could not remove the replaced snapshot %s (reclaim will): %s", self.path, exc)
         return self.dest
 
     def __exit__(

@@ -18,11 +18,9 @@ import abc
 import asyncio
 import contextlib
 import os
-import secrets
 import stat
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -30,9 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from wrenbox.command import Completed, arun
 from wrenbox.errors import AlreadyExists, CommandFailed, CorruptData, InvalidArgument, NotFound
-from wrenbox.fileio import fsync_path
+from wrenbox.fileio import publish, temp_sibling
 from wrenbox.names import validate_name
 from wrenbox.rootfs.sparse import content_digest
+from wrenbox.vmm.base import DiskFormat, Drive
 
 if TYPE_CHECKING:
     from wrenbox.config import Settings
@@ -100,11 +99,6 @@ class RootfsConfig:
         )
 
 
-class DiskFormat(StrEnum):
-    RAW = "raw"
-    QCOW2 = "qcow2"
-
-
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -150,6 +144,10 @@ class Disk(_Record):
             return cls.model_validate_json(text)
         except ValidationError as exc:
             raise CorruptData(f"unreadable disk record: {exc}") from exc
+
+    def drive(self) -> Drive:
+        """The disk as a VM sees it: a virtio block device on :attr:`path`, in :attr:`format`."""
+        return Drive(self.path, self.format)
 
 
 @dataclass(slots=True)
@@ -239,16 +237,10 @@ async def atomic_output(dest: Path) -> AsyncIterator[Path]:
         raise NotFound(f"directory {dest.parent} does not exist")
     if dest.exists() or dest.is_symlink():
         raise AlreadyExists(f"{dest} already exists")
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
+    tmp = temp_sibling(dest)
     try:
         yield tmp
-        await asyncio.to_thread(fsync_path, tmp)
-        try:
-            # link, not rename: rename would silently replace a dest created meanwhile
-            os.link(tmp, dest)
-        except FileExistsError:
-            raise AlreadyExists(f"{dest} already exists") from None
-        await asyncio.to_thread(fsync_path, dest.parent)
+        await asyncio.to_thread(publish, tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
 

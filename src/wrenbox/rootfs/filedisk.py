@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from wrenbox.errors import AlreadyExists, CorruptData, InvalidArgument, NotFound
-from wrenbox.fileio import clone_or_copy, fsync_path, temp_sibling
+from wrenbox.fileio import clone_or_copy, fsync_path, publish, temp_sibling
 from wrenbox.rollback import Rollback
 from wrenbox.rootfs.base import (
     BaseImage,
@@ -147,14 +147,10 @@ def _copy_durably(src: Path, dst: Path) -> None:
     tmp = temp_sibling(dst)
     clone_or_copy(src, tmp)
     try:
-        fsync_path(tmp)
-        tmp.replace(dst)
-    except BaseException:
+        publish(tmp, dst, replace=True)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(dst.parent)
 
 
 def _replace_durably(src: Path, dst: Path) -> None:
-    src.replace(dst)
-    fsync_path(dst.parent)
+    publish(src, dst, replace=True)

@@ -28,18 +28,20 @@ import re
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
 from wrenbox.errors import CorruptData, InvalidArgument, NotFound
-from wrenbox.fileio import fsync_path
+from wrenbox.fileio import fsync_path, publish, temp_sibling
 from wrenbox.names import validate_name
 from wrenbox.network.plan import GUEST_MAC, TAP
 from wrenbox.pids import ProcessRef
 
 __all__ = [
+    "DiskFormat",
     "Drive",
     "Driver",
     "Kernel",
@@ -55,7 +57,14 @@ __all__ = [
 ]
 
 SnapshotKind = Literal["full", "diff"]
-DiskFormat = Literal["raw", "qcow2"]
+
+
+class DiskFormat(StrEnum):
+    """How a disk file is laid out; the rootfs backends produce disks in these formats."""
+
+    RAW = "raw"
+    QCOW2 = "qcow2"
+
 
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _MAX_VCPUS = 64
@@ -69,12 +78,14 @@ class Drive:
     """A virtio block device backed by a file the caller owns."""
 
     path: Path
-    format: DiskFormat = "raw"
+    format: DiskFormat = DiskFormat.RAW
     read_only: bool = False
 
     def __post_init__(self) -> None:
-        if self.format not in ("raw", "qcow2"):
-            raise InvalidArgument(f"unknown disk format {self.format!r}; expected 'raw' or 'qcow2'")
+        try:
+            object.__setattr__(self, "format", DiskFormat(self.format))
+        except ValueError:
+            raise InvalidArgument(f"unknown disk format {self.format!r}; expected 'raw' or 'qcow2'") from None
         object.__setattr__(self, "path", Path(self.path).absolute())
 
 
@@ -131,7 +142,7 @@ class Machine:
         return {
             "vcpus": self.vcpus,
             "memory_mib": self.memory_mib,
-            "drives": [{"format": d.format, "read_only": d.read_only} for d in self.drives],
+            "drives": [{"format": str(d.format), "read_only": d.read_only} for d in self.drives],
             "nics": [{"mac": n.mac} for n in self.nics],
             "balloon": self.balloon,
         }
@@ -257,17 +268,13 @@ class Snapshot:
     def save(cls, directory: Path, meta: SnapshotMeta) -> Snapshot:
         """Write ``snapshot.json`` durably (the state file is already complete); it is written last, so a
         directory with metadata always has its whole state file."""
-        tmp = directory / f".{SNAPSHOT_META}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(meta), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.rename(directory / SNAPSHOT_META)
-        fd = os.open(directory, os.O_RDONLY)
+        dest = directory / SNAPSHOT_META
+        tmp = temp_sibling(dest)
         try:
-            os.fsync(fd)
+            tmp.write_text(json.dumps(asdict(meta), indent=1))
+            publish(tmp, dest, replace=True)
         finally:
-            os.close(fd)
+            tmp.unlink(missing_ok=True)
         return cls(directory, meta)
 
     def check_restorable(self, vmm: str, vmm_version: str, pinned: dict[str, Any]) -> None:
