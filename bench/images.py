@@ -30,6 +30,7 @@ from pathlib import Path
 import wrenbox
 from wrenbox.config import Settings
 from wrenbox.images import ImageConfig, build_image
+from wrenbox.service import image_config
 
 DATA_DIR = Path(os.environ.get("WRENBOX_TEST_DATA_DIR", "/var/tmp/wrenbox-test"))
 
@@ -57,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="skip the cold build (no debootstrap)")
     args = parser.parse_args()
-    shared = ImageConfig.from_settings(Settings(data_dir=DATA_DIR))
+    shared = image_config(Settings(data_dir=DATA_DIR))
     with tempfile.TemporaryDirectory(prefix="wrenbox-bench-images-") as tmp:
         root = Path(tmp)
         config = ImageConfig(images_dir=root / "images", cache_dir=shared.cache_dir)

@@ -16,9 +16,14 @@ from typer.testing import CliRunner
 
 from wrenbox.cli import app
 from wrenbox.config import Settings
-from wrenbox.probe import HostCapabilities
+from wrenbox.errors import InvalidArgument, Unsupported
+from wrenbox.probe import Choice, HostCapabilities
 from wrenbox.probe import probes as host_probes
-from wrenbox.probe.kvm import real_mode_probe_firmware, watch_console
+from wrenbox.probe.capabilities import QemuInfo, _choose_vmm
+from wrenbox.probe.kvm import KvmVerdict, real_mode_probe_firmware, watch_console
+from wrenbox.service import probe_host, vmm_driver
+from wrenbox.vmm import DRIVERS, driver_for
+from wrenbox.vmm.qemu import QemuDriver
 
 PVM_HOST = Path("/sys/module/kvm_pvm").exists()
 pytestmark = pytest.mark.root  # netns probes, /dev/kvm, /dev/kmsg, loop mounts
@@ -29,7 +34,7 @@ def probed(guest_image) -> HostCapabilities:  # type: ignore[no-untyped-def]
     """A probe of the test data dir, where the guest image (and so a guest kernel for KVM) exists."""
     from tests.support.images import image_settings
 
-    return HostCapabilities.probe(image_settings(), refresh=True)
+    return probe_host(image_settings(), refresh=True)
 
 
 def test_kvm_verdict_is_proved_with_a_guest_kernel(probed: HostCapabilities) -> None:
@@ -40,12 +45,11 @@ def test_kvm_verdict_is_proved_with_a_guest_kernel(probed: HostCapabilities) -> 
         assert Path("/dev/kvm").exists()
         assert probed.kvm.usable is False
         assert "Linux version" in probed.kvm.detail
-        assert probed.vmm.name == "qemu-tcg"
+        assert probed.vmm.name == "qemu"
         assert probed.accel == "tcg"
-    elif probed.kvm.usable:
-        assert probed.vmm.name in {"qemu-kvm", "firecracker"}
     else:
-        assert probed.vmm.name == "qemu-tcg"
+        assert probed.vmm.name == "qemu"  # Firecracker is not run by the product yet, even where it could
+        assert probed.accel == ("kvm" if probed.kvm.usable else "tcg")
 
 
 def test_probe_values_are_sane(probed: HostCapabilities) -> None:
@@ -77,7 +81,7 @@ def test_probe_is_cached_for_this_boot(probed: HostCapabilities) -> None:
     from tests.support.images import image_settings
 
     start = time.monotonic()
-    again = HostCapabilities.probe(image_settings())
+    again = probe_host(image_settings())
     assert time.monotonic() - start < 1.0  # no KVM boot, no namespaces: read from the cache
     assert again.model_dump(exclude={"resources"}) == probed.model_dump(exclude={"resources"})
 
@@ -97,11 +101,11 @@ def test_real_mode_probe_firmware_runs_under_tcg() -> None:
 
 def test_without_an_image_kvm_is_not_claimed(tmp_path: Path) -> None:
     """No guest kernel to try: real-mode code proves too little, so wrenbox stays on TCG."""
-    caps = HostCapabilities.probe(Settings(data_dir=tmp_path))
+    caps = probe_host(Settings(data_dir=tmp_path))
     if Path("/dev/kvm").exists():
         assert caps.kvm.method == "real-mode"
     assert caps.kvm.usable is False
-    assert caps.vmm.name == "qemu-tcg"
+    assert (caps.vmm.name, caps.accel) == ("qemu", "tcg")
     assert (tmp_path / "host" / "kvm.json").is_file()
 
 
@@ -134,7 +138,7 @@ def reflink_fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]
 def test_reflink_is_true_on_btrfs_and_xfs(reflink_fs: Path) -> None:
     check = host_probes.probe_reflink(reflink_fs)
     assert check.ok, check.detail
-    caps = HostCapabilities.probe(Settings(data_dir=reflink_fs / "data"))
+    caps = probe_host(Settings(data_dir=reflink_fs / "data"))
     assert caps.reflink.ok
     assert caps.rootfs.name == "reflink"
     assert caps.data_dir_fs in {"btrfs", "xfs"}
@@ -160,7 +164,7 @@ def test_doctor_table(probed: HostCapabilities) -> None:
     result = CliRunner().invoke(app, ["doctor"], env=env)
     assert result.exit_code == 0, result.output
     out = result.stdout
-    assert f"vmm:    {probed.vmm.name}" in out
+    assert f"vmm:    qemu ({probed.accel.upper()}) — " in out
     assert f"rootfs: {probed.rootfs.name}" in out
     assert "KVM runs a Linux guest" in out
     assert "busybox-static" in out  # tools are listed with their Debian package
@@ -173,10 +177,32 @@ def test_doctor_names_the_package_of_a_missing_tool(tmp_path: Path, monkeypatch:
         return None if name == "nft" else real_which(name, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(shutil, "which", which)
-    caps = HostCapabilities.probe(Settings(data_dir=tmp_path))
+    caps = probe_host(Settings(data_dir=tmp_path))
     assert [(t.name, t.package) for t in caps.missing_tools] == [("nft", "nftables")]
     assert caps.network.nftables.ok is False
     assert "nftables" in caps.network.nftables.detail
     env = {"WRENBOX_DATA_DIR": str(tmp_path), "COLUMNS": "200"}
     result = CliRunner().invoke(app, ["doctor"], env=env)
     assert "apt-get install nftables" in result.stdout
+
+
+def test_the_vmm_doctor_names_is_the_driver_the_product_builds(probed: HostCapabilities) -> None:
+    """Where Firecracker is installed and KVM works, the probe still says QEMU (the runtime cannot run
+    Firecracker yet), says why, and the product builds exactly the driver the probe names."""
+    kvm = KvmVerdict(usable=True, method="guest-kernel", detail="a guest booted")
+    qemu = QemuInfo(path=probed.qemu.path, version=probed.qemu.version)  # type: ignore[union-attr]
+    choice = _choose_vmm(qemu, "/usr/local/bin/firecracker", kvm)
+    assert choice.name == "qemu"
+    assert "does not run sandboxes on Firecracker yet" in choice.why
+    with_kvm = probed.model_copy(
+        update={"vmm": choice, "kvm": kvm, "firecracker": "/usr/local/bin/firecracker"}
+    )
+    driver = vmm_driver(with_kvm)
+    assert isinstance(driver, QemuDriver)
+    assert driver.config.accel == "kvm"
+    assert vmm_driver(probed).name == probed.vmm.name
+    assert set(DRIVERS) == {"qemu", "firecracker"}
+    with pytest.raises(Unsupported, match="no usable VMM"):
+        driver_for("none", probed.model_copy(update={"vmm": Choice(name="none", why="nothing")}))
+    with pytest.raises(InvalidArgument, match="unknown VMM driver"):
+        driver_for("bochs", probed)

@@ -6,8 +6,11 @@ something (a missing tool or capability), 4 not found, 130 interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Annotated, NoReturn
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -15,6 +18,13 @@ from rich.table import Table
 
 from wrenbox.config import Settings, load_settings
 from wrenbox.errors import InvalidArgument, NotFound, Unsupported, WrenboxError
+
+if TYPE_CHECKING:
+    from wrenbox.manager import Sandboxes
+    from wrenbox.probe import HostCapabilities
+    from wrenbox.records import TemplateRecord
+
+T = TypeVar("T")
 
 __all__ = ["app", "main"]
 
@@ -66,22 +76,26 @@ def doctor(
     ] = False,
 ) -> None:
     """Probe what this host can do and show which backends wrenbox will use, and why."""
-    from wrenbox.probe import HostCapabilities
+    from wrenbox.service import probe_host, rootfs_backend, vmm_driver
 
+    settings = _settings()
     try:
         with console.status("probing the host (the first run tries to boot a KVM guest)…"):
-            caps = HostCapabilities.probe(_settings(), refresh=refresh)
+            caps = probe_host(settings, refresh=refresh)
+        # What the product builds from this probe, by the same calls (named here, not guessed).
+        driver = vmm_driver(caps).name if caps.vmm.name != "none" else "none"
+        disks = rootfs_backend(settings, caps).name
     except WrenboxError as exc:
         _fail(exc)
     if as_json:
-        typer.echo(json.dumps(caps.model_dump(mode="json"), indent=2))
+        typer.echo(json.dumps(caps.model_dump(mode="json") | {"accel": caps.accel}, indent=2))
     else:
-        _render_capabilities(caps)
+        _render_capabilities(caps, driver, disks)
     if caps.vmm.name == "none":
         raise typer.Exit(3)
 
 
-def _render_capabilities(caps) -> None:  # type: ignore[no-untyped-def]
+def _render_capabilities(caps: HostCapabilities, driver: str, disks: str) -> None:
     table = Table(title="host capabilities", title_justify="left")
     table.add_column("capability")
     table.add_column("ok")
@@ -116,8 +130,9 @@ def _render_capabilities(caps) -> None:  # type: ignore[no-untyped-def]
         tools.add_row(tool.name, found, tool.package, tool.needed_for)
     console.print(tools)
 
-    console.print(f"[bold]vmm[/]:    {caps.vmm.name} — {caps.vmm.why}", highlight=False)
-    console.print(f"[bold]rootfs[/]: {caps.rootfs.name} — {caps.rootfs.why}", highlight=False)
+    accel = f" ({caps.accel.upper()})" if driver == "qemu" else ""
+    console.print(f"[bold]vmm[/]:    {driver}{accel} — {caps.vmm.why}", highlight=False)
+    console.print(f"[bold]rootfs[/]: {disks} — {caps.rootfs.why}", highlight=False)
     if caps.missing_tools:
         packages = " ".join(sorted({t.package for t in caps.missing_tools}))
         console.print(f"[yellow]install the missing tools:[/] apt-get install {packages}", highlight=False)
@@ -130,7 +145,8 @@ def image_build(
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Build a guest image from Debian packages (cached: unchanged layers are reused)."""
-    from wrenbox.images import ImageConfig, StepEvent, build_image
+    from wrenbox.images import StepEvent, build_image
+    from wrenbox.service import image_config
 
     out = err_console if as_json else console
 
@@ -144,7 +160,7 @@ def image_build(
                 out.print(f"  [green]✓[/] {event.step:<12} {event.seconds:6.1f} s{note}", highlight=False)
 
         try:
-            result = build_image(ImageConfig.from_settings(_settings()), name, force=force, on_step=on_step)
+            result = build_image(image_config(_settings()), name, force=force, on_step=on_step)
         except WrenboxError as exc:
             _fail(exc)
     image = result.image
@@ -171,71 +187,84 @@ def template_build(
     memory_mib: Annotated[
         int | None, typer.Option("--memory-mib", help="Guest RAM in MiB (default: settings).")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the template as JSON.")] = False,
 ) -> None:
     """Boot an image once, wait for its agent and snapshot it as a template (immutable once built)."""
-    import anyio
-
-    from wrenbox.templates import build_template
-
     out = err_console if as_json else console
-    machine = {k: v for k, v in (("vcpus", vcpus), ("memory_mib", memory_mib)) if v is not None}
+    settings = _settings()
     with out.status(f"building template {name}…") as status:
-        try:
-            template = anyio.run(
-                lambda: build_template(
-                    _settings(),
-                    name,
-                    image=image,
-                    on_step=lambda step: status.update(f"{name}: {step}…"),
-                    **machine,
-                )
+
+        async def build(sandboxes: Sandboxes) -> TemplateRecord:
+            return await sandboxes.build_template(
+                name,
+                image=image,
+                vcpus=vcpus,
+                memory_mb=memory_mib,
+                on_step=lambda step: status.update(f"{name}: {step}…"),
             )
-        except WrenboxError as exc:
-            _fail(exc)
-    m = template.manifest
+
+        template = _with_manager(settings, build)
     if as_json:
-        typer.echo(m.model_dump_json(indent=2))
+        typer.echo(json.dumps(_template_json(template), indent=2))
         return
     out.print(f"template [bold]{name}[/] built: {template.path}", highlight=False)
     out.print(
-        f"  {m.vcpus} vCPU, {m.memory_mib} MiB (RAM on disk {_size(m.memory_allocated)}), "
-        f"image {m.image}, kernel {m.kernel_release}",
+        f"  {template.vcpus} vCPU, {template.memory_mb} MiB, from image {template.source}, "
+        f"{_size(template.size_bytes)} on disk",
         highlight=False,
-    )
-    out.print(
-        "  " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in m.timings.items()), highlight=False
     )
 
 
 @template_app.command("list")
 def template_list(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the manifests as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the templates as JSON.")] = False,
 ) -> None:
     """List the templates of this host."""
-    from wrenbox.templates import TemplateStore
 
-    try:
-        found = TemplateStore(_settings().templates_dir).list()
-    except WrenboxError as exc:
-        _fail(exc)
+    async def templates(sandboxes: Sandboxes) -> list[TemplateRecord]:
+        return sandboxes.templates()
+
+    found = _with_manager(_settings(), templates)
     if as_json:
-        typer.echo(json.dumps([t.manifest.model_dump(mode="json") for t in found], indent=2))
+        typer.echo(json.dumps([_template_json(t) for t in found], indent=2))
         return
     table = Table(title="templates", title_justify="left")
-    for column in ("name", "image", "vCPU", "memory", "RAM on disk", "created"):
+    for column in ("name", "kind", "state", "from", "vCPU", "memory", "on disk", "created"):
         table.add_column(column)
     for t in found:
-        m = t.manifest
         table.add_row(
             t.name,
-            m.image,
-            str(m.vcpus),
-            f"{m.memory_mib} MiB",
-            _size(m.memory_allocated),
-            f"{m.created_at:%Y-%m-%d %H:%M}",
+            t.kind,
+            t.state.value,
+            t.source or "",
+            str(t.vcpus),
+            f"{t.memory_mb} MiB",
+            _size(t.size_bytes),
+            datetime.fromtimestamp(t.created_at).strftime("%Y-%m-%d %H:%M"),
         )
     console.print(table)
+
+
+def _with_manager(settings: Settings, work: Callable[[Sandboxes], Awaitable[T]]) -> T:
+    """Run ``work`` against this data dir's manager (the server's, once there is one)."""
+    import anyio
+
+    from wrenbox.service import open_manager
+
+    async def main() -> T:
+        async with open_manager(settings, reaper=False) as sandboxes:
+            return await work(sandboxes)
+
+    try:
+        return anyio.run(main)
+    except WrenboxError as exc:
+        _fail(exc)
+
+
+def _template_json(t: TemplateRecord) -> dict[str, object]:
+    data = dataclasses.asdict(t)
+    data["state"] = t.state.value
+    return data
 
 
 @app.command()

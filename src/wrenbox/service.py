@@ -1,49 +1,83 @@
-"""Assembling a working manager from settings: the one place that wires the parts together.
+"""The composition root: the one place that turns :class:`~wrenbox.config.Settings` into components.
 
-    async with open_manager(settings) as mgr:
-        await ensure_template(mgr, settings)          # image + template, built once and cached
-        sb = await mgr.create(CreateRequest())
+Every package below takes its own config object (``ManagerConfig``, ``RuntimeConfig``, ``RootfsConfig``,
+``ImageConfig``, ``NetworkConfig``, ...); only this module (and the CLI, which calls it) reads
+``Settings``. The host probe picks the VMM driver and the disk backend; this module builds exactly those,
+so ``wrenbox doctor`` tells the truth about what runs::
 
-``open_manager`` probes the host, installs the network's host table, opens the store, recovers whatever
-a previous run left mid-operation, and runs the inactivity reaper. Leaving the block pauses (or
-destroys, per ``on_shutdown``) every running sandbox, so a restart finds them paused.
+    async with open_manager(settings) as sandboxes:           # the Sandboxes face, and nothing else
+        await ensure_template(sandboxes, settings)            # image + template, built once and cached
+        sb = await sandboxes.create(CreateRequest())
+
+``open_manager`` takes the locks (one wrenbox process per data dir and per network prefix), probes the
+host, installs the network's host table, opens the store, recovers whatever a previous run left
+mid-operation, and runs the inactivity reaper. Leaving the block pauses (or destroys, per
+``on_shutdown``) every running sandbox, so a restart finds them paused. ``open_host`` is the same with
+the parts exposed, for tests of the runtime.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
-from collections.abc import AsyncIterator, Callable
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 
 from wrenbox.config import Settings
-from wrenbox.errors import NotFound
+from wrenbox.errors import Conflict, NotFound
 from wrenbox.images import ImageConfig, build_image, load_image
 from wrenbox.images.builder import StepEvent
-from wrenbox.manager import ManagerConfig, SandboxManager
+from wrenbox.launch import LaunchConfig, Launcher
+from wrenbox.manager import ManagerConfig, Sandboxes, SandboxManager
 from wrenbox.manager.reaper import Reaper
 from wrenbox.manager.store import Store
 from wrenbox.network import Network
 from wrenbox.probe import HostCapabilities
 from wrenbox.records import TemplateRecord, TemplateState
+from wrenbox.rootfs import RootfsBackend, RootfsConfig, backend_for
 from wrenbox.runtime.host import HostRuntime, RuntimeConfig
-from wrenbox.templates import build_template, host_templates
+from wrenbox.templates import TemplateStore
+from wrenbox.vmm import driver_for
+from wrenbox.vmm.base import Driver
 
-__all__ = ["ensure_template", "manager_config", "open_manager", "runtime_config"]
+__all__ = [
+    "Host",
+    "ensure_template",
+    "image_config",
+    "manager_config",
+    "open_host",
+    "open_manager",
+    "probe_host",
+    "rootfs_backend",
+    "rootfs_config",
+    "runtime_config",
+    "vmm_driver",
+]
 
 log = logging.getLogger(__name__)
+
+LOCK_FILE = "wrenbox.lock"
+NETWORK_LOCKS = Path("/run/lock")
+
+
+# -- Settings -> each component's config ------------------------------------------------------------------
 
 
 def manager_config(settings: Settings) -> ManagerConfig:
     return ManagerConfig(
-        templates_dir=settings.templates_dir,
         max_sandboxes=settings.limits.max_sandboxes,
         max_concurrent_starts=settings.limits.max_concurrent_starts,
         exec_output_cap_bytes=settings.limits.exec_output_cap_bytes,
         default_template=settings.defaults.template,
         default_timeout_s=settings.defaults.timeout_s,
+        default_vcpus=settings.defaults.vcpus,
+        default_memory_mb=settings.defaults.memory_mb,
         on_shutdown=settings.on_shutdown,
     )
 
@@ -57,28 +91,120 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
     )
 
 
+def rootfs_config(settings: Settings) -> RootfsConfig:
+    return RootfsConfig(
+        disks_dir=settings.data_dir / "disks",
+        image_roots=(settings.images_dir, settings.templates_dir),
+    )
+
+
+def image_config(settings: Settings, **overrides: object) -> ImageConfig:
+    """Images of the settings' data dir; ``overrides`` replace any field (the layer cache stays in the
+    data dir even when ``images_dir`` is overridden, so layers are shared)."""
+    images = settings.images_dir
+    fields: dict[str, object] = {"images_dir": images, "cache_dir": images / ".cache", **overrides}
+    return ImageConfig(**fields)  # type: ignore[arg-type]
+
+
+def probe_host(settings: Settings, *, refresh: bool = False) -> HostCapabilities:
+    return HostCapabilities.probe(settings.data_dir, settings.images_dir, refresh=refresh)
+
+
+def vmm_driver(caps: HostCapabilities) -> Driver:
+    """The VMM driver the product runs on this host: the one the probe chose."""
+    return driver_for(caps.vmm.name, caps)
+
+
+def rootfs_backend(settings: Settings, caps: HostCapabilities) -> RootfsBackend:
+    """The disk backend the product uses on this host: the one the probe chose."""
+    config = rootfs_config(settings)
+    config.disks_dir.mkdir(parents=True, exist_ok=True)
+    return backend_for(caps.rootfs.name, config)
+
+
+# -- assembling ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """One data dir's parts, assembled. Only the manager is for callers; the rest is for tests of the
+    runtime and for the service itself."""
+
+    manager: SandboxManager
+    runtime: HostRuntime
+    network: Network
+    caps: HostCapabilities
+
+
+@asynccontextmanager
+async def open_host(settings: Settings, *, reaper: bool = True) -> AsyncIterator[Host]:
+    """Assemble, recover and serve one data dir (see the module doc); shut down on leaving."""
+    with _exclusive(settings):
+        caps = await anyio.to_thread.run_sync(probe_host, settings)
+        network = Network(settings.network)
+        await network.setup()
+        runtime = HostRuntime(
+            runtime_config(settings),
+            network=network,
+            rootfs=rootfs_backend(settings, caps),
+            launcher=Launcher(vmm_driver(caps), LaunchConfig()),
+            templates=TemplateStore(settings.templates_dir),
+        )
+        with Store(settings.state_db) as store:
+            mgr = SandboxManager(manager_config(settings), store, runtime)
+            await mgr.recover()
+            async with anyio.create_task_group() as tg:
+                if reaper:
+                    tg.start_soon(Reaper(mgr).run)
+                try:
+                    yield Host(mgr, runtime, network, caps)
+                finally:
+                    tg.cancel_scope.cancel()
+                    with anyio.CancelScope(shield=True):
+                        await mgr.shutdown()
+
+
 @asynccontextmanager
 async def open_manager(settings: Settings, *, reaper: bool = True) -> AsyncIterator[SandboxManager]:
-    caps = await anyio.to_thread.run_sync(HostCapabilities.probe, settings)
-    network = Network(settings.network)
-    await network.setup()
-    runtime = HostRuntime(runtime_config(settings), network=network, templates=host_templates(settings, caps))
-    with Store(settings.state_db) as store:
-        mgr = SandboxManager(manager_config(settings), store, runtime)
-        await mgr.recover()
-        async with anyio.create_task_group() as tg:
-            if reaper:
-                tg.start_soon(Reaper(mgr).run)
-            try:
-                yield mgr
-            finally:
-                tg.cancel_scope.cancel()
-                with anyio.CancelScope(shield=True):
-                    await mgr.shutdown()
+    """The manager of one data dir (:class:`~wrenbox.manager.Sandboxes`), recovered and serving."""
+    async with open_host(settings, reaper=reaper) as host:
+        yield host.manager
+
+
+@contextlib.contextmanager
+def _exclusive(settings: Settings) -> Iterator[None]:
+    """One wrenbox process per data dir and per network prefix: a second would sweep the first one's
+    VMs, disks and slots as leftovers of a crash."""
+    with _flock(settings.data_dir / LOCK_FILE, f"the data dir {settings.data_dir}"):
+        prefix = settings.network.prefix
+        with _flock(NETWORK_LOCKS / f"wrenbox-net-{prefix}.lock", f"the network prefix {prefix!r}"):
+            yield
+
+
+@contextlib.contextmanager
+def _flock(path: Path, what: str) -> Iterator[None]:
+    """An exclusive flock on ``path``, holding our PID: it goes with the process however that ends, and
+    VMMs we start do not inherit it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise Conflict(f"{what} is in use by another wrenbox process (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# -- templates ---------------------------------------------------------------------------------------------
 
 
 async def ensure_template(
-    mgr: SandboxManager,
+    sandboxes: Sandboxes,
     settings: Settings,
     name: str = "minimal",
     *,
@@ -87,7 +213,7 @@ async def ensure_template(
 ) -> TemplateRecord:
     """Template ``name`` ready to use: built from image ``image`` (built too if missing) on first use."""
     with contextlib.suppress(NotFound):
-        found = mgr.store.get_template(name)
+        found = sandboxes.template(name)
         if found.state is TemplateState.READY:
             return found
     try:
@@ -95,31 +221,17 @@ async def ensure_template(
     except NotFound:
         if on_step:
             on_step(f"building image {image}")
-        config = ImageConfig.from_settings(settings)
 
         def image_step(event: StepEvent) -> None:
             if on_step and event.status == "start":
                 on_step(f"image {image}: {event.step}")
 
+        config = image_config(settings)
         await anyio.to_thread.run_sync(lambda: build_image(config, image, on_step=image_step))
     if on_step:
         on_step(f"building template {name}")
-    runtime: HostRuntime = mgr.runtime  # type: ignore[assignment]
-    tpl = await build_template(
-        settings,
+    return await sandboxes.build_template(
         name,
         image=image,
-        network=runtime.network,
         on_step=None if on_step is None else lambda step: on_step(f"template {name}: {step}"),
     )
-    record = TemplateRecord(
-        name=name,
-        kind="base",
-        path=str(tpl.path),
-        vcpus=tpl.manifest.vcpus,
-        memory_mb=tpl.manifest.memory_mib,
-        state=TemplateState.READY,
-        source=image,
-    )
-    mgr.store.insert_template(record)
-    return record

@@ -19,7 +19,7 @@ import pytest
 from wrenbox.command import spawn
 from wrenbox.images import Image, guest_kernel_args
 from wrenbox.network.plan import GATEWAY_IP, GUEST_IP, GUEST_MAC, GUEST_NETWORK, TAP_MAC
-from wrenbox.probe import HostCapabilities
+from wrenbox.service import probe_host
 
 pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.slow]
 
@@ -57,7 +57,7 @@ def _health_status(ns: str) -> str:
 def test_image_boots_and_the_agent_answers(guest_image: Image, netns: str, tmp_path: Path) -> None:
     from tests.support.images import image_settings
 
-    caps = HostCapabilities.probe(image_settings())
+    caps = probe_host(image_settings())
     disk = tmp_path / "disk.raw"
     subprocess.run(["cp", "--sparse=always", str(guest_image.rootfs), str(disk)], check=True)
     os.truncate(disk, DISK_BYTES)

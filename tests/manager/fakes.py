@@ -3,16 +3,16 @@ exactly what is held, and passes the same fault points the real runtime does."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
 
 from wrenbox import faults
 from wrenbox.ledger import Ledger
-from wrenbox.records import SandboxRecord, TemplateRecord
+from wrenbox.records import SandboxRecord, TemplateRecord, TemplateState
+from wrenbox.runtime.base import Inspection
 
 
 @dataclass
@@ -64,17 +64,20 @@ class FakeEnvd:
 
 
 class FakeRuntime:
+    """Implements :class:`wrenbox.runtime.base.Runtime` (``tests/manager/test_seams.py`` holds it to
+    that, signature by signature)."""
+
     def __init__(self) -> None:
         self.held: set[str] = set()  # what exists on the "host"
-        self.templates: set[str] = set()
+        self.templates: set[str] = set()  # template files on the "host", besides "minimal"
         self.failing_release: set[str] = set()
         self.envd_client = FakeEnvd()
         self.stopped: set[str] = set()  # sandboxes whose VM exists with its vCPUs stopped
         self.committed: set[str] = set()  # sandboxes whose last pause reached its commit
         self.revertible_ids: set[str] = set()  # sandboxes whose disk can go back to their snapshot
+        self.pauses: list[tuple[str, bool]] = []  # (sandbox, with memory)
+        self.resumes: list[tuple[str, bool]] = []
         self._ips = 0
-
-    persistent = frozenset({"disk", "snapshot"})
 
     def _acquire(self, ledger: Ledger, key: str, op: str) -> None:
         ledger.hold(key, f"{ledger.rec.id}:{key}")
@@ -85,55 +88,86 @@ class FakeRuntime:
         self._ips += 1
         return f"10.11.0.{self._ips}"
 
+    def _record(self, name: str, **fields: Any) -> TemplateRecord:
+        defaults: dict[str, Any] = {
+            "kind": "base",
+            "vcpus": 1,
+            "memory_mb": 256,
+            "state": TemplateState.READY,
+        }
+        return TemplateRecord(name=name, path=f"/t/{name}", **(defaults | fields))
+
     async def start(self, rec: SandboxRecord, template: TemplateRecord, ledger: Ledger, *, cold: bool) -> str:
         for key in ("slot", "disk", "vm"):
             self._acquire(ledger, key, "create")
         faults.point("create.ready")
         return self._ip()
 
-    async def pause(self, rec: SandboxRecord, ledger: Ledger) -> None:
+    async def pause(self, rec: SandboxRecord, ledger: Ledger, *, memory: bool) -> None:
         faults.point("pause.stop")
         self._acquire(ledger, "snapshot", "pause")
         faults.point("pause.written")
         self.committed.add(rec.id)
+        self.pauses.append((rec.id, memory))
         for key in ("vm", "slot"):
             await ledger.release(key)
 
-    async def resume(self, rec: SandboxRecord, ledger: Ledger) -> str:
+    async def resume(self, rec: SandboxRecord, ledger: Ledger, *, memory: bool) -> str:
         for key in ("slot", "vm"):
             self._acquire(ledger, key, "resume")
         faults.point("resume.ready")
+        self.resumes.append((rec.id, memory))
         return self._ip()
 
-    async def snapshot(self, rec: SandboxRecord, dest: Path, ledger: Ledger) -> dict[str, Any]:
+    async def snapshot(self, rec: SandboxRecord, name: str, ledger: Ledger) -> TemplateRecord:
         faults.point("snapshot.write")
-        self.templates.add(dest.name)
-        return {"size_bytes": 1234}
+        self.templates.add(name)
+        return self._record(name, kind="snapshot", size_bytes=1234, source=rec.id, parent=rec.template)
 
     async def release(self, rec: SandboxRecord, key: str, value: Any) -> None:
         if key in self.failing_release:
             raise OSError(f"{key} is busy")
         self.held.discard(value)
 
-    async def delete_template(self, template: TemplateRecord) -> None:
-        self.templates.discard(template.name)
-
-    def envd(self, rec: SandboxRecord) -> FakeEnvd:
+    def envd(self, rec: SandboxRecord) -> FakeEnvd:  # type: ignore[override]
         return self.envd_client
 
-    async def vm_state(self, rec: SandboxRecord) -> str:
-        if f"{rec.id}:vm" not in self.held:
-            return "gone"
-        return "paused" if rec.id in self.stopped else "running"
+    def usage(self, rec: SandboxRecord) -> dict[str, int | float]:
+        return {"resources": len(rec.resources)}
+
+    def list_templates(self) -> list[TemplateRecord]:
+        return [self._record(t) for t in ["minimal", *sorted(self.templates)]]
+
+    async def build_template(
+        self,
+        name: str,
+        *,
+        image: str,
+        vcpus: int,
+        memory_mb: int,
+        on_step: Callable[[str], None] | None = None,
+    ) -> TemplateRecord:
+        for step in ("boot", "snapshot"):
+            faults.point(f"build.{step}")
+            if on_step is not None:
+                on_step(step)
+        self.templates.add(name)
+        return self._record(name, source=image, size_bytes=4321)
+
+    async def delete_template(self, name: str) -> None:
+        self.templates.discard(name)
+
+    async def inspect(self, rec: SandboxRecord) -> Inspection:
+        alive = f"{rec.id}:vm" in self.held
+        vm = "gone" if not alive else "paused" if rec.id in self.stopped else "running"
+        return Inspection(
+            vm=vm,  # type: ignore[arg-type]
+            pause_committed=rec.id in self.committed,
+            revertible=rec.id in self.revertible_ids,
+        )
 
     async def continue_vm(self, rec: SandboxRecord) -> None:
         self.stopped.discard(rec.id)
-
-    def revertible(self, rec: SandboxRecord) -> bool:
-        return rec.id in self.revertible_ids
-
-    def pause_committed(self, rec: SandboxRecord) -> bool:
-        return rec.id in self.committed
 
     async def finish_resume(self, rec: SandboxRecord) -> str:
         return self._ip()
@@ -143,9 +177,3 @@ class FakeRuntime:
         stray = sorted(self.held - named)
         self.held -= set(stray)
         return {"things": stray}
-
-    def template_names(self) -> list[tuple[str, str, int, int]]:
-        return [(t, f"/t/{t}", 1, 256) for t in ["minimal", *sorted(self.templates)]]
-
-    def host_metrics(self, rec: SandboxRecord) -> dict[str, int | float]:
-        return {"resources": len(rec.resources)}

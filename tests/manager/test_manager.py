@@ -17,57 +17,27 @@ from wrenbox.errors import (
     NotRunning,
     Unavailable,
 )
-from wrenbox.manager import CreateRequest, ManagerConfig, SandboxManager
+from wrenbox.manager import CreateRequest, ManagerConfig, SandboxManager, SandboxMetrics
 from wrenbox.manager.store import Store
-from wrenbox.records import SandboxState, TemplateRecord, TemplateState
+from wrenbox.records import SandboxState, TemplateState
 
-from .fakes import FakeRuntime
+from .conftest import make_manager
+from .fakes import FakeMetrics, FakeRuntime
 
 S = SandboxState
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def runtime() -> FakeRuntime:
-    return FakeRuntime()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    with Store(tmp_path / "state.db") as s:
-        s.insert_template(
-            TemplateRecord(
-                name="minimal",
-                kind="base",
-                path=str(tmp_path / "t" / "minimal"),
-                vcpus=1,
-                memory_mb=256,
-                state=TemplateState.READY,
-            )
-        )
-        yield s
-
-
-def make_manager(store: Store, runtime: FakeRuntime, tmp_path: Path, **cfg: object) -> SandboxManager:
-    config = ManagerConfig(templates_dir=tmp_path / "t", **cfg)  # type: ignore[arg-type]
-    return SandboxManager(config, store, runtime)
-
-
-@pytest.fixture
-def mgr(store: Store, runtime: FakeRuntime, tmp_path: Path) -> SandboxManager:
-    return make_manager(store, runtime, tmp_path)
-
-
-async def test_create_records_everything(mgr: SandboxManager, runtime: FakeRuntime) -> None:
+async def test_create_records_everything(mgr: SandboxManager, store: Store, runtime: FakeRuntime) -> None:
     rec = await mgr.create(CreateRequest(metadata={"user": "ann"}, env={"A": "1"}, timeout_s=30))
     assert rec.state is S.RUNNING
     assert rec.host_ip == "10.11.0.1"
     assert list(rec.resources) == ["slot", "disk", "vm"]
-    stored = mgr.store.get_sandbox(rec.id)
+    stored = store.get_sandbox(rec.id)
     assert stored.state is S.RUNNING
     assert (stored.template, stored.vcpus, stored.memory_mb) == ("minimal", 1, 256)
     assert runtime.held == {f"{rec.id}:slot", f"{rec.id}:disk", f"{rec.id}:vm"}
-    kinds = [e["kind"] for e in mgr.store.events(sandbox_id=rec.id)]
+    kinds = [e["kind"] for e in store.events(sandbox_id=rec.id)]
     assert kinds == ["creating", "running"]
 
 
@@ -81,11 +51,13 @@ async def test_create_steps_are_what_the_fault_tests_cover(mgr: SandboxManager) 
 
 
 @pytest.mark.parametrize("step", CREATE_STEPS)
-async def test_failed_create_leaves_nothing(mgr: SandboxManager, runtime: FakeRuntime, step: str) -> None:
+async def test_failed_create_leaves_nothing(
+    mgr: SandboxManager, store: Store, runtime: FakeRuntime, step: str
+) -> None:
     with faults.armed(step), pytest.raises(faults.InjectedFault):
         await mgr.create(CreateRequest(sandbox_id="fail0001"))
     assert runtime.held == set()
-    rec = mgr.store.get_sandbox("fail0001")
+    rec = store.get_sandbox("fail0001")
     assert rec.state is S.DESTROYED
     assert rec.resources == {}
     assert "InjectedFault" in (rec.error or "")
@@ -195,7 +167,7 @@ async def test_destroy_is_idempotent_and_releases_everything(
 
 
 async def test_sandbox_limit(store: Store, runtime: FakeRuntime, tmp_path: Path) -> None:
-    mgr = make_manager(store, runtime, tmp_path, max_sandboxes=2)
+    mgr = make_manager(store, runtime, max_sandboxes=2)
     a = await mgr.create(CreateRequest())
     await mgr.create(CreateRequest())
     with pytest.raises(Unavailable, match="limit"):
@@ -209,7 +181,7 @@ async def test_sandbox_limit(store: Store, runtime: FakeRuntime, tmp_path: Path)
 
 
 async def test_concurrent_start_limit(store: Store, runtime: FakeRuntime, tmp_path: Path) -> None:
-    mgr = make_manager(store, runtime, tmp_path, max_concurrent_starts=1)
+    mgr = make_manager(store, runtime, max_concurrent_starts=1)
     gate = anyio.Event()
     real_start = runtime.start
 
@@ -243,11 +215,11 @@ async def test_concurrent_start_limit(store: Store, runtime: FakeRuntime, tmp_pa
     ],
 )
 async def test_bad_create_input_changes_nothing(
-    mgr: SandboxManager, runtime: FakeRuntime, req: CreateRequest
+    mgr: SandboxManager, store: Store, runtime: FakeRuntime, req: CreateRequest
 ) -> None:
     with pytest.raises(InvalidArgument):
         await mgr.create(req)
-    assert mgr.store.list_sandboxes() == []
+    assert store.list_sandboxes() == []
     assert runtime.held == set()
 
 
@@ -278,17 +250,17 @@ async def test_snapshot_makes_a_template_and_leaves_the_sandbox_paused(
     assert "mine" not in runtime.templates
 
 
-async def test_failed_snapshot_lists_no_template(mgr: SandboxManager) -> None:
+async def test_failed_snapshot_lists_no_template(mgr: SandboxManager, store: Store) -> None:
     rec = await mgr.create(CreateRequest())
     with faults.armed("snapshot.write"), pytest.raises(faults.InjectedFault):
         await mgr.snapshot(rec.id, "half")
     with pytest.raises(NotFound):
-        mgr.store.get_template("half")
+        store.get_template("half")
     assert mgr.get(rec.id).state is S.PAUSED
 
 
 async def test_fork_keeps_the_source_running_and_cleans_up_its_template(
-    mgr: SandboxManager, runtime: FakeRuntime
+    mgr: SandboxManager, store: Store, runtime: FakeRuntime
 ) -> None:
     src = await mgr.create(CreateRequest(metadata={"m": "1"}))
     kids = await mgr.fork(src.id, count=2)
@@ -299,11 +271,11 @@ async def test_fork_keeps_the_source_running_and_cleans_up_its_template(
     for k in kids:
         await mgr.destroy(k.id)
     with pytest.raises(NotFound):
-        mgr.store.get_template(fork_tpl)
+        store.get_template(fork_tpl)
     assert fork_tpl not in runtime.templates
 
 
-async def test_fork_is_all_or_nothing(mgr: SandboxManager, runtime: FakeRuntime) -> None:
+async def test_fork_is_all_or_nothing(mgr: SandboxManager, store: Store, runtime: FakeRuntime) -> None:
     src = await mgr.create(CreateRequest())
     real_start = runtime.start
     calls = 0
@@ -319,12 +291,12 @@ async def test_fork_is_all_or_nothing(mgr: SandboxManager, runtime: FakeRuntime)
     with pytest.raises(RuntimeError):
         await mgr.fork(src.id, count=3)
     assert [r.id for r in mgr.list()] == [src.id]
-    assert [t.name for t in mgr.store.list_templates()] == ["minimal"]
+    assert [t.name for t in store.list_templates()] == ["minimal"]
 
 
 async def test_expire_pauses_only_if_still_idle(store: Store, runtime: FakeRuntime, tmp_path: Path) -> None:
     now = [1000.0]
-    mgr = SandboxManager(ManagerConfig(templates_dir=tmp_path), store, runtime, clock=lambda: now[0])
+    mgr = SandboxManager(ManagerConfig(), store, runtime, clock=lambda: now[0])
     rec = await mgr.create(CreateRequest(timeout_s=3))
     now[0] += 2
     await mgr.exec(rec.id, "true")  # activity at t=1002
@@ -340,10 +312,10 @@ async def test_expire_pauses_only_if_still_idle(store: Store, runtime: FakeRunti
     assert mgr.get(other.id).state is S.DESTROYED
 
 
-async def test_failed_auto_pause_counts_and_keeps_the_sandbox(mgr: SandboxManager) -> None:
+async def test_failed_auto_pause_counts_and_keeps_the_sandbox(mgr: SandboxManager, store: Store) -> None:
     rec = await mgr.create(CreateRequest(timeout_s=1))
     mgr._active[rec.id] = 0.0
-    mgr.store.save_sandbox(mgr.get(rec.id).replace(last_active_at=0.0))
+    store.save_sandbox(mgr.get(rec.id).replace(last_active_at=0.0))
     with faults.armed("pause.stop"), pytest.raises(faults.InjectedFault):
         await mgr.expire(rec.id, "pause")
     got = mgr.get(rec.id)
@@ -374,10 +346,10 @@ async def test_exec_passes_the_output_cap(mgr: SandboxManager) -> None:
 
 
 async def test_state_survives_a_new_manager(store: Store, runtime: FakeRuntime, tmp_path: Path) -> None:
-    mgr = make_manager(store, runtime, tmp_path)
+    mgr = make_manager(store, runtime)
     rec = await mgr.create(CreateRequest(metadata={"k": "v"}))
     await mgr.pause(rec.id)
-    again = make_manager(store, runtime, tmp_path)
+    again = make_manager(store, runtime)
     got = again.get(rec.id)
     assert got.state is S.PAUSED
     assert got.metadata == {"k": "v"}
@@ -389,6 +361,9 @@ async def test_exec_stream_and_metrics(mgr: SandboxManager) -> None:
     events = [e async for e in mgr.exec_stream(rec.id, "ls")]
     assert events == ["started", "stdout:ls", "exited:0"]
     m = await mgr.metrics(rec.id)
-    assert m == {"state": "running", "host": {"resources": 3}, "guest": {"cpu_count": 1, "mem_used": 123}}
+    assert (m.state, m.host, m.guest) == (S.RUNNING, {"resources": 3}, FakeMetrics())
     await mgr.pause(rec.id)
-    assert await mgr.metrics(rec.id) == {"state": "paused", "host": {"resources": 2}}
+    assert await mgr.metrics(rec.id) == SandboxMetrics(S.PAUSED, {"resources": 2})
+    await mgr.destroy(rec.id)
+    with pytest.raises(NotFound):
+        await mgr.metrics(rec.id)

@@ -17,19 +17,8 @@ S = SandboxState
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def runtime() -> FakeRuntime:
-    return FakeRuntime()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    with Store(tmp_path / "state.db") as s:
-        yield s
-
-
 def manager(store: Store, runtime: FakeRuntime, tmp_path: Path) -> SandboxManager:
-    return SandboxManager(ManagerConfig(templates_dir=tmp_path), store, runtime)
+    return SandboxManager(ManagerConfig(), store, runtime)
 
 
 def interrupted(store: Store, runtime: FakeRuntime, sid: str, state: SandboxState, keys: list[str]) -> None:
@@ -94,7 +83,6 @@ async def test_each_interrupted_state_settles(
 async def test_paused_sandboxes_are_untouched_and_resume(
     store: Store, runtime: FakeRuntime, tmp_path: Path
 ) -> None:
-    store.insert_template(TemplateRecord(name="minimal", kind="base", path="/t", state=TemplateState.READY))
     first = manager(store, runtime, tmp_path)
     rec = await first.create(CreateRequest())
     await first.pause(rec.id)

@@ -63,3 +63,19 @@ def test_concurrent_allocations_never_share_an_index() -> None:
     for t in threads:
         t.join()
     assert sorted(got) == list(range(1, 401))
+
+
+def test_highest_free_index_for_builds() -> None:
+    slots = SlotAllocator(4)
+    assert slots.allocate(highest=True) == 4
+    assert slots.allocate() == 1
+    assert slots.allocate(highest=True) == 3
+
+
+def test_adopt_takes_indices_whether_or_not_taken() -> None:
+    slots = SlotAllocator(4)
+    first = slots.allocate()
+    slots.adopt([first, 3])
+    assert slots.in_use() == {1, 3}
+    with pytest.raises(InvalidArgument):
+        slots.adopt([5])

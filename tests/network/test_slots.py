@@ -39,7 +39,7 @@ from wrenbox.network import (
     call_in_netns,
 )
 from wrenbox.network.links import add_veth_pair, overlapping_routes
-from wrenbox.network.netns import NETNS_DIR, create_netns, open_netns
+from wrenbox.network.netns import NETNS_DIR, create_netns, list_netns, open_netns
 
 pytestmark = [pytest.mark.root, pytest.mark.anyio]
 
@@ -350,18 +350,66 @@ async def test_reclaim_after_a_crash(network: Network) -> None:
         del crashed
         await other.create(other.slot(1))
         restarted = Network(network.config)
-        assert await restarted.reclaim(in_use={2}) == [1, 3, 6]
+        restarted.adopt({2})
+        assert await restarted.reclaim() == [1, 3, 6]
         assert probe(None, kept.host_ip, GUEST_PORT) == f"kept {GUEST_IP} {kept.host_veth_ip}"
         left = set(leftovers(network.config.prefix)) - set(before["names"])  # type: ignore[arg-type]
         assert left == {kept.netns, guest.netns, kept.host_veth}
         guest.close()
-        assert await restarted.reclaim(in_use=set()) == [2]
-        assert await restarted.reclaim(in_use=set()) == []
+        assert await restarted.reclaim() == []  # adopted: still held
+        await restarted.give_back(kept)
+        assert restarted.in_use() == frozenset()
+        assert await restarted.reclaim() == []
         assert host_state(network) == before
         assert other.slot(1).netns in leftovers(other.config.prefix)
     finally:
         guest.close()
         await other.teardown()
+
+
+# -- the pool ------------------------------------------------------------------------------------
+
+
+async def test_pool_hands_out_lowest_to_sandboxes_and_highest_to_builds(network: Network) -> None:
+    pool = Network(network.config)  # a pool of its own over the module's prefix
+    before = host_state(network)
+    first, second = await pool.take(), await pool.take()
+    build = await pool.take(highest=True)
+    try:
+        assert (first.index, second.index, build.index) == (1, 2, network.config.capacity)
+        assert {first.netns, second.netns, build.netns} <= set(list_netns())
+        assert pool.in_use() == {1, 2, network.config.capacity}
+        await pool.give_back(first)
+        assert first.netns not in list_netns()
+        reserved = pool.reserve()  # the freed index comes back, nothing is built for it yet
+        assert reserved.index == 1
+        assert reserved.netns not in list_netns()
+        await pool.give_back(reserved)  # giving back a slot that was never built is fine
+    finally:
+        for slot in (second, build):
+            await pool.give_back(slot)
+    assert pool.in_use() == frozenset()
+    assert host_state(network) == before
+
+
+async def test_pool_take_that_fails_gives_the_index_back(network: Network) -> None:
+    pool = Network(network.config)
+    slot = pool.slot(1)
+    with host_link(slot.host_veth), pytest.raises(AlreadyExists):  # slot 1 cannot be built
+        await pool.take()
+    assert pool.in_use() == frozenset()
+    taken = await pool.take()
+    assert taken.index == 1
+    await pool.give_back(taken)
+
+
+async def test_pool_runs_dry_with_unavailable(network: Network) -> None:
+    pool = Network(network.config)
+    pool.adopt(range(1, network.config.capacity + 1))
+    with pytest.raises(Unavailable, match="no free network slots"):
+        pool.reserve()
+    with pytest.raises(Unavailable):
+        await pool.take()
 
 
 # -- setup ---------------------------------------------------------------------------------------

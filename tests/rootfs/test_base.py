@@ -11,6 +11,7 @@ from wrenbox.errors import AlreadyExists, CorruptData, InvalidArgument, NotFound
 from wrenbox.rootfs import BACKENDS, Fingerprints, RootfsConfig, backend_for
 from wrenbox.rootfs import base as base_module
 from wrenbox.rootfs.base import atomic_output
+from wrenbox.service import rootfs_config
 
 from .helpers import MiB, expected_digest, make_base, overwrite, temporaries
 
@@ -34,7 +35,7 @@ def test_config_paths_are_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     for bad in ({"dm_prefix": "a/b"}, {"dm_prefix": "x@"}, {"remove_attempts": 0}):
         with pytest.raises(InvalidArgument):
             RootfsConfig(disks_dir=tmp_path, **bad)
-    from_settings = RootfsConfig.from_settings(Settings(data_dir=tmp_path / "data"))
+    from_settings = rootfs_config(Settings(data_dir=tmp_path / "data"))
     assert from_settings.disks_dir == tmp_path / "data" / "disks"
 
 

@@ -12,6 +12,7 @@ import functools
 import os
 from pathlib import Path
 
+from wrenbox import service
 from wrenbox.config import Settings
 from wrenbox.images import Image, ImageConfig, build_image
 
@@ -26,7 +27,7 @@ def image_settings() -> Settings:
 
 
 def image_config(**overrides: object) -> ImageConfig:
-    return ImageConfig.from_settings(image_settings(), **overrides)
+    return service.image_config(image_settings(), **overrides)
 
 
 @functools.cache

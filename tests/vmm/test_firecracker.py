@@ -43,6 +43,9 @@ from wrenbox.vmm.base import (
 from wrenbox.vmm.firecracker import FirecrackerConfig, FirecrackerDriver
 from wrenbox.vmm.firecracker.api import FirecrackerApiError
 
+GUEST_MAC = "02:fc:00:00:00:05"  # the network plan's guest MAC (vmm does not know the plan)
+NIC = Nic(mac=GUEST_MAC, tap="tap0")
+
 pytestmark = [pytest.mark.root, pytest.mark.anyio]
 
 MiB = 1 << 20
@@ -92,7 +95,7 @@ class Guest:
             vcpus=2,
             memory_mib=memory_mib,
             drives=(Drive(self.disk), Drive(self.data, read_only=True)),
-            nics=(Nic(),),
+            nics=(NIC,),
         )
 
     def config(self, run: str, netns: Path | None, memory: object = None) -> VmConfig:

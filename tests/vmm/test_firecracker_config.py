@@ -29,10 +29,13 @@ from wrenbox.vmm.base import (
 from wrenbox.vmm.firecracker import FirecrackerConfig, FirecrackerDriver
 from wrenbox.vmm.firecracker.launch import launch_argv
 
+GUEST_MAC = "02:fc:00:00:00:05"  # the network plan's guest MAC (vmm does not know the plan)
+NIC = Nic(mac=GUEST_MAC, tap="tap0")
+
 pytestmark = pytest.mark.anyio
 
 MiB = 1 << 20
-MACHINE = Machine(memory_mib=64, drives=(), nics=(Nic(),))
+MACHINE = Machine(memory_mib=64, drives=(), nics=(NIC,))
 
 
 @pytest.fixture
@@ -166,8 +169,8 @@ async def test_restore_refuses_another_machine_or_firecracker(
     tmp_path: Path, fake: FakeFirecracker, driver: FirecrackerDriver
 ) -> None:
     (tmp_path / "ram").write_bytes(bytes(64 * MiB))
-    bigger = Machine(memory_mib=128, drives=(), nics=(Nic(),))
-    other_tap = Machine(memory_mib=64, drives=(), nics=(Nic(tap="tap7"),))
+    bigger = Machine(memory_mib=128, drives=(), nics=(NIC,))
+    other_tap = Machine(memory_mib=64, drives=(), nics=(Nic(mac=GUEST_MAC, tap="tap7"),))
     snapshot = snapshot_of(tmp_path / "s", driver, MACHINE)
     with pytest.raises(InvalidArgument, match=r"memory_mib: snapshot has 64, restore asked for 128"):
         await driver.restore(config(tmp_path, bigger), snapshot)

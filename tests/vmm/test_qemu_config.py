@@ -22,6 +22,9 @@ from wrenbox.vmm.base import (
 )
 from wrenbox.vmm.qemu import QemuConfig, QemuDriver, qemu_argv
 
+GUEST_MAC = "02:fc:00:00:00:05"  # the network plan's guest MAC (vmm does not know the plan)
+NIC = Nic(mac=GUEST_MAC, tap="tap0")
+
 TCG = QemuConfig(accel="tcg", tsc_khz=2_100_000)
 
 
@@ -31,7 +34,7 @@ def _config(tmp_path: Path, **machine: object) -> VmConfig:
             vcpus=2,
             memory_mib=256,
             drives=(Drive(tmp_path / "root.qcow2", "qcow2"), Drive(tmp_path / "data.img", read_only=True)),
-            **machine,  # type: ignore[arg-type]
+            **{"nics": (NIC,), **machine},  # type: ignore[arg-type]
         ),
         memory=MemoryFile(tmp_path / "ram"),
         run_dir=tmp_path / "run",
@@ -131,10 +134,10 @@ def test_cold_boot_needs_a_kernel_and_under_tcg_the_tsc(tmp_path: Path) -> None:
         (lambda: Machine(vcpus=True), "vcpus"),
         (lambda: Machine(memory_mib=63), "memory_mib"),
         (lambda: Machine(memory_mib=257), "memory_mib"),
-        (lambda: Nic(mac="02:FC:00:00:00:05"), "MAC"),
-        (lambda: Nic(mac="02:fc:00:00:00"), "MAC"),
-        (lambda: Nic(tap="tap-name-too-long"), "longer than 15"),
-        (lambda: Nic(tap="../x"), "tap device name"),
+        (lambda: Nic(tap="tap0", mac="02:FC:00:00:00:05"), "MAC"),
+        (lambda: Nic(tap="tap0", mac="02:fc:00:00:00"), "MAC"),
+        (lambda: Nic(mac=GUEST_MAC, tap="tap-name-too-long"), "longer than 15"),
+        (lambda: Nic(mac=GUEST_MAC, tap="../x"), "tap device name"),
         (lambda: Drive(Path("x"), "vmdk"), "disk format"),  # type: ignore[arg-type]
         (lambda: QemuConfig(accel="hvf"), "accelerator"),  # type: ignore[arg-type]
         (lambda: QemuConfig(tsc_khz=0), "TSC"),
@@ -146,8 +149,8 @@ def test_bad_machine_is_refused(make: object, match: str) -> None:
 
 
 def test_pinned_ignores_paths_but_not_hardware(tmp_path: Path) -> None:
-    a = Machine(drives=(Drive(tmp_path / "a", "qcow2"),))
-    b = Machine(drives=(Drive(tmp_path / "b", "qcow2"),), nics=(Nic(tap="tap1"),))
+    a = Machine(drives=(Drive(tmp_path / "a", "qcow2"),), nics=(NIC,))
+    b = Machine(drives=(Drive(tmp_path / "b", "qcow2"),), nics=(Nic(mac=GUEST_MAC, tap="tap1"),))
     assert a.pinned() == b.pinned()
     assert a.pinned() != Machine(drives=(Drive(tmp_path / "a", "raw"),)).pinned()
     assert a.pinned() != replace(a, memory_mib=1024).pinned()

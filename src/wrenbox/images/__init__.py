@@ -1,7 +1,9 @@
 """Guest images: a Debian cloud kernel, a busybox initramfs and an ext4 root with the guest agent.
 
-``build_image(ImageConfig.from_settings(settings), "minimal")`` builds or reuses one; ``load_image``
-opens a built one. ``guest_kernel_args`` is the kernel command line a VMM passes to boot it.
+Owns the image directories (``<images_dir>/<name>`` → an immutable build) and the layer cache.
+``build_image(config, "minimal")`` builds or reuses one (``wrenbox.service.image_config(settings)`` is
+the configuration for a data dir); ``load_image`` opens a built one. ``guest_kernel_args`` is the kernel
+command line a VMM passes to boot it.
 """
 
 from wrenbox.images.bootargs import guest_kernel_args

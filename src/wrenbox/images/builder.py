@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Literal
 
 from wrenbox.command import require_tool
-from wrenbox.config import Settings
 from wrenbox.errors import MissingTool
 from wrenbox.fileio import publish
 from wrenbox.images import initramfs, kernel, rootfs
@@ -74,14 +73,6 @@ class ImageConfig:
     headroom_mib: int = 128  # free space in rootfs.ext4; a sandbox's disk may be larger still
     keep_builds: int = 2  # the current build and the one before it
     agent_source: Path | None = None  # the wrenbox package to install in the guest; default: this one
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: object) -> ImageConfig:
-        """Layout from ``settings``; ``overrides`` replace any field (the cache stays in the settings' data
-        dir even when ``images_dir`` is overridden, so layers are shared)."""
-        images = settings.images_dir
-        fields: dict[str, object] = {"images_dir": images, "cache_dir": images / ".cache", **overrides}
-        return cls(**fields)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,18 @@
 """The control plane of one host: the sandbox lifecycle users see, persisted and recoverable.
 
+Callers use :class:`Sandboxes` (the face) and nothing else; :class:`SandboxManager` implements it.
+
+- :mod:`.sandboxes` — the face: :class:`Sandboxes`, :class:`CreateRequest`, :class:`Address`.
 - :mod:`.manager` — :class:`SandboxManager`: policy, one lock per sandbox, admission, activity.
+- :mod:`.catalog` — template rows: the one road templates take into and out of the store.
 - :mod:`.recovery` — settling what a crash interrupted, at start.
 - :mod:`.reaper` — pausing (or killing) sandboxes nobody used for their timeout.
 - :mod:`.store` — SQLite: sandboxes, templates, events.
+
+It reaches the host only through :class:`wrenbox.runtime.base.Runtime`.
 """
 
-from wrenbox.manager.manager import CreateRequest, ManagerConfig, SandboxManager
+from wrenbox.manager.manager import ManagerConfig, SandboxManager
+from wrenbox.manager.sandboxes import Address, CreateRequest, Sandboxes, SandboxMetrics
 
-__all__ = ["CreateRequest", "ManagerConfig", "SandboxManager"]
+__all__ = ["Address", "CreateRequest", "ManagerConfig", "SandboxManager", "SandboxMetrics", "Sandboxes"]

@@ -1,11 +1,12 @@
 """The sandbox manager: the lifecycle users see, persisted, serialised per sandbox, surviving restarts.
 
-The manager owns *policy*: which moves are legal (:mod:`wrenbox.records`), one lock per sandbox so
-lifecycle operations never interleave, admission limits, activity, persistence of every transition, and
-what a failure leaves behind. The *mechanics* — VMs, disks, network slots, memory snapshots, the guest
-agent — live behind the :class:`~wrenbox.runtime.base.Runtime` protocol (:mod:`wrenbox.runtime.host` on a
-real host, a fake in unit tests), which records every resource it acquires in a
-:class:`~wrenbox.ledger.Ledger`.
+:class:`SandboxManager` implements :class:`~wrenbox.manager.sandboxes.Sandboxes` on one host. It owns
+*policy*: which moves are legal (:mod:`wrenbox.records`), one lock per sandbox so lifecycle operations
+never interleave, admission limits, activity, persistence of every transition and template row, and what
+a failure leaves behind. The *mechanics* — VMs, disks, network slots, memory snapshots, template files,
+the guest agent — live behind the :class:`~wrenbox.runtime.base.Runtime` protocol
+(:class:`wrenbox.runtime.host.HostRuntime` on a real host, a fake in unit tests), which records every
+resource it acquires in a :class:`~wrenbox.ledger.Ledger`.
 
 Failure rules, for every operation: the ledger unwinds what the operation acquired, newest first; the
 sandbox goes back to the state it was in (a failed pause leaves it running, a failed resume leaves it
@@ -15,82 +16,57 @@ leftovers are recorded on the sandbox for a later destroy or reclaim.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
 from wrenbox import faults
-from wrenbox.errors import AlreadyExists, InUse, InvalidArgument, NotFound, NotRunning, Unavailable
+from wrenbox.errors import InvalidArgument, NotFound, NotRunning, Unavailable
 from wrenbox.ledger import Ledger
+from wrenbox.manager.catalog import TemplateCatalog
 from wrenbox.manager.recovery import RecoveryMixin
-from wrenbox.manager.store import Store
-from wrenbox.names import new_sandbox_id, validate_name, validate_sandbox_id
-from wrenbox.records import (
-    SandboxRecord,
-    SandboxState,
-    TemplateRecord,
-    TemplateState,
-    check_transition,
+from wrenbox.manager.sandboxes import (
+    Address,
+    CreateRequest,
+    SandboxMetrics,
+    check_port,
+    check_str_map,
+    check_timeout,
 )
-from wrenbox.runtime.base import Runtime
+from wrenbox.manager.store import Event, Store
+from wrenbox.names import new_sandbox_id, validate_sandbox_id
+from wrenbox.records import SandboxRecord, SandboxState, TemplateRecord, TemplateState, check_transition
+from wrenbox.runtime.base import PERSISTENT, Runtime
 
-__all__ = ["CreateRequest", "ManagerConfig", "Runtime", "SandboxManager"]
+if TYPE_CHECKING:
+    from wrenbox.envd import AsyncEnvdClient, ExecResult
+
+__all__ = ["ManagerConfig", "SandboxManager"]
 
 log = logging.getLogger(__name__)
 S = SandboxState
 
-_MAX_MAP_ITEMS = 64
-_MAX_MAP_LEN = 1024
-
 
 @dataclass(frozen=True, slots=True)
 class ManagerConfig:
-    templates_dir: Path
     max_sandboxes: int = 32
     max_concurrent_starts: int = 4
     exec_output_cap_bytes: int = 16 * 1024 * 1024
     default_template: str = "minimal"
     default_timeout_s: int = 300
+    default_vcpus: int = 1  # of templates built without saying
+    default_memory_mb: int = 512
     on_shutdown: Literal["pause", "destroy"] = "pause"
 
 
-@dataclass(frozen=True, slots=True)
-class CreateRequest:
-    template: str | None = None
-    timeout_s: int | None = None
-    on_timeout: Literal["pause", "kill"] = "pause"
-    metadata: dict[str, str] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
-    cold_boot: bool = False
-    sandbox_id: str | None = None
-
-
-def _check_str_map(what: str, value: object) -> dict[str, str]:
-    if not isinstance(value, dict) or len(value) > _MAX_MAP_ITEMS:
-        raise InvalidArgument(f"{what} must be a mapping of at most {_MAX_MAP_ITEMS} string pairs")
-    for k, v in value.items():
-        if not isinstance(k, str) or not isinstance(v, str) or not k:
-            raise InvalidArgument(f"{what} keys and values must be strings (got {k!r}: {v!r})")
-        if len(k) > _MAX_MAP_LEN or len(v) > _MAX_MAP_LEN or "\0" in k + v:
-            raise InvalidArgument(f"{what} entry {k[:40]!r} is too long or contains NUL")
-    return dict(value)
-
-
-def _check_timeout(timeout_s: object) -> int:
-    if not isinstance(timeout_s, int) or isinstance(timeout_s, bool) or timeout_s < 0:
-        raise InvalidArgument(f"timeout must be a non-negative number of seconds, not {timeout_s!r}")
-    return timeout_s
-
-
 class SandboxManager(RecoveryMixin):
-    """The lifecycle of sandboxes. Async; call from one event loop."""
+    """The lifecycle of sandboxes (:class:`~wrenbox.manager.sandboxes.Sandboxes`). Async; call from one
+    event loop. ``store`` and ``runtime`` are its own: nobody else touches them."""
 
     def __init__(
         self,
@@ -100,11 +76,12 @@ class SandboxManager(RecoveryMixin):
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.store = store
-        self.runtime = runtime
+        self._store = store
+        self._runtime = runtime
         self.clock = clock
         self._locks: dict[str, anyio.Lock] = {}
         self._admission = anyio.Lock()
+        self._catalog = TemplateCatalog(store, runtime, admission=self._admission)
         self._starts = anyio.Semaphore(config.max_concurrent_starts)
         self._users: dict[str, set[anyio.CancelScope]] = {}
         self._active: dict[str, float] = {}
@@ -112,7 +89,7 @@ class SandboxManager(RecoveryMixin):
     # -- queries -------------------------------------------------------------------------------------
 
     def get(self, sandbox_id: str) -> SandboxRecord:
-        rec = self.store.get_sandbox(sandbox_id)
+        rec = self._store.get_sandbox(sandbox_id)
         rec.last_active_at = self._last_active(rec)
         return rec
 
@@ -121,16 +98,23 @@ class SandboxManager(RecoveryMixin):
         *,
         states: set[SandboxState] | None = None,
         metadata: dict[str, str] | None = None,
+        template: str | None = None,
     ) -> list[SandboxRecord]:
-        """Sandboxes matching the filters; destroyed ones only when asked for by state."""
         wanted = states if states is not None else set(SandboxState) - {S.DESTROYED}
-        recs = self.store.list_sandboxes(states=wanted, metadata=metadata)
+        if metadata is not None:
+            check_str_map("metadata filter", metadata)
+        recs = self._store.list_sandboxes(states=wanted, metadata=metadata, template=template)
         for rec in recs:
             rec.last_active_at = self._last_active(rec)
         return recs
 
     def list_running(self) -> list[SandboxRecord]:
         return self.list(states={S.RUNNING})
+
+    def events(self, *, sandbox_id: str | None = None, after: int = 0, limit: int = 1000) -> list[Event]:
+        if not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise InvalidArgument(f"limit must be from 1 to 10000, not {limit!r}")
+        return self._store.events(sandbox_id=sandbox_id, after=after, limit=limit)
 
     # -- activity ------------------------------------------------------------------------------------
 
@@ -148,33 +132,33 @@ class SandboxManager(RecoveryMixin):
         self.touch(sandbox_id)
 
     def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
-        _check_timeout(timeout_s)
+        check_timeout(timeout_s)
         rec = self.get(sandbox_id)
         if rec.state is S.DESTROYED:
             raise NotFound(f"sandbox {sandbox_id} was destroyed")
         rec.timeout_s = timeout_s
         rec.last_active_at = self.clock()
         self._active[sandbox_id] = rec.last_active_at
-        self.store.save_sandbox(rec)
+        self._store.save_sandbox(rec)
         return rec
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
-    async def create(self, req: CreateRequest) -> SandboxRecord:
-        template = self._ready_template(req.template or self.config.default_template)
-        timeout_s = self.config.default_timeout_s if req.timeout_s is None else req.timeout_s
-        if req.on_timeout not in ("pause", "kill"):
-            raise InvalidArgument(f"on_timeout must be 'pause' or 'kill', not {req.on_timeout!r}")
+    async def create(self, request: CreateRequest) -> SandboxRecord:
+        template = self._catalog.ready(request.template or self.config.default_template)
+        timeout_s = self.config.default_timeout_s if request.timeout_s is None else request.timeout_s
+        if request.on_timeout not in ("pause", "kill"):
+            raise InvalidArgument(f"on_timeout must be 'pause' or 'kill', not {request.on_timeout!r}")
         now = self.clock()
         rec = SandboxRecord(
-            id=new_sandbox_id() if req.sandbox_id is None else validate_sandbox_id(req.sandbox_id),
+            id=new_sandbox_id() if request.sandbox_id is None else validate_sandbox_id(request.sandbox_id),
             template=template.name,
             vcpus=template.vcpus,
             memory_mb=template.memory_mb,
-            timeout_s=_check_timeout(timeout_s),
-            on_timeout=req.on_timeout,
-            metadata=_check_str_map("metadata", req.metadata),
-            env=_check_str_map("env", req.env),
+            timeout_s=check_timeout(timeout_s),
+            on_timeout=request.on_timeout,
+            metadata=check_str_map("metadata", request.metadata),
+            env=check_str_map("env", request.env),
             created_at=now,
             last_active_at=now,
             state_changed_at=now,
@@ -182,7 +166,7 @@ class SandboxManager(RecoveryMixin):
         async with self._admitted(rec), self._lock(rec.id):
             try:
                 async with self._ledger(rec, "create") as ledger:
-                    host_ip = await self.runtime.start(rec, template, ledger, cold=req.cold_boot)
+                    host_ip = await self._runtime.start(rec, template, ledger, cold=request.cold_boot)
                     ledger.commit()
             except BaseException as exc:  # cancelled too: settle, then propagate
                 self._failed(rec, exc, fallback=S.DESTROYED)
@@ -191,7 +175,6 @@ class SandboxManager(RecoveryMixin):
             return self._move(rec, S.RUNNING, host_ip=host_ip, last_active_at=self.clock())
 
     async def destroy(self, sandbox_id: str) -> None:
-        """Release everything the sandbox holds. Destroying a destroyed sandbox does nothing."""
         async with self._lock(sandbox_id):
             rec = self.get(sandbox_id)
             if rec.state is S.DESTROYED:
@@ -199,13 +182,15 @@ class SandboxManager(RecoveryMixin):
             await self._destroy_locked(rec)
         await self._collect_template(rec.template)
 
-    async def pause(self, sandbox_id: str) -> SandboxRecord:
+    async def pause(self, sandbox_id: str, *, memory: bool = True) -> SandboxRecord:
         async with self._lock(sandbox_id):
-            return await self._pause_locked(self.get(sandbox_id))
+            return await self._pause_locked(self.get(sandbox_id), memory=memory)
 
-    async def resume(self, sandbox_id: str, timeout_s: int | None = None) -> SandboxRecord:
+    async def resume(
+        self, sandbox_id: str, timeout_s: int | None = None, *, memory: bool = True
+    ) -> SandboxRecord:
         if timeout_s is not None:
-            _check_timeout(timeout_s)
+            check_timeout(timeout_s)
         rec = self.get(sandbox_id)
         async with self._admitted(rec), self._lock(sandbox_id):
             rec = self.get(sandbox_id)
@@ -216,7 +201,7 @@ class SandboxManager(RecoveryMixin):
                 rec.timeout_s = timeout_s
             try:
                 async with self._ledger(rec, "resume") as ledger:
-                    host_ip = await self.runtime.resume(rec, ledger)
+                    host_ip = await self._runtime.resume(rec, ledger, memory=memory)
                     ledger.commit()
             except BaseException as exc:  # cancelled too: settle, then propagate
                 self._failed(rec, exc, fallback=S.PAUSED)
@@ -225,7 +210,6 @@ class SandboxManager(RecoveryMixin):
             return self._move(rec, S.RUNNING, host_ip=host_ip, last_active_at=self.clock())
 
     async def connect(self, sandbox_id: str, timeout_s: int | None = None) -> SandboxRecord:
-        """The sandbox, running: resumed first if it is paused (E2B's ``connect``)."""
         rec = self.get(sandbox_id)
         if rec.state is S.PAUSED:
             return await self.resume(sandbox_id, timeout_s)
@@ -236,28 +220,29 @@ class SandboxManager(RecoveryMixin):
         self.touch(sandbox_id)
         return rec
 
-    async def snapshot(self, sandbox_id: str, name: str) -> TemplateRecord:
-        """Make template ``name`` from a sandbox; a running sandbox is paused first and stays paused."""
-        validate_name(name, what="snapshot name")
-        self._check_template_free(name)
-        async with self._lock(sandbox_id):
+    async def snapshot(self, sandbox_id: str, name: str | None = None) -> TemplateRecord:
+        self.get(sandbox_id)  # NotFound before anything else
+        name = f"snapshot-{sandbox_id}-{new_sandbox_id()[:8]}" if name is None else name
+        self._catalog.check_free(name)  # at once, rather than after a build of that name
+        async with self._catalog.lock(name), self._lock(sandbox_id):
+            self._catalog.check_free(name)
             rec = self.get(sandbox_id)
             if rec.state is S.RUNNING:
                 rec = await self._pause_locked(rec)
             return await self._snapshot_locked(rec, name, kind="snapshot", back_to=S.PAUSED)
 
     async def fork(self, sandbox_id: str, count: int = 1) -> list[SandboxRecord]:
-        """Snapshot a running sandbox in place (it keeps running) and create ``count`` sandboxes from it."""
         if not isinstance(count, int) or not 1 <= count <= self.config.max_sandboxes:
             raise InvalidArgument(f"fork count must be between 1 and {self.config.max_sandboxes}")
-        async with self._lock(sandbox_id):
+        self.get(sandbox_id)  # NotFound before anything else
+        name = f"fork-{sandbox_id}-{new_sandbox_id()[:8]}"
+        async with self._catalog.lock(name), self._lock(sandbox_id):
             rec = self.get(sandbox_id)
             if rec.state is not S.RUNNING:
                 raise NotRunning(f"sandbox {sandbox_id} is {rec.state.value}; only running sandboxes fork")
-            name = f"fork-{sandbox_id}-{new_sandbox_id()[:8]}"
             template = await self._snapshot_locked(rec, name, kind="fork", back_to=S.RUNNING)
         base = self.get(sandbox_id)
-        req = CreateRequest(
+        request = CreateRequest(
             template=template.name,
             timeout_s=base.timeout_s,
             on_timeout=base.on_timeout,  # type: ignore[arg-type]
@@ -267,7 +252,7 @@ class SandboxManager(RecoveryMixin):
         children: list[SandboxRecord] = []
         try:
             for _ in range(count):
-                children.append(await self.create(req))
+                children.append(await self.create(request))
         except BaseException:
             # All or nothing: a fork that cannot make every child makes none.
             with anyio.CancelScope(shield=True):
@@ -277,56 +262,26 @@ class SandboxManager(RecoveryMixin):
             raise
         return children
 
-    async def delete_template(self, name: str) -> None:
-        validate_name(name, what="template name")
-        template = self.store.get_template(name)
-        users = self.store.template_users(name)
-        if users:
-            raise InUse(f"template {name} is in use by {', '.join(users[:5])}")
-        template.state = TemplateState.DELETING
-        self.store.save_template(template)
-        await self.runtime.delete_template(template)
-        self.store.delete_template(name)
-        self.store.record_event("template_deleted", None, template=name)
-
     # -- guest operations ----------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def use(self, sandbox_id: str) -> AsyncIterator[Any]:
-        """The guest agent client of a running sandbox, for one request.
+    async def use(self, sandbox_id: str) -> AsyncIterator[AsyncEnvdClient]:
+        async with self._in_use(sandbox_id) as rec:
+            yield self._runtime.envd(rec)
 
-        Counts as activity. If the sandbox starts pausing or stopping while the request runs, the
-        request is cancelled and raises NotRunning, so nobody ever waits on a frozen VM.
-        """
-        scope = anyio.CancelScope()
-        gone = f"sandbox {sandbox_id} was paused or stopped while the request ran"
-        self._users.setdefault(sandbox_id, set()).add(scope)
-        try:
-            rec = self._running(sandbox_id)
-            self.touch(sandbox_id)
-            with scope:
-                yield self.runtime.envd(rec)
-        except Exception as exc:
-            # Cleanup that talks to the agent after the cancellation (e.g. killing the command) fails
-            # in its own way once the VM is going; the cause is still the pause or stop.
-            if scope.cancel_called:
-                raise NotRunning(gone) from exc
-            raise
-        finally:
-            self._users.get(sandbox_id, set()).discard(scope)
-            self.touch(sandbox_id)
-        if scope.cancelled_caught:
-            raise NotRunning(gone)
+    @asynccontextmanager
+    async def route(self, sandbox_id: str, port: int) -> AsyncIterator[Address]:
+        check_port(port)
+        async with self._in_use(sandbox_id) as rec:
+            assert rec.host_ip is not None  # running: it has an address
+            yield Address(rec.host_ip, port)
 
-    async def exec(self, sandbox_id: str, cmd: str, **kwargs: Any) -> Any:
-        """Run ``cmd`` and collect its output, capped at the configured size."""
+    async def exec(self, sandbox_id: str, cmd: Any, **kwargs: Any) -> ExecResult:
         kwargs.setdefault("output_cap", self.config.exec_output_cap_bytes)
         async with self.use(sandbox_id) as envd:
             return await envd.processes.exec(cmd, **kwargs)
 
-    def exec_stream(self, sandbox_id: str, cmd: str, **kwargs: Any) -> AsyncIterator[Any]:
-        """Run ``cmd`` and yield its events (started, stdout, stderr, exited) as they happen."""
-
+    def exec_stream(self, sandbox_id: str, cmd: Any, **kwargs: Any) -> AsyncIterator[Any]:
         async def events() -> AsyncIterator[Any]:
             async with self.use(sandbox_id) as envd, envd.processes.exec_stream(cmd, **kwargs) as proc:
                 async for event in proc:
@@ -335,14 +290,45 @@ class SandboxManager(RecoveryMixin):
 
         return events()
 
-    async def metrics(self, sandbox_id: str) -> dict[str, Any]:
-        """Host-side cost of the sandbox, plus the guest's own view when it is running."""
+    async def metrics(self, sandbox_id: str) -> SandboxMetrics:
         rec = self.get(sandbox_id)
-        out: dict[str, Any] = {"state": rec.state.value, "host": self.runtime.host_metrics(rec)}
-        if rec.state is S.RUNNING:
-            async with self.use(sandbox_id) as envd:
-                out["guest"] = dataclasses.asdict(await envd.metrics())
-        return out
+        if rec.state is S.DESTROYED:
+            raise NotFound(f"sandbox {sandbox_id} was destroyed")
+        host = self._runtime.usage(rec)
+        if rec.state is not S.RUNNING:
+            return SandboxMetrics(rec.state, host)
+        async with self.use(sandbox_id) as envd:
+            return SandboxMetrics(rec.state, host, await envd.metrics())
+
+    # -- templates -----------------------------------------------------------------------------------
+
+    def templates(self) -> list[TemplateRecord]:
+        return self._catalog.list()
+
+    def template(self, name: str) -> TemplateRecord:
+        return self._catalog.get(name)
+
+    async def build_template(
+        self,
+        name: str,
+        *,
+        image: str = "minimal",
+        vcpus: int | None = None,
+        memory_mb: int | None = None,
+        on_step: Callable[[str], None] | None = None,
+    ) -> TemplateRecord:
+        return await self._catalog.build(
+            name,
+            image=image,
+            vcpus=self.config.default_vcpus if vcpus is None else vcpus,
+            memory_mb=self.config.default_memory_mb if memory_mb is None else memory_mb,
+            on_step=on_step,
+        )
+
+    async def delete_template(self, name: str) -> None:
+        await self._catalog.delete(name)
+
+    # -- called by the reaper and the service --------------------------------------------------------
 
     async def expire(self, sandbox_id: str, action: str) -> None:
         """Called by the reaper: pause (or kill) a sandbox that is still idle past its timeout."""
@@ -351,7 +337,7 @@ class SandboxManager(RecoveryMixin):
             idle = self.clock() - rec.last_active_at
             if rec.state is not S.RUNNING or rec.timeout_s <= 0 or idle < rec.timeout_s:
                 return  # used, paused or destroyed since the reaper looked
-            self.store.record_event("expired", sandbox_id, action=action, idle_s=round(idle, 1))
+            self._store.record_event("expired", sandbox_id, action=action, idle_s=round(idle, 1))
             if action == "kill":
                 await self._destroy_locked(rec)
                 return
@@ -360,7 +346,7 @@ class SandboxManager(RecoveryMixin):
             except Exception:
                 rec = self.get(sandbox_id)
                 rec.pause_failures += 1
-                self.store.save_sandbox(rec)
+                self._store.save_sandbox(rec)
                 raise
 
     async def shutdown(self) -> None:
@@ -376,12 +362,12 @@ class SandboxManager(RecoveryMixin):
 
     # -- lifecycle internals (caller holds the sandbox lock) -----------------------------------------
 
-    async def _pause_locked(self, rec: SandboxRecord) -> SandboxRecord:
+    async def _pause_locked(self, rec: SandboxRecord, *, memory: bool = True) -> SandboxRecord:
         self._move(rec, S.PAUSING)
         self._cancel_users(rec.id)
         try:
             async with self._ledger(rec, "pause") as ledger:
-                await self.runtime.pause(rec, ledger)
+                await self._runtime.pause(rec, ledger, memory=memory)
                 ledger.commit()
         except BaseException as exc:  # cancelled too: settle, then propagate
             self._failed(rec, exc, fallback=S.RUNNING)
@@ -392,7 +378,7 @@ class SandboxManager(RecoveryMixin):
         self._move(rec, S.STOPPING)
         self._cancel_users(rec.id)
         with anyio.CancelScope(shield=True):  # half a destroy would leave it 'stopping' until a restart
-            leftovers = await self._release_all(rec)
+            leftovers = await self._release(rec, rec.resources)
         if leftovers:
             self._move(rec, S.ERROR, leftovers=leftovers, error="destroy could not release everything")
             return
@@ -402,38 +388,40 @@ class SandboxManager(RecoveryMixin):
     async def _snapshot_locked(
         self, rec: SandboxRecord, name: str, *, kind: str, back_to: SandboxState
     ) -> TemplateRecord:
-        self._check_template_free(name)
-        template = TemplateRecord(
-            name=name,
-            kind=kind,
-            path=str(self.config.templates_dir / name),
-            vcpus=rec.vcpus,
-            memory_mb=rec.memory_mb,
-            source=rec.id,
-            parent=rec.template,
+        """Template ``name`` from ``rec`` (caller holds both locks); ``rec`` ends in ``back_to``."""
+        row = self._catalog.begin(
+            name, kind=kind, vcpus=rec.vcpus, memory_mb=rec.memory_mb, source=rec.id, parent=rec.template
         )
-        self.store.insert_template(template)
         self._move(rec, S.SNAPSHOTTING)
         try:
             async with self._ledger(rec, "snapshot") as ledger:
-                manifest = await self.runtime.snapshot(rec, Path(template.path), ledger)
+                built = await self._runtime.snapshot(rec, name, ledger)
                 ledger.commit()
         except BaseException as exc:  # cancelled too: settle, then propagate
-            self.store.delete_template(name)
+            self._catalog.abandon(name)
             self._failed(rec, exc, fallback=back_to)
             raise
-        template.manifest = manifest
-        template.size_bytes = int(manifest.get("size_bytes", 0))
-        template.parent = manifest.get("parent", template.parent)
-        template.state = TemplateState.READY
-        self.store.save_template(template)
+        template = self._catalog.finish(row, built, event="template_created")
         self._move(rec, back_to)
-        self.store.record_event("template_created", rec.id, template=name, template_kind=kind)
         return template
 
-    async def _release_all(self, rec: SandboxRecord) -> list[str]:
-        """Release every recorded resource, newest first; return what could not be released."""
-        return await self._release(rec, rec.resources)
+    async def _release(self, rec: SandboxRecord, resources: dict[str, Any]) -> list[str]:
+        """Release ``resources`` (of ``rec``), newest first; return what could not be released."""
+        leftovers = []
+        for key in reversed(list(resources)):
+            try:
+                await self._runtime.release(rec, key, rec.resources[key])
+            except Exception as exc:
+                log.error("sandbox %s: could not release %s: %s", rec.id, key, exc)
+                leftovers.append(key)
+                continue
+            del rec.resources[key]
+            self._store.save_sandbox(rec)
+        return leftovers
+
+    def _transient(self, rec: SandboxRecord) -> dict[str, Any]:
+        """What only a live VM holds (a paused sandbox keeps the rest)."""
+        return {k: v for k, v in rec.resources.items() if k not in PERSISTENT}
 
     # -- internals -----------------------------------------------------------------------------------
 
@@ -446,7 +434,7 @@ class SandboxManager(RecoveryMixin):
         self._users.pop(sandbox_id, None)
 
     def _ledger(self, rec: SandboxRecord, label: str) -> Ledger:
-        return Ledger(self.store, rec, self.runtime.release, label)
+        return Ledger(self._store, rec, self._runtime.release, label)
 
     def _running(self, sandbox_id: str) -> SandboxRecord:
         rec = self.get(sandbox_id)
@@ -456,25 +444,37 @@ class SandboxManager(RecoveryMixin):
             raise NotRunning(f"sandbox {sandbox_id} is {rec.state.value}, not running")
         return rec
 
-    def _ready_template(self, name: str) -> TemplateRecord:
-        validate_name(name, what="template name")
-        template = self.store.get_template(name)
-        if template.state is not TemplateState.READY:
-            raise NotFound(f"template {name} is {template.state.value}, not ready")
-        return template
-
-    def _check_template_free(self, name: str) -> None:
+    @asynccontextmanager
+    async def _in_use(self, sandbox_id: str) -> AsyncIterator[SandboxRecord]:
+        """A running sandbox, for one request: counts as activity; cancelled (NotRunning) if the sandbox
+        starts pausing or stopping meanwhile, so nobody ever waits on a frozen VM."""
+        scope = anyio.CancelScope()
+        gone = f"sandbox {sandbox_id} was paused or stopped while the request ran"
+        self._users.setdefault(sandbox_id, set()).add(scope)
         try:
-            self.store.get_template(name)
-        except NotFound:
-            return
-        raise AlreadyExists(f"a template named {name} already exists")
+            rec = self._running(sandbox_id)
+            self.touch(sandbox_id)
+            with scope:
+                yield rec
+        except Exception as exc:
+            # Cleanup that talks to the agent after the cancellation (e.g. killing the command) fails
+            # in its own way once the VM is going; the cause is still the pause or stop.
+            if scope.cancel_called:
+                raise NotRunning(gone) from exc
+            raise
+        finally:
+            self._users.get(sandbox_id, set()).discard(scope)
+            self.touch(sandbox_id)
+        if scope.cancelled_caught:
+            raise NotRunning(gone)
 
     @asynccontextmanager
     async def _admitted(self, rec: SandboxRecord) -> AsyncIterator[None]:
-        """Enforce the sandbox limit and the concurrent-start limit, or raise Unavailable at once."""
+        """Enforce the sandbox limit and the concurrent-start limit, or raise Unavailable at once. A new
+        sandbox's row is inserted here, its template checked again under the same lock as a template
+        deletion's in-use check."""
         async with self._admission:
-            live = {r.id for r in self.store.list_sandboxes(states={s for s in SandboxState if s.live})}
+            live = {r.id for r in self._store.list_sandboxes(states={s for s in SandboxState if s.live})}
             if rec.id not in live and len(live) >= self.config.max_sandboxes:
                 raise Unavailable(f"the sandbox limit ({self.config.max_sandboxes}) is reached")
             try:
@@ -485,11 +485,12 @@ class SandboxManager(RecoveryMixin):
                 ) from None
             if rec.state is S.CREATING:
                 try:
-                    self.store.insert_sandbox(rec)
+                    self._catalog.ready(rec.template)
+                    self._store.insert_sandbox(rec)
                 except BaseException:
                     self._starts.release()
                     raise
-                self.store.record_event("creating", rec.id, template=rec.template)
+                self._store.record_event("creating", rec.id, template=rec.template)
         try:
             yield
         finally:
@@ -504,8 +505,8 @@ class SandboxManager(RecoveryMixin):
             rec.error = None
         for key, value in changes.items():
             setattr(rec, key, value)
-        self.store.save_sandbox(rec)
-        self.store.record_event(target.value, rec.id, previous=previous.value)
+        self._store.save_sandbox(rec)
+        self._store.record_event(target.value, rec.id, previous=previous.value)
         faults.point(f"state.{target.value}")
         return rec
 
@@ -524,10 +525,11 @@ class SandboxManager(RecoveryMixin):
     async def _collect_template(self, name: str) -> None:
         """Fork templates exist only for their children: delete one when its last user is gone."""
         try:
-            template = self.store.get_template(name)
+            template = self._catalog.get(name)
         except NotFound:
             return
-        if template.kind == "fork" and not self.store.template_users(name):
+        ready = template.state is TemplateState.READY
+        if template.kind == "fork" and ready and not self._store.template_users(name):
             try:
                 await self.delete_template(name)
             except Exception as exc:

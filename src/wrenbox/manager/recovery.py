@@ -27,10 +27,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from wrenbox.records import SandboxRecord, SandboxState, TemplateRecord, TemplateState
+from wrenbox.records import SandboxRecord, SandboxState
+from wrenbox.runtime.base import Resource
 
 if TYPE_CHECKING:
+    from wrenbox.manager.catalog import TemplateCatalog
     from wrenbox.manager.store import Store
+    from wrenbox.runtime.base import Runtime
 
 __all__ = ["RecoveryMixin"]
 
@@ -39,69 +42,75 @@ S = SandboxState
 
 
 class RecoveryMixin:
-    """The manager's start-up recovery (mixed into :class:`wrenbox.manager.SandboxManager`)."""
+    """The manager's start-up recovery, mixed into :class:`wrenbox.manager.manager.SandboxManager`.
 
-    store: Store
-    runtime: Any
+    It needs the manager's store, runtime and template catalog, and three of its steps, declared below:
+    ``_move`` (a persisted transition), ``_release`` (give back resources, newest first) and
+    ``_transient`` (what only a live VM holds)."""
+
+    _store: Store
+    _runtime: Runtime
+    _catalog: TemplateCatalog
 
     async def recover(self) -> dict[str, Any]:
         """Settle interrupted sandboxes, sync template rows, sweep the host. Call once, before serving."""
         settled = {}
         unsettled = set(SandboxState) - {S.DESTROYED, S.PAUSED, S.ERROR}
-        for rec in self.store.list_sandboxes(states=unsettled):
+        for rec in self._store.list_sandboxes(states=unsettled):
             before = rec.state
             try:
                 await self._recover_one(rec)
             except Exception as exc:
                 log.exception("recovery of sandbox %s (%s) failed", rec.id, before.value)
-                rec = self.store.get_sandbox(rec.id)
+                rec = self._store.get_sandbox(rec.id)
                 if rec.state is not S.ERROR:
                     self._move(rec, S.ERROR, error=f"recovery after a restart failed: {exc}")
-            settled[rec.id] = f"{before.value} -> {self.store.get_sandbox(rec.id).state.value}"
-        self._sync_templates()
-        swept = await self.runtime.sweep(self.store.list_sandboxes(states=set(S) - {S.DESTROYED}))
-        self.store.record_event("recovered", None, sandboxes=settled, swept=swept)
+            settled[rec.id] = f"{before.value} -> {self._store.get_sandbox(rec.id).state.value}"
+        await self._catalog.sync()
+        swept = await self._runtime.sweep(self._store.list_sandboxes(states=set(S) - {S.DESTROYED}))
+        self._store.record_event("recovered", None, sandboxes=settled, swept=swept)
         return {"sandboxes": settled, "swept": swept}
 
     async def _recover_one(self, rec: SandboxRecord) -> None:
-        rt = self.runtime
+        rt = self._runtime
         if rec.state in (S.CREATING, S.STOPPING):
             leftovers = await self._release(rec, rec.resources)
             target = S.ERROR if leftovers else S.DESTROYED
             self._move(rec, target, leftovers=leftovers, host_ip=None)
-        elif rec.state is S.RUNNING:
-            vm = await rt.vm_state(rec)
-            if vm == "paused":
+            return
+        seen = await rt.inspect(rec)
+        if rec.state is S.RUNNING:
+            if seen.vm == "paused":
                 await rt.continue_vm(rec)
-            elif vm == "gone":
-                await self._vm_lost(rec)
+            elif seen.vm == "gone":
+                await self._vm_lost(rec, revertible=seen.revertible)
         elif rec.state is S.PAUSING:
-            if rt.pause_committed(rec):
+            if seen.pause_committed:
                 await self._back_to_disk(rec, S.PAUSED)
-            elif await rt.vm_state(rec) != "gone":
+            elif seen.vm != "gone":
                 await rt.continue_vm(rec)
                 self._move(rec, S.RUNNING, error="a pause was interrupted by a restart; still running")
             else:
-                await self._vm_lost(rec)
+                await self._vm_lost(rec, revertible=seen.revertible)
         elif rec.state is S.RESUMING:
-            if await rt.vm_state(rec) == "running":
+            if seen.vm == "running":
                 host_ip = await rt.finish_resume(rec)
                 self._move(rec, S.RUNNING, host_ip=host_ip)
             else:
                 await self._back_to_disk(rec, S.PAUSED)
         elif rec.state is S.SNAPSHOTTING:
-            if "vm" not in rec.resources:
+            if Resource.VM not in rec.resources:  # it was snapshotting a paused sandbox
                 self._move(rec, S.PAUSED)
-            elif await rt.vm_state(rec) != "gone":
+            elif seen.vm != "gone":
                 await rt.continue_vm(rec)
                 self._move(rec, S.RUNNING)
             else:
-                await self._vm_lost(rec)
+                await self._vm_lost(rec, revertible=seen.revertible)
 
-    async def _vm_lost(self, rec: SandboxRecord) -> None:
+    async def _vm_lost(self, rec: SandboxRecord, *, revertible: bool) -> None:
         """The VM is gone (the host rebooted, it was killed): back to the last pause if the disk can go
         back with it, else error (a sandbox never paused has nothing to go back to)."""
-        if self.runtime.revertible(rec):
+        if revertible:
             error = "the VM was lost while wrenbox was not running; back to the state of the last pause"
             await self._back_to_disk(rec, S.PAUSED, error=error)
         else:
@@ -110,49 +119,19 @@ class RecoveryMixin:
 
     async def _back_to_disk(self, rec: SandboxRecord, target: SandboxState, **changes: Any) -> None:
         """Give back what only a live VM holds, keep the disk and snapshot, and move to ``target``."""
-        transient = {k: v for k, v in rec.resources.items() if k not in self.runtime.persistent}
-        leftovers = await self._release(rec, transient)
+        leftovers = await self._release(rec, self._transient(rec))
         if leftovers:
             target = S.ERROR
             changes.setdefault("error", "some resources could not be released after a restart")
         self._move(rec, target, leftovers=leftovers, host_ip=None, **changes)
 
-    async def _release(self, rec: SandboxRecord, resources: dict[str, Any]) -> list[str]:
-        leftovers = []
-        for key in reversed(list(resources)):
-            try:
-                await self.runtime.release(rec, key, rec.resources[key])
-            except Exception as exc:
-                log.error("sandbox %s: could not release %s: %s", rec.id, key, exc)
-                leftovers.append(key)
-                continue
-            del rec.resources[key]
-            self.store.save_sandbox(rec)
-        return leftovers
+    # Steps of the manager's, declared here so the dependency is visible.
 
-    def _sync_templates(self) -> None:
-        """Template rows follow the published templates on disk; a half-built one is never listed."""
-        on_disk = {name: (path, vcpus, mem) for name, path, vcpus, mem in self.runtime.template_names()}
-        for tpl in self.store.list_templates():
-            if tpl.state is not TemplateState.READY or tpl.name not in on_disk:
-                if tpl.state is TemplateState.READY and self.store.template_users(tpl.name):
-                    log.error("template %s is in use but its files are gone", tpl.name)
-                    continue
-                self.store.delete_template(tpl.name)
-        known = {t.name for t in self.store.list_templates()}
-        for name, (path, vcpus, mem) in on_disk.items():
-            if name not in known:
-                self.store.insert_template(
-                    TemplateRecord(
-                        name=name,
-                        kind="base",
-                        path=path,
-                        vcpus=vcpus,
-                        memory_mb=mem,
-                        state=TemplateState.READY,
-                    )
-                )
-
-    # provided by SandboxManager
     def _move(self, rec: SandboxRecord, target: SandboxState, **changes: Any) -> SandboxRecord:
+        raise NotImplementedError
+
+    async def _release(self, rec: SandboxRecord, resources: dict[str, Any]) -> list[str]:
+        raise NotImplementedError
+
+    def _transient(self, rec: SandboxRecord) -> dict[str, Any]:
         raise NotImplementedError

@@ -1,8 +1,10 @@
-"""Which slot indices are taken. In memory; rebuilt at start from the persisted sandboxes via ``reserve``."""
+"""Which slot indices are taken: the bookkeeping of :class:`~wrenbox.network.Network`'s slot pool. In
+memory; rebuilt at start from the persisted sandboxes with ``adopt``."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 
 from wrenbox.errors import AlreadyExists, InvalidArgument, Unavailable
 from wrenbox.network.plan import check_index
@@ -20,10 +22,11 @@ class SlotAllocator:
         self._used: set[int] = set()
         self._lock = threading.Lock()
 
-    def allocate(self) -> int:
-        """The lowest free index; Unavailable when every slot is taken."""
+    def allocate(self, *, highest: bool = False) -> int:
+        """The lowest free index (the highest with ``highest``); Unavailable when every slot is taken."""
+        order = range(self.capacity, 0, -1) if highest else range(1, self.capacity + 1)
         with self._lock:
-            for index in range(1, self.capacity + 1):
+            for index in order:
                 if index not in self._used:
                     self._used.add(index)
                     return index
@@ -36,6 +39,12 @@ class SlotAllocator:
             if index in self._used:
                 raise AlreadyExists(f"network slot {index} is already in use")
             self._used.add(index)
+
+    def adopt(self, indices: Iterable[int]) -> None:
+        """Mark every index in ``indices`` taken, whether or not it already was (recovery at start)."""
+        checked = [check_index(i, self.capacity) for i in indices]
+        with self._lock:
+            self._used.update(checked)
 
     def release(self, index: int) -> None:
         """Give ``index`` back. Releasing a free slot does nothing, so undo steps may run twice."""

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from wrenbox.errors import AlreadyExists, NotFound, Unsupported, WrenboxError
 from wrenbox.names import validate_name
+from wrenbox.network.plan import NETNS_DIR
 
 __all__ = [
     "NETNS_DIR",
@@ -44,7 +45,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-NETNS_DIR = Path("/run/netns")
 
 _CLONE_NEWNET = 0x40000000
 _MS_BIND = 0x1000

@@ -1,15 +1,19 @@
 """The network of a wrenbox host: set it up once, then create and remove slots.
 
-Typical use by the sandbox manager::
+``Network`` owns the slots of its prefix end to end, as a pool: which indices are taken, building and
+removing them, and taking back what a crash left. Typical use by the host runtime::
 
     network = Network(NetworkConfig())
     await network.setup()                      # at start: checks ranges, host table, ip_forward
-    await network.reclaim(in_use={...})        # at start: drop what a crash left behind
-    index = allocator.allocate()
-    slot = network.slot(index)
+    network.adopt({...})                       # at start: the slots the persisted sandboxes still hold
+    await network.reclaim()                    # ... and drop every other slot of this prefix
+    slot = network.reserve()                   # an index from the pool (write it down), then build it:
     await network.create(slot, EgressPolicy(deny=["0.0.0.0/0"], allow=["1.1.1.1"]))
     ...                                        # QEMU runs inside slot.netns, host talks to slot.host_ip
-    await network.remove(slot)
+    await network.give_back(slot)              # removed, and its index free again
+
+``take()`` is ``reserve()`` + ``create()`` for callers with nothing to write down in between (template
+builds, which take the highest free slot, out of the way of sandboxes, which take the lowest).
 
 The methods are async and run the (short, blocking) netlink and nft work on a worker thread. They
 are not interruptible: a cancellation waits for the step to finish and is delivered afterwards, so a
@@ -28,6 +32,7 @@ import anyio
 
 from wrenbox.command import require_tool
 from wrenbox.errors import Conflict, InvalidArgument, Unavailable, WrenboxError
+from wrenbox.network.allocator import SlotAllocator
 from wrenbox.network.firewall import (
     EgressPolicy,
     apply_egress,
@@ -63,14 +68,47 @@ _IP_FORWARD = "net/ipv4/ip_forward"
 
 
 class Network:
-    """The slots of one host (one ``NetworkConfig``, one prefix): setup, create, remove, reclaim."""
+    """The slots of one host (one ``NetworkConfig``, one prefix): the pool, setup, create, remove,
+    reclaim."""
 
     def __init__(self, config: NetworkConfig | None = None) -> None:
         self.config = config or NetworkConfig()
+        self._pool = SlotAllocator(self.config.capacity)
 
     def slot(self, index: int) -> NetworkSlot:
         """The plan of slot ``index`` (names and addresses; nothing is created)."""
         return self.config.slot(index)
+
+    # -- the pool -------------------------------------------------------------------------------
+
+    def reserve(self, *, highest: bool = False) -> NetworkSlot:
+        """A free slot, taken from the pool but not built yet (:meth:`create` it): the caller can write
+        it down first, so that a crash while building leaves a slot someone knows about. Unavailable
+        when every slot is taken."""
+        return self.slot(self._pool.allocate(highest=highest))
+
+    async def take(self, egress: EgressPolicy | None = None, *, highest: bool = False) -> NetworkSlot:
+        """:meth:`reserve` and :meth:`create` a slot; if building it fails, its index goes back."""
+        slot = self.reserve(highest=highest)
+        try:
+            await self.create(slot, egress)
+        except BaseException:
+            self._pool.release(slot.index)
+            raise
+        return slot
+
+    async def give_back(self, slot: NetworkSlot) -> None:
+        """Remove ``slot`` (whatever of it exists) and return it to the pool. If the removal fails the
+        slot stays taken, so it is never handed out half-removed. Idempotent."""
+        await self.remove(slot)
+        self._pool.release(slot.index)
+
+    def adopt(self, indices: Iterable[int]) -> None:
+        """At start: the slots records still hold (made by a previous process) are taken."""
+        self._pool.adopt(indices)
+
+    def in_use(self) -> frozenset[int]:
+        return self._pool.in_use()
 
     async def setup(self) -> None:
         """Check the ranges against the host's routes, enable forwarding, install the host table.
@@ -95,13 +133,13 @@ class Network:
         """Remove ``slot``; works on half-created and already-removed slots. Every step is attempted."""
         await anyio.to_thread.run_sync(self._remove, slot)
 
-    async def reclaim(self, in_use: Iterable[int]) -> list[int]:
-        """Remove every slot of this prefix whose index is not in ``in_use``; return their indices.
+    async def reclaim(self) -> list[int]:
+        """Remove every slot of this prefix that the pool does not hold; return their indices.
 
-        Run it at start, before any create: a slot being created concurrently would be removed.
-        Slots in ``in_use`` are left exactly as they are.
+        Run it at start, after :meth:`adopt`: a slot another process is building would be removed.
+        Slots the pool holds are left exactly as they are.
         """
-        return await anyio.to_thread.run_sync(self._reclaim, frozenset(in_use))
+        return await anyio.to_thread.run_sync(self._reclaim, self._pool.in_use())
 
     async def set_egress(self, slot: NetworkSlot, egress: EgressPolicy) -> None:
         """Replace the slot's egress allow/deny lists atomically (open connections are not cut)."""

@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
+from pathlib import Path
 
 from wrenbox.errors import InvalidArgument
 
@@ -28,6 +29,7 @@ __all__ = [
     "GUEST_IP",
     "GUEST_MAC",
     "GUEST_NETWORK",
+    "NETNS_DIR",
     "NS_VETH",
     "TAP",
     "TAP_MAC",
@@ -45,6 +47,7 @@ GUEST_MAC = "02:fc:00:00:00:05"
 TAP_MAC = "02:fc:00:00:00:06"
 TAP = "tap0"
 NS_VETH = "eth0"
+NETNS_DIR = Path("/run/netns")  # where named network namespaces are mounted (as ``ip netns`` does)
 
 DEFAULT_HOST_RANGE = IPv4Network("10.11.0.0/16")
 DEFAULT_TRANSFER_RANGE = IPv4Network("10.12.0.0/16")
@@ -203,6 +206,21 @@ class NetworkSlot:
     host_veth_ip: IPv4Address
     ns_veth_ip: IPv4Address
     host_ip: IPv4Address
+
+    @property
+    def netns_path(self) -> Path:
+        """The namespace's mount point: what a VMM is started in."""
+        return NETNS_DIR / self.netns
+
+    @property
+    def tap(self) -> str:
+        """The tap device a VM attaches to, inside the namespace (the same name in every slot)."""
+        return TAP
+
+    @property
+    def guest_mac(self) -> str:
+        """The MAC the guest's NIC must have (the same in every slot; see the module doc)."""
+        return GUEST_MAC
 
     def to_dict(self) -> dict[str, object]:
         return {

@@ -1,4 +1,6 @@
-"""What this host can do: ``HostCapabilities.probe(settings)`` (the library behind ``wrenbox doctor``)."""
+"""What this host can do: ``HostCapabilities.probe(data_dir, images_dir)``, the library behind
+``wrenbox doctor`` (KVM proved by booting a guest, TSC, device-mapper, reflink, userfaultfd, netns/tap/nft,
+tools) and the backends it chooses."""
 
 from wrenbox.probe.capabilities import Choice, HostCapabilities, Resources, Tool
 from wrenbox.probe.kvm import KvmVerdict

@@ -1,9 +1,13 @@
 """``HostCapabilities``: what this host can do, probed once and shared by every component.
 
-Components never detect features on their own; they call ``HostCapabilities.probe(settings)`` and
-read the verdicts and the chosen backends. The probe result is cached in ``<data_dir>/host/`` for the
-current boot of this host (``/proc/sys/kernel/random/boot_id``) and the installed QEMU; free disk and
-memory are always measured fresh. ``refresh=True`` probes everything again.
+Components never detect features on their own: the composition root (:mod:`wrenbox.service`) calls
+``HostCapabilities.probe(data_dir, images_dir)`` and builds each component from the verdicts and the
+chosen backends (the VMM driver with :func:`wrenbox.vmm.driver_for`, the disks with
+:func:`wrenbox.rootfs.backend_for`), so what ``wrenbox doctor`` prints is what the product runs.
+
+The probe result is cached in ``<data_dir>/host/`` for the current boot of this host
+(``/proc/sys/kernel/random/boot_id``) and the installed QEMU; free disk and memory are always measured
+fresh. ``refresh=True`` probes everything again.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from wrenbox.command import PACKAGE_OF, require_tool
-from wrenbox.config import Settings
 from wrenbox.errors import MissingTool
 from wrenbox.images.initramfs import is_static_executable
 from wrenbox.probe import probes
@@ -27,7 +30,7 @@ from wrenbox.probe.probes import Check, NetworkChecks
 
 __all__ = ["Choice", "HostCapabilities", "Resources", "Tool"]
 
-_FORMAT = 1
+_FORMAT = 2  # 2: vmm is the driver's name (qemu, firecracker); the accelerator is `accel`
 # Host programs and what wrenbox needs each for. Firecracker is not packaged in Debian.
 _TOOLS: tuple[tuple[str, str, bool], ...] = (
     ("qemu-system-x86_64", "virtual machines (QEMU)", True),
@@ -108,21 +111,21 @@ class HostCapabilities(_Model):
         return [t for t in self.tools if t.required and t.path is None]
 
     @classmethod
-    def probe(cls, settings: Settings, *, refresh: bool = False) -> HostCapabilities:
-        """Probe the host (or reuse this boot's cached result) for ``settings.data_dir``."""
-        cache = settings.data_dir / "host" / "capabilities.json"
-        fingerprint = _fingerprint(settings)
-        resources = _resources(settings.data_dir)
+    def probe(cls, data_dir: Path, images_dir: Path, *, refresh: bool = False) -> HostCapabilities:
+        """Probe the host for a data dir (or reuse this boot's cached result); ``images_dir`` is where
+        a guest kernel to prove KVM with may be found."""
+        cache = data_dir / "host" / "capabilities.json"
+        fingerprint = _fingerprint(data_dir, images_dir)
+        resources = _resources(data_dir)
         cached = None if refresh else _load(cache, fingerprint)
         if cached is not None:
             return cached.model_copy(update={"resources": resources})
-        caps = _probe(settings, resources, refresh=refresh)
+        caps = _probe(data_dir, images_dir, resources, refresh=refresh)
         _store(cache, fingerprint, caps)
         return caps
 
 
-def _probe(settings: Settings, resources: Resources, *, refresh: bool) -> HostCapabilities:
-    data_dir = settings.data_dir
+def _probe(data_dir: Path, images_dir: Path, resources: Resources, *, refresh: bool) -> HostCapabilities:
     with contextlib.suppress(OSError):
         data_dir.mkdir(parents=True, exist_ok=True)
     probe_dir = _existing(data_dir)
@@ -135,13 +138,14 @@ def _probe(settings: Settings, resources: Resources, *, refresh: bool) -> HostCa
     kvm = probe_kvm(
         qemu=qemu_path,
         qemu_version=qemu.version if qemu else "",
-        images_dir=settings.images_dir,
+        images_dir=images_dir,
         cache_file=kvm_cache,
     )
     tsc_khz, tsc_source = probes.probe_tsc_khz()
     device_mapper = probes.probe_device_mapper()
     reflink = probes.probe_reflink(probe_dir)
     firecracker = _path_of(tools, "firecracker")
+    vmm = _choose_vmm(qemu, firecracker, kvm)
     return HostCapabilities(
         kernel_release=os.uname().release,
         boot_id=_boot_id(),
@@ -157,20 +161,29 @@ def _probe(settings: Settings, resources: Resources, *, refresh: bool) -> HostCa
         userfaultfd=probes.probe_userfaultfd(),
         network=probes.probe_network(),
         tools=tools,
-        vmm=_choose_vmm(qemu, firecracker, kvm),
-        rootfs=_choose_rootfs(firecracker is not None and kvm.usable, reflink, device_mapper, tools),
+        vmm=vmm,
+        rootfs=_choose_rootfs(vmm.name == "firecracker", reflink, device_mapper, tools),
         resources=resources,
     )
 
 
 def _choose_vmm(qemu: QemuInfo | None, firecracker: str | None, kvm: KvmVerdict) -> Choice:
-    if firecracker and kvm.usable:
-        return Choice(name="firecracker", why=f"{firecracker} is installed and {kvm.detail}")
+    """The VMM driver the product runs (``name`` is a key of :data:`wrenbox.vmm.DRIVERS`).
+
+    Firecracker is never chosen yet: its driver exists, but the host runtime's pause and resume assume
+    QEMU's memory model (the RAM file is the memory), so sandboxes run on QEMU even where Firecracker
+    could; saying so is part of the answer.
+    """
+    unused = (
+        f"; {firecracker} is installed, but wrenbox does not run sandboxes on Firecracker yet"
+        if firecracker
+        else ""
+    )
     if qemu and kvm.usable:
-        return Choice(name="qemu-kvm", why=f"QEMU {qemu.version} with KVM: {kvm.detail}")
+        return Choice(name="qemu", why=f"QEMU {qemu.version} with KVM: {kvm.detail}{unused}")
     if qemu:
-        why = f"KVM cannot run a Linux guest here (see kvm); QEMU {qemu.version} emulates the CPU (TCG)"
-        return Choice(name="qemu-tcg", why=why)
+        why = f"QEMU {qemu.version} emulating the CPU (TCG): KVM cannot run a Linux guest here (see kvm)"
+        return Choice(name="qemu", why=why + unused)
     return Choice(name="none", why="no VMM: install the Debian package qemu-system-x86")
 
 
@@ -226,7 +239,7 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def _fingerprint(settings: Settings) -> list[object]:
+def _fingerprint(data_dir: Path, images_dir: Path) -> list[object]:
     """What a cached probe result must match to be reused: this boot, the tools installed, the data dir,
     the guest kernel KVM would be tried with."""
     tools = [
@@ -234,12 +247,12 @@ def _fingerprint(settings: Settings) -> list[object]:
         for name, *_ in _TOOLS
     ]
     qemu = tools[0]
-    kernel = find_guest_kernel(settings.images_dir)
+    kernel = find_guest_kernel(images_dir)
     return [
         _FORMAT,
         os.uname().release,
         _boot_id(),
-        str(settings.data_dir),
+        str(data_dir),
         tools,
         Path(qemu).stat().st_mtime_ns if qemu else 0,
         str(kernel.resolve()) if kernel else None,

@@ -11,7 +11,7 @@ copy          a sparse copy of the base image (raw)               nothing
 
 The host probe (``wrenbox doctor``) picks the backend name; :func:`backend_for` builds it::
 
-    rootfs = backend_for("reflink", RootfsConfig.from_settings(settings))
+    rootfs = backend_for("reflink", RootfsConfig(disks_dir=data_dir / "disks", image_roots=(...)))
     disk = await rootfs.create(template_image, sandbox_id, size=4 << 30)
     ...                                       # boot the VM on disk.path (disk.format)
     disk = await rootfs.persist(disk)         # on pause; store disk.model_dump_json()

@@ -22,7 +22,7 @@ import stat
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -32,9 +32,6 @@ from wrenbox.fileio import publish, temp_sibling
 from wrenbox.names import validate_name
 from wrenbox.rootfs.sparse import content_digest
 from wrenbox.vmm.base import DiskFormat, Drive
-
-if TYPE_CHECKING:
-    from wrenbox.config import Settings
 
 __all__ = [
     "MAX_DISK_SIZE",
@@ -90,13 +87,6 @@ class RootfsConfig:
             raise InvalidArgument("remove_attempts must be >= 1 and remove_retry_delay >= 0")
         if not self.dm_prefix or "/" in self.dm_prefix or "@" in self.dm_prefix:
             raise InvalidArgument(f"invalid dm_prefix {self.dm_prefix!r}")
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RootfsConfig:
-        return cls(
-            disks_dir=settings.data_dir / "disks",
-            image_roots=(settings.images_dir, settings.templates_dir),
-        )
 
 
 class _Record(BaseModel):

@@ -1,73 +1,121 @@
 """The seam between the sandbox manager and the host: what the manager asks of a runtime.
 
 The manager (:mod:`wrenbox.manager`) decides what may happen and records it; a runtime makes it happen on
-some host — :class:`wrenbox.runtime.host.HostRuntime` with QEMU, disks, network slots and memory
+some host — :class:`wrenbox.runtime.host.HostRuntime` with VMs, disks, network slots and memory
 snapshots, or a fake in the manager's unit tests. Every method that acquires something records it in the
-:class:`~wrenbox.ledger.Ledger` it is given, and ``release`` gives back any one of those resources, so the
-same call serves rollback, destroy, pause and recovery after a crash.
+:class:`~wrenbox.ledger.Ledger` it is given, under a :class:`Resource` key, and ``release`` gives back
+any one of those resources, so the same call serves rollback, destroy, pause and recovery after a crash.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Protocol
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from wrenbox.ledger import Ledger
 from wrenbox.records import SandboxRecord, TemplateRecord
 
-__all__ = ["Runtime"]
+if TYPE_CHECKING:
+    from wrenbox.envd import AsyncEnvdClient
+
+__all__ = ["PERSISTENT", "Inspection", "Resource", "Runtime"]
+
+
+class Resource(enum.StrEnum):
+    """What a sandbox can hold on a host: the keys of its ``resources`` ledger, in the order a start
+    acquires them."""
+
+    SLOT = "slot"  # its network slot (namespace, tap, host IP)
+    DISK = "disk"  # its copy-on-write root disk
+    MEMORY = "memory"  # the file its guest RAM lives in while it runs (on tmpfs by default)
+    VM = "vm"  # the VMM process (pid + start time; ``pause_token`` while a pause is being written)
+    SNAPSHOT = "snapshot"  # its paused state: memory chain (unless paused disk-only) + device state
+    CHECKPOINT = "checkpoint"  # the disk as the snapshot left it, kept while a resumed VM runs
+
+
+PERSISTENT = frozenset({Resource.DISK, Resource.SNAPSHOT})
+"""What a paused sandbox holds; everything else exists only while a VM runs."""
+
+
+@dataclass(frozen=True, slots=True)
+class Inspection:
+    """What recovery needs to know about a sandbox's VM after a restart."""
+
+    vm: Literal["running", "paused", "gone"]  # paused: the vCPUs are stopped
+    pause_committed: bool  # the pause under way when wrenbox stopped had written its snapshot
+    revertible: bool  # giving back what only a live VM holds leaves a consistent paused sandbox
 
 
 class Runtime(Protocol):
     """Host mechanics. Each method records what it acquires in the ledger it is given."""
 
     async def start(self, rec: SandboxRecord, template: TemplateRecord, ledger: Ledger, *, cold: bool) -> str:
-        """Bring up a VM for ``rec`` from ``template`` (restore, or boot its image when ``cold``)."""
+        """Bring up a VM for ``rec`` from ``template`` (restore, or boot its image when ``cold``); returns
+        the sandbox's host IP."""
         ...
 
-    async def pause(self, rec: SandboxRecord, ledger: Ledger) -> None:
-        """Write the running VM to disk and release the VM, its slot and everything else it ran on."""
+    async def pause(self, rec: SandboxRecord, ledger: Ledger, *, memory: bool) -> None:
+        """Write the running sandbox to disk (its memory too, unless ``memory`` is false) and release the
+        VM, its slot and everything else it ran on."""
         ...
 
-    async def resume(self, rec: SandboxRecord, ledger: Ledger) -> str:
-        """Bring a paused sandbox back; returns its new host IP."""
+    async def resume(self, rec: SandboxRecord, ledger: Ledger, *, memory: bool) -> str:
+        """Bring a paused sandbox back (from its memory, or booted from its disk when it was paused
+        without memory or ``memory`` is false); returns its new host IP."""
         ...
 
-    async def snapshot(self, rec: SandboxRecord, dest: Path, ledger: Ledger) -> dict[str, Any]:
-        """Write sandbox ``rec`` as a template into ``dest`` (atomically); a running VM keeps running."""
+    async def snapshot(self, rec: SandboxRecord, name: str, ledger: Ledger) -> TemplateRecord:
+        """Publish sandbox ``rec`` as template ``name``; a running VM keeps running."""
         ...
 
     async def release(self, rec: SandboxRecord, key: str, value: Any) -> None:
         """Give back one resource recorded in ``rec.resources``; idempotent."""
         ...
 
-    async def delete_template(self, template: TemplateRecord) -> None: ...
+    def envd(self, rec: SandboxRecord) -> AsyncEnvdClient:
+        """The guest agent client of a running sandbox (one per sandbox)."""
+        ...
 
-    def envd(self, rec: SandboxRecord) -> Any:
-        """The guest agent client of a running sandbox."""
+    def usage(self, rec: SandboxRecord) -> dict[str, int | float]:
+        """What the sandbox costs the host now (bytes, CPU seconds)."""
+        ...
+
+    # Templates (files; the manager owns their rows).
+
+    def list_templates(self) -> list[TemplateRecord]:
+        """The published templates on this host, described as records."""
+        ...
+
+    async def build_template(
+        self,
+        name: str,
+        *,
+        image: str,
+        vcpus: int,
+        memory_mb: int,
+        on_step: Callable[[str], None] | None = None,
+    ) -> TemplateRecord:
+        """Boot image ``image`` once and publish it as template ``name``."""
+        ...
+
+    async def delete_template(self, name: str) -> None:
+        """Remove template ``name``'s files (idempotent)."""
         ...
 
     # Recovery after a restart (see wrenbox.manager.recovery).
-    persistent: frozenset[str]  # resource keys a paused sandbox keeps
 
-    async def vm_state(self, rec: SandboxRecord) -> str:
-        """``running``, ``paused`` or ``gone``."""
+    async def inspect(self, rec: SandboxRecord) -> Inspection: ...
+
+    async def continue_vm(self, rec: SandboxRecord) -> None:
+        """Continue a VM whose vCPUs are stopped."""
         ...
 
-    async def continue_vm(self, rec: SandboxRecord) -> None: ...
-
-    def pause_committed(self, rec: SandboxRecord) -> bool: ...
-
-    def revertible(self, rec: SandboxRecord) -> bool:
-        """Whether releasing the VM's resources leaves a consistent paused sandbox (disk reverted)."""
+    async def finish_resume(self, rec: SandboxRecord) -> str:
+        """Complete a resume whose VM is up (agent, ``/init``); returns the host IP."""
         ...
 
-    async def finish_resume(self, rec: SandboxRecord) -> str: ...
-
-    async def sweep(self, records: list[SandboxRecord]) -> dict[str, list[str]]: ...
-
-    def host_metrics(self, rec: SandboxRecord) -> dict[str, int | float]: ...
-
-    def template_names(self) -> list[tuple[str, str, int, int]]:
-        """Published templates: (name, path, vcpus, memory MiB)."""
+    async def sweep(self, records: list[SandboxRecord]) -> dict[str, list[str]]:
+        """Remove everything on the host that no record names; say what went."""
         ...

@@ -1,16 +1,16 @@
 """The host runtime: each lifecycle step of a sandbox, done with this machine's parts.
 
-A sandbox holds, in the order it acquires them (the keys of its ``resources`` ledger):
+A sandbox holds the :class:`~wrenbox.runtime.base.Resource` s it acquired (its ledger). Pausing writes
+``snapshot`` and gives back ``vm``, ``memory`` and ``slot``; resuming takes them again from the
+snapshot, which stays: it is the parent the next pause diffs against. Every release is idempotent, so the
+same call serves rollback, destroy, pause and crash recovery (:mod:`.sweep` removes what no record names).
 
-``slot``      its network slot (namespace, tap, host IP)
-``disk``      its copy-on-write root disk (a :class:`wrenbox.rootfs.Disk` record)
-``memory``    the file its guest RAM lives in while it runs (on tmpfs by default)
-``vm``        the VMM process (pid + start time; ``pause_token`` while a pause is being written)
-``snapshot``  its paused state: a compact memory chain + the VMM's device state + a meta file
+A sandbox's files::
 
-Pausing writes ``snapshot`` and gives back ``vm``, ``memory`` and ``slot``; resuming takes them again
-from the snapshot, which stays: it is the parent the next pause diffs against. Every release is
-idempotent, so the same call serves rollback, destroy, pause and crash recovery (:mod:`.recovery`).
+    <sandboxes_dir>/<id>/run/        the VMM's sockets and logs while a VM runs
+    <sandboxes_dir>/<id>/snapshot/   its paused state: sandbox.json, and unless paused disk-only the
+                                     memory chain (memfile.*) and the VMM's device state (vm/)
+    <memory_dir>/<id>.ram            guest RAM while it runs
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,33 +30,34 @@ from typing import Any
 import anyio
 
 from wrenbox import faults
-from wrenbox.envd import AsyncEnvdClient, EnvdConfig
-from wrenbox.envd.config import ENVD_PORT
-from wrenbox.errors import CorruptData, InvalidArgument, NotFound, WrenboxError
+from wrenbox.envd import AsyncEnvdClient
+from wrenbox.errors import Conflict, CorruptData, NotFound, WrenboxError
 from wrenbox.fileio import clone_or_copy
-from wrenbox.images import load_image
+from wrenbox.images import Image, load_image
+from wrenbox.launch import Launcher, Placement, agent_client
 from wrenbox.ledger import Ledger
 from wrenbox.memory.chain import Chain
-from wrenbox.memory.format import HEADER_NAME
+from wrenbox.memory.format import HEADER_NAME, Header
 from wrenbox.memory.process import MemoryConfig, process_diff, process_full
 from wrenbox.memory.writer import SnapshotWriter
 from wrenbox.names import validate_sandbox_id
-from wrenbox.network import Network, NetworkSlot, SlotAllocator
+from wrenbox.network import Network, NetworkSlot
 from wrenbox.pids import ProcessRef
-from wrenbox.records import SandboxRecord, TemplateRecord
-from wrenbox.rootfs import BaseImage, Disk
+from wrenbox.records import SandboxRecord, TemplateRecord, TemplateState
+from wrenbox.rootfs import Disk, RootfsBackend
+from wrenbox.runtime.base import Inspection, Resource
 from wrenbox.runtime.sweep import sweep
-from wrenbox.templates import Placement, Templates, agent_ready
-from wrenbox.templates.store import MEMORY, ROOTFS, SNAPSHOT_DIR
-from wrenbox.templates.vm import netns_path
-from wrenbox.vmm.base import Drive, Machine, MemoryFile, Snapshot, Vm, VmConfig
+from wrenbox.templates import Draft, Template, TemplateBuilder, TemplateStore
+from wrenbox.vmm.base import Snapshot, Vm
 
 __all__ = ["HostRuntime", "RuntimeConfig"]
 
 log = logging.getLogger(__name__)
 
+R = Resource
 VM_STATE = "vm"  # the VMM's snapshot inside a sandbox snapshot directory
 META = "sandbox.json"
+SYNC_TIMEOUT_S = 10.0  # a disk-only pause asks the guest to flush its page cache, if it answers in time
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,22 +65,29 @@ class RuntimeConfig:
     sandboxes_dir: Path
     images_dir: Path
     memory_dir: Path = Path("/dev/shm/wrenbox")
-    ready_timeout_s: float = 30.0
     disk_size_mib: int | None = None  # None: as large as the template's disk
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
 class HostRuntime:
-    """Implements :class:`wrenbox.manager.Runtime` with QEMU (or Firecracker), rootfs disks, network
-    slots and compact memory snapshots."""
+    """Implements :class:`wrenbox.runtime.base.Runtime` with VMs from one launcher, root disks from one
+    rootfs backend, slots from the network's pool and compact memory snapshots."""
 
-    def __init__(self, config: RuntimeConfig, *, network: Network, templates: Templates) -> None:
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        *,
+        network: Network,
+        rootfs: RootfsBackend,
+        launcher: Launcher,
+        templates: TemplateStore,
+    ) -> None:
         self.config = config
         self.network = network
+        self.rootfs = rootfs
+        self.launcher = launcher
         self.templates = templates
-        self.driver = templates.driver
-        self.rootfs = templates.rootfs
-        self.slots = SlotAllocator(network.config.capacity)
+        self.builder = TemplateBuilder(templates, launcher=launcher, rootfs=rootfs, network=network)
         self._vms: dict[str, Vm] = {}
         self._clients: dict[str, AsyncEnvdClient] = {}
         config.sandboxes_dir.mkdir(parents=True, exist_ok=True)
@@ -101,50 +110,59 @@ class HostRuntime:
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     async def start(self, rec: SandboxRecord, template: TemplateRecord, ledger: Ledger, *, cold: bool) -> str:
-        tpl = self.templates.store.get(template.name)
+        tpl = self.templates.get(template.name)
         rec.access_token = rec.access_token or secrets.token_urlsafe(24)
         self.sandbox_dir(rec.id).mkdir(parents=True, exist_ok=True)
         slot = await self._take_slot(ledger)
         faults.point("create.slot")
         size = None if self.config.disk_size_mib is None else self.config.disk_size_mib << 20
         disk = await self.rootfs.create(tpl.rootfs_image(), rec.id, size)
-        ledger.hold("disk", _dump(disk))
+        ledger.hold(R.DISK, disk.model_dump(mode="json"))
         faults.point("create.disk")
         ram = self.ram_file(rec.id)
-        ledger.hold("memory", str(ram))
-        placement = Placement(self.run_dir(rec.id), Drive(disk.path, disk.format), slot, ram)
+        ledger.hold(R.MEMORY, str(ram))
+        placement = self._placement(rec, disk, slot)
+        # A template made from a sandbox carries that sandbox's agent token; the first /init rotates it.
+        agent = self._new_client(rec, slot, token=None if cold else tpl.manifest.agent_token)
         if cold:
-            image = load_image(self.config.images_dir, tpl.manifest.image)
-            vm = await self.templates.boot(image, tpl.machine(placement.disk), placement)
+            vm = await self._boot(rec, placement, self._image(tpl))
         else:
-            vm = await self.templates.start(tpl, placement, init=False)
+            await anyio.to_thread.run_sync(tpl.copy_memory, ram)
+            vm = await self.launcher.restore(
+                placement, tpl.snapshot(), vcpus=rec.vcpus, memory_mib=rec.memory_mb, agent=agent
+            )
         self._adopted(rec, vm, ledger)
         faults.point("create.vm")
-        # A template made from a sandbox carries that sandbox's agent token; the first /init rotates it.
-        await self._init_agent(rec, slot, current_token=template.manifest.get("agent_token"))
+        await self._init_agent(rec)
         faults.point("create.init")
         return str(slot.host_ip)
 
-    async def pause(self, rec: SandboxRecord, ledger: Ledger) -> None:
+    async def pause(self, rec: SandboxRecord, ledger: Ledger, *, memory: bool) -> None:
         vm = self._vm(rec)
+        if not memory:
+            await self._sync_guest(rec)
         snap_dir = self.snapshot_dir(rec.id)
         token = secrets.token_hex(8)
-        ledger.update("vm", {**rec.resources["vm"], "pause_token": token})
+        ledger.update(R.VM, {**rec.resources[R.VM], "pause_token": token})
         await self._close_client(rec.id)
         t0 = time.monotonic()
         with SnapshotWriter(snap_dir, replace=True) as writer:
             ledger.on_failure("continue the VM", vm.resume)
             faults.point("pause.stop")
-            (writer.path / VM_STATE).mkdir()
-            await vm.snapshot(writer.path / VM_STATE)
-            faults.point("pause.vmstate")
-            await anyio.to_thread.run_sync(self._write_memory, rec.id, snap_dir, writer.path)
-            faults.point("pause.memory")
+            if memory:
+                (writer.path / VM_STATE).mkdir()
+                await vm.snapshot(writer.path / VM_STATE)
+                faults.point("pause.vmstate")
+                await anyio.to_thread.run_sync(self._write_memory, rec.id, snap_dir, writer.path)
+                faults.point("pause.memory")
+            else:
+                await vm.pause()  # QEMU flushes its disk caches when it stops the vCPUs
             disk = await self.rootfs.persist(self._disk(rec))
-            ledger.update("disk", _dump(disk))
-            _write_json(writer.path / META, {"pause_token": token, "paused_at": time.time()})
-            if "snapshot" not in rec.resources:  # a later pause never gives back the last good one
-                ledger.hold("snapshot", str(snap_dir))
+            ledger.update(R.DISK, disk.model_dump(mode="json"))
+            meta = {"pause_token": token, "paused_at": time.time(), "memory": memory}
+            (writer.path / META).write_text(json.dumps(meta))
+            if R.SNAPSHOT not in rec.resources:  # a later pause never gives back the last good one
+                ledger.hold(R.SNAPSHOT, str(snap_dir))
             writer.commit()
         faults.point("pause.committed")
         ledger.commit()
@@ -153,115 +171,197 @@ class HostRuntime:
         # cancellation here would leave a half-destroyed VM under a sandbox that is neither paused nor
         # running.
         with anyio.CancelScope(shield=True):
-            for key in ("vm", "memory", "slot", "checkpoint"):  # the checkpoint is superseded: dropped
+            for key in (R.VM, R.MEMORY, R.SLOT, R.CHECKPOINT):  # the checkpoint is superseded: dropped
                 try:
                     await ledger.release(key)
                 except Exception as exc:
                     log.error("sandbox %s paused, but its %s could not be released: %s", rec.id, key, exc)
                     ledger.leftovers.append(key)
 
-    async def resume(self, rec: SandboxRecord, ledger: Ledger) -> str:
+    async def resume(self, rec: SandboxRecord, ledger: Ledger, *, memory: bool) -> str:
         snap_dir = self.snapshot_dir(rec.id)
-        snapshot = Snapshot.load(snap_dir / VM_STATE)
+        meta = self._snapshot_meta(rec.id)
+        if meta is None:
+            raise CorruptData(f"sandbox {rec.id} is paused but has no snapshot in {snap_dir}")
+        warm = memory and meta.get("memory", True)
+        snapshot = Snapshot.load(snap_dir / VM_STATE) if warm else None
+        image = None if warm else self._image(self.templates.get(rec.template))
         disk = await self.rootfs.restore(self._disk(rec))
-        ledger.update("disk", _dump(disk))
+        ledger.update(R.DISK, disk.model_dump(mode="json"))
         # The VM writes to its disk as soon as it runs: a resume that fails after that (or a host that
         # dies before the next pause) must put the disk back where this snapshot left it.
         await self.rootfs.checkpoint(disk)
-        ledger.hold("checkpoint", {"snapshot": self._snapshot_token(rec.id)})
+        ledger.hold(R.CHECKPOINT, {"snapshot": meta.get("pause_token")})
         faults.point("resume.disk")
         slot = await self._take_slot(ledger)
         faults.point("resume.slot")
         ram = self.ram_file(rec.id)
-        ledger.hold("memory", str(ram))
-        await anyio.to_thread.run_sync(_materialize, snap_dir, ram)
-        faults.point("resume.memory")
-        vm = await self.driver.restore(self.vm_config(rec, disk, slot), snapshot)
+        ledger.hold(R.MEMORY, str(ram))
+        placement = self._placement(rec, disk, slot)
+        agent = self._new_client(rec, slot)
+        if snapshot is not None:
+            await anyio.to_thread.run_sync(_materialize, snap_dir, ram)
+            faults.point("resume.memory")
+            vm = await self.launcher.restore(
+                placement, snapshot, vcpus=rec.vcpus, memory_mib=rec.memory_mb, agent=agent
+            )
+        else:
+            assert image is not None
+            vm = await self._boot(rec, placement, image)
         self._adopted(rec, vm, ledger)
         faults.point("resume.vm")
-        await agent_ready(vm, slot, timeout=self.config.ready_timeout_s, init=False)
-        await self._init_agent(rec, slot)
+        await self._init_agent(rec)
         faults.point("resume.init")
         return str(slot.host_ip)
 
-    async def snapshot(self, rec: SandboxRecord, dest: Path, ledger: Ledger) -> dict[str, Any]:
-        """Template ``dest.name`` from a running sandbox (it keeps running) or a paused one."""
-        parent = self.templates.store.get(rec.template)
-        if dest.parent != self.templates.store.root:
-            raise InvalidArgument(f"templates live in {self.templates.store.root}, not {dest.parent}")
-        build = self.templates.store.root / f".build-{dest.name}-{secrets.token_hex(4)}"
-        build.mkdir(parents=True)
-        timings: dict[str, float] = {}
-        t0 = time.monotonic()
-        try:
-            (build / SNAPSHOT_DIR).mkdir()
-            if "vm" in rec.resources:
-                vm_snapshot, base = await self._snapshot_running(rec, build)
-            else:
-                vm_snapshot, base = await self._snapshot_paused(rec, build)
-            faults.point("snapshot.write")
-            timings["write"] = round(time.monotonic() - t0, 3)
-            tpl = await self.templates.publish_derived(
-                dest.name, build, parent, base=base, snapshot=vm_snapshot, timings=timings
+    async def snapshot(self, rec: SandboxRecord, name: str, ledger: Ledger) -> TemplateRecord:
+        """Template ``name`` from a running sandbox (it keeps running) or a paused one."""
+        parent = self.templates.get(rec.template)
+        running = R.VM in rec.resources
+        if not running and not (self._snapshot_meta(rec.id) or {}).get("memory", True):
+            raise Conflict(
+                f"sandbox {rec.id} was paused without its memory; resume it to snapshot it into a template"
             )
-        finally:
-            shutil.rmtree(build, ignore_errors=True)
-        # The agent in the template's memory still holds this sandbox's token: children need it once.
-        return {"size_bytes": _allocated(tpl.path), "parent": parent.name, "agent_token": rec.access_token}
+        t0 = time.monotonic()
+        async with self.templates.derive(name, parent, source=rec.id) as draft:
+            if running:
+                await self._snapshot_running(rec, draft)
+            else:
+                await self._snapshot_paused(rec, draft)
+            faults.point("snapshot.write")
+            draft.timings["write"] = round(time.monotonic() - t0, 3)
+            # The agent in the template's memory still holds this sandbox's token: children need it once.
+            draft.agent_token = rec.access_token
+        assert draft.template is not None
+        return _template_record(draft.template)
 
     async def release(self, rec: SandboxRecord, key: str, value: Any) -> None:
-        if key == "slot":
-            slot = NetworkSlot.from_dict(value)
-            await self.network.remove(slot)
-            self.slots.release(slot.index)
-        elif key == "disk":
-            await self.rootfs.remove(Disk.model_validate(value))
-        elif key == "memory":
-            self.ram_file(rec.id).unlink(missing_ok=True)
-        elif key == "vm":
-            await self._destroy_vm(rec, value)
-        elif key == "snapshot":
-            await anyio.to_thread.run_sync(_rmtree, self.snapshot_dir(rec.id))
-        elif key == "checkpoint":
-            await self._settle_checkpoint(rec, value)
-        else:
+        releasers: dict[str, Callable[[SandboxRecord, Any], Any]] = {
+            R.SLOT: self._release_slot,
+            R.DISK: self._release_disk,
+            R.MEMORY: self._release_memory,
+            R.VM: self._destroy_vm,
+            R.SNAPSHOT: self._release_snapshot,
+            R.CHECKPOINT: self._settle_checkpoint,
+        }
+        releaser = releasers.get(key)
+        if releaser is None:
             raise CorruptData(f"sandbox {rec.id} records an unknown resource {key!r}")
+        await releaser(rec, value)
         if not rec.resources.keys() - {key}:
             await anyio.to_thread.run_sync(_rmtree, self.sandbox_dir(rec.id))
 
-    async def delete_template(self, template: TemplateRecord) -> None:
-        with contextlib.suppress(NotFound):  # already gone: deleting is idempotent
-            await anyio.to_thread.run_sync(self.templates.store.delete, template.name)
-
     def envd(self, rec: SandboxRecord) -> AsyncEnvdClient:
         client = self._clients.get(rec.id)
-        if client is None:
+        if client is None:  # a sandbox adopted after a restart
             if rec.host_ip is None:
                 raise NotFound(f"sandbox {rec.id} has no address")
-            client = self._client(rec, rec.host_ip)
+            slot = NetworkSlot.from_dict(rec.resources[R.SLOT])
+            client = self._new_client(rec, slot)
         return client
 
-    def host_metrics(self, rec: SandboxRecord) -> dict[str, int | float]:
-        """What the sandbox costs the host: VMM memory and CPU (while running), disk and snapshot bytes."""
+    def usage(self, rec: SandboxRecord) -> dict[str, int | float]:
+        """What the sandbox costs the host: VMM memory and CPU (while running), its RAM file, disk and
+        snapshot bytes, and for a paused sandbox how much guest memory its snapshot holds."""
         out: dict[str, int | float] = {}
-        if "disk" in rec.resources:
+        if R.DISK in rec.resources:
             out["disk_bytes"] = _allocated_file(self._disk(rec).store)
-        if "snapshot" in rec.resources:
-            out["snapshot_bytes"] = _allocated(self.snapshot_dir(rec.id))
-        if "memory" in rec.resources:
+        if R.SNAPSHOT in rec.resources:
+            snap_dir = self.snapshot_dir(rec.id)
+            out["snapshot_bytes"] = _allocated(snap_dir)
+            header = snap_dir / HEADER_NAME
+            if header.exists():
+                out["snapshot_memory_file_bytes"] = sum(
+                    _allocated_file(p) for p in snap_dir.glob("memfile*") if p.name != HEADER_NAME
+                )
+                out["snapshot_memory_bytes"] = sum(
+                    m.length for m in Header.read(header).mappings if not m.is_zero
+                )
+        if R.MEMORY in rec.resources:
             out["ram_file_bytes"] = _allocated_file(self.ram_file(rec.id))
-        vm = self.adopt(rec) if "vm" in rec.resources else None
+        vm = self._adopt(rec) if R.VM in rec.resources else None
         if vm is not None:
             out.update(_process_usage(vm.pid))
         return out
 
-    # -- recovery after a restart (see wrenbox.manager.recovery) ---------------------------------------
+    # -- templates ---------------------------------------------------------------------------------------
 
-    persistent = frozenset({"disk", "snapshot"})  # what a paused sandbox holds
+    def list_templates(self) -> list[TemplateRecord]:
+        return [_template_record(t) for t in self.templates.list()]
 
-    async def vm_state(self, rec: SandboxRecord) -> str:
-        """``running``, ``paused`` (vCPUs stopped) or ``gone`` for the VM on record."""
-        vm = self.adopt(rec)
+    async def build_template(
+        self,
+        name: str,
+        *,
+        image: str,
+        vcpus: int,
+        memory_mb: int,
+        on_step: Callable[[str], None] | None = None,
+    ) -> TemplateRecord:
+        built = await self.builder.build(
+            name,
+            load_image(self.config.images_dir, image),
+            vcpus=vcpus,
+            memory_mib=memory_mb,
+            on_step=on_step,
+        )
+        return _template_record(built)
+
+    async def delete_template(self, name: str) -> None:
+        with contextlib.suppress(NotFound):  # already gone: deleting is idempotent
+            await anyio.to_thread.run_sync(self.templates.delete, name)
+
+    # -- recovery after a restart (see wrenbox.manager.recovery) -----------------------------------------
+
+    async def inspect(self, rec: SandboxRecord) -> Inspection:
+        pause_token = rec.resources.get(R.VM, {}).get("pause_token")
+        on_disk = (self._snapshot_meta(rec.id) or {}).get("pause_token")
+        held = rec.resources.get(R.CHECKPOINT)
+        return Inspection(
+            vm=await self._vm_state(rec),
+            pause_committed=pause_token is not None and pause_token == on_disk,
+            # The disk has a checkpoint taken for the snapshot on disk, which releasing it reverts to.
+            revertible=held is not None and on_disk is not None and held.get("snapshot") == on_disk,
+        )
+
+    async def continue_vm(self, rec: SandboxRecord) -> None:
+        await self._vm(rec).resume()
+
+    async def finish_resume(self, rec: SandboxRecord) -> str:
+        vm = self._vm(rec)
+        slot = NetworkSlot.from_dict(rec.resources[R.SLOT])
+        await self.launcher.wait_for_agent(vm, self._new_client(rec, slot))
+        await self._init_agent(rec)
+        return str(slot.host_ip)
+
+    async def sweep(self, records: list[SandboxRecord]) -> dict[str, list[str]]:
+        return await sweep(self, records)
+
+    # -- helpers -----------------------------------------------------------------------------------------
+
+    def _placement(self, rec: SandboxRecord, disk: Disk, slot: NetworkSlot) -> Placement:
+        return Placement(self.run_dir(rec.id), disk.drive(), slot, self.ram_file(rec.id))
+
+    def _image(self, tpl: Template) -> Image:
+        """The image a template was built from, to cold-boot its sandboxes."""
+        image = load_image(self.config.images_dir, tpl.manifest.image)
+        if image.manifest.kernel.release != tpl.manifest.kernel_release:
+            log.warning(
+                "template %s was built on kernel %s; image %s now has %s",
+                tpl.name,
+                tpl.manifest.kernel_release,
+                image.name,
+                image.manifest.kernel.release,
+            )
+        return image
+
+    async def _boot(self, rec: SandboxRecord, placement: Placement, image: Image) -> Vm:
+        return await self.launcher.boot(
+            placement, image, vcpus=rec.vcpus, memory_mib=rec.memory_mb, agent=self._clients[rec.id]
+        )
+
+    async def _vm_state(self, rec: SandboxRecord) -> str:
+        vm = self._adopt(rec)
         if vm is None:
             return "gone"
         try:
@@ -271,129 +371,91 @@ class HostRuntime:
             return "gone"
         return "running" if status == "running" else "paused"
 
-    async def continue_vm(self, rec: SandboxRecord) -> None:
-        await self._vm(rec).resume()
-
-    def revertible(self, rec: SandboxRecord) -> bool:
-        """Whether giving back what only a live VM holds leaves a consistent paused sandbox: its disk
-        has a checkpoint taken for the snapshot on disk, which releasing the checkpoint reverts to."""
-        held = rec.resources.get("checkpoint")
-        token = self._snapshot_token(rec.id)
-        return held is not None and token is not None and held.get("snapshot") == token
-
-    def pause_committed(self, rec: SandboxRecord) -> bool:
-        """Whether the pause that was under way when wrenbox stopped had written its snapshot."""
-        token = rec.resources.get("vm", {}).get("pause_token")
-        return token is not None and self._snapshot_token(rec.id) == token
-
-    def _snapshot_token(self, sandbox_id: str) -> str | None:
-        """The token of the snapshot on disk (each pause writes a new one), None if there is none."""
-        try:
-            meta = json.loads((self.snapshot_dir(sandbox_id) / META).read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        return meta.get("pause_token")
-
-    async def _settle_checkpoint(self, rec: SandboxRecord, value: dict[str, Any]) -> None:
-        """Revert the disk if the snapshot the checkpoint was taken for is still the one on disk (the
-        sandbox goes back to it); drop the checkpoint if a later pause superseded that snapshot."""
-        if "disk" not in rec.resources:
-            return
-        disk = self._disk(rec)
-        if value.get("snapshot") is not None and value.get("snapshot") == self._snapshot_token(rec.id):
-            await self.rootfs.revert(disk)
-        else:
-            await self.rootfs.drop_checkpoint(disk)
-
-    async def finish_resume(self, rec: SandboxRecord) -> str:
-        """Complete a resume whose VM is up: wait for the agent, then ``/init`` it."""
-        vm = self._vm(rec)
-        slot = NetworkSlot.from_dict(rec.resources["slot"])
-        await agent_ready(vm, slot, timeout=self.config.ready_timeout_s, init=False)
-        await self._init_agent(rec, slot)
-        return str(slot.host_ip)
-
-    async def sweep(self, records: list[SandboxRecord]) -> dict[str, list[str]]:
-        for rec in records:
-            if "slot" in rec.resources:
-                index = NetworkSlot.from_dict(rec.resources["slot"]).index
-                if index not in self.slots.in_use():
-                    self.slots.reserve(index)
-        return await sweep(self, records)
-
-    def template_names(self) -> list[tuple[str, str, int, int]]:
-        """Published templates on disk: (name, path, vcpus, memory MiB)."""
-        return [
-            (t.name, str(t.path), t.manifest.vcpus, t.manifest.memory_mib)
-            for t in self.templates.store.list()
-        ]
-
-    # -- helpers -----------------------------------------------------------------------------------------
-
-    def vm_config(self, rec: SandboxRecord, disk: Disk, slot: NetworkSlot) -> VmConfig:
-        machine = Machine(vcpus=rec.vcpus, memory_mib=rec.memory_mb, drives=(Drive(disk.path, disk.format),))
-        return VmConfig(
-            machine=machine,
-            memory=MemoryFile(self.ram_file(rec.id)),
-            run_dir=self.run_dir(rec.id),
-            netns=netns_path(slot),
-        )
-
-    def adopt(self, rec: SandboxRecord) -> Vm | None:
+    def _adopt(self, rec: SandboxRecord) -> Vm | None:
         """A handle on the sandbox's VM process if it is still alive (after a manager restart)."""
         if rec.id in self._vms:
             return self._vms[rec.id]
-        value = rec.resources.get("vm")
-        if value is None or "slot" not in rec.resources or "disk" not in rec.resources:
+        value = rec.resources.get(R.VM)
+        if value is None or R.SLOT not in rec.resources or R.DISK not in rec.resources:
             return None
         process = ProcessRef(int(value["pid"]), int(value["start_time"]))
         if not process.alive():
             return None
-        slot = NetworkSlot.from_dict(rec.resources["slot"])
-        vm = self.driver.adopt(self.vm_config(rec, self._disk(rec), slot), process)
+        placement = self._placement(rec, self._disk(rec), NetworkSlot.from_dict(rec.resources[R.SLOT]))
+        vm = self.launcher.adopt(placement, process, vcpus=rec.vcpus, memory_mib=rec.memory_mb)
         self._vms[rec.id] = vm
         return vm
 
-    async def _take_slot(self, ledger: Ledger) -> NetworkSlot:
-        slot = self.network.slot(self.slots.allocate())
-        ledger.hold("slot", slot.to_dict())
-        await self.network.create(slot)
-        return slot
-
-    def _adopted(self, rec: SandboxRecord, vm: Vm, ledger: Ledger) -> None:
-        self._vms[rec.id] = vm
-        ledger.hold("vm", {"pid": vm.process.pid, "start_time": vm.process.start_time})
-
     def _vm(self, rec: SandboxRecord) -> Vm:
-        vm = self.adopt(rec)
+        vm = self._adopt(rec)
         if vm is None:
             raise NotFound(f"sandbox {rec.id} has no running VM")
         return vm
 
     def _disk(self, rec: SandboxRecord) -> Disk:
         try:
-            return Disk.model_validate(rec.resources["disk"])
+            return Disk.model_validate(rec.resources[R.DISK])
         except KeyError:
             raise CorruptData(f"sandbox {rec.id} has no disk on record") from None
 
-    def _client(self, rec: SandboxRecord, host_ip: str, *, token: str | None = None) -> AsyncEnvdClient:
-        config = EnvdConfig(base_url=f"http://{host_ip}:{ENVD_PORT}", access_token=token or rec.access_token)
-        client = self._clients[rec.id] = AsyncEnvdClient(config)
+    def _snapshot_meta(self, sandbox_id: str) -> dict[str, Any] | None:
+        """The snapshot on disk (each pause writes a new one, with a new token), None if there is none."""
+        try:
+            return json.loads((self.snapshot_dir(sandbox_id) / META).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    async def _take_slot(self, ledger: Ledger) -> NetworkSlot:
+        slot = self.network.reserve()
+        ledger.hold(R.SLOT, slot.to_dict())  # written down before it exists: a crash leaves a known slot
+        await self.network.create(slot)
+        return slot
+
+    def _adopted(self, rec: SandboxRecord, vm: Vm, ledger: Ledger) -> None:
+        self._vms[rec.id] = vm
+        ledger.hold(R.VM, {"pid": vm.process.pid, "start_time": vm.process.start_time})
+
+    def _new_client(
+        self, rec: SandboxRecord, slot: NetworkSlot, *, token: str | None = None
+    ) -> AsyncEnvdClient:
+        """The sandbox's one agent client from now on (a previous one is dropped unclosed only when it
+        was already closed: callers close it first)."""
+        client = self._clients[rec.id] = agent_client(slot, token or rec.access_token)
         return client
 
-    async def _init_agent(
-        self, rec: SandboxRecord, slot: NetworkSlot, *, current_token: str | None = None
-    ) -> None:
+    async def _init_agent(self, rec: SandboxRecord) -> None:
         """Every start and resume: set the guest clock, reseed its CRNG, (re)state token and env."""
-        await self._close_client(rec.id)
-        client = self._client(rec, str(slot.host_ip), token=current_token)
-        await client.init(env_vars=rec.env, access_token=rec.access_token)
+        await self._clients[rec.id].init(env_vars=rec.env, access_token=rec.access_token)
+
+    async def _sync_guest(self, rec: SandboxRecord) -> None:
+        """Ask the guest to write its dirty page cache to its disk (before a pause that keeps only the
+        disk). A guest that does not answer in time is paused anyway: the disk is then as after a power
+        cut, which its journal recovers from."""
+        try:
+            with anyio.fail_after(SYNC_TIMEOUT_S):
+                await self.envd(rec).processes.exec(["sync"], user="root", timeout=SYNC_TIMEOUT_S)
+        except (WrenboxError, TimeoutError) as exc:
+            log.warning("sandbox %s: the guest did not sync its disk before the pause: %s", rec.id, exc)
 
     async def _close_client(self, sandbox_id: str) -> None:
         client = self._clients.pop(sandbox_id, None)
         if client is not None:
             with anyio.CancelScope(shield=True):
                 await client.aclose()
+
+    # -- releases ----------------------------------------------------------------------------------------
+
+    async def _release_slot(self, rec: SandboxRecord, value: Any) -> None:
+        await self.network.give_back(NetworkSlot.from_dict(value))
+
+    async def _release_disk(self, rec: SandboxRecord, value: Any) -> None:
+        await self.rootfs.remove(Disk.model_validate(value))
+
+    async def _release_memory(self, rec: SandboxRecord, value: Any) -> None:
+        self.ram_file(rec.id).unlink(missing_ok=True)
+
+    async def _release_snapshot(self, rec: SandboxRecord, value: Any) -> None:
+        await anyio.to_thread.run_sync(_rmtree, self.snapshot_dir(rec.id))
 
     async def _destroy_vm(self, rec: SandboxRecord, value: dict[str, Any]) -> None:
         await self._close_client(rec.id)
@@ -405,6 +467,20 @@ class HostRuntime:
             await vm.destroy()
         await anyio.to_thread.run_sync(_rmtree, self.run_dir(rec.id))
 
+    async def _settle_checkpoint(self, rec: SandboxRecord, value: dict[str, Any]) -> None:
+        """Revert the disk if the snapshot the checkpoint was taken for is still the one on disk (the
+        sandbox goes back to it); drop the checkpoint if a later pause superseded that snapshot."""
+        if R.DISK not in rec.resources:
+            return
+        disk = self._disk(rec)
+        on_disk = (self._snapshot_meta(rec.id) or {}).get("pause_token")
+        if value.get("snapshot") is not None and value.get("snapshot") == on_disk:
+            await self.rootfs.revert(disk)
+        else:
+            await self.rootfs.drop_checkpoint(disk)
+
+    # -- memory and templates ----------------------------------------------------------------------------
+
     def _write_memory(self, sandbox_id: str, snap_dir: Path, out: Path) -> None:
         """The RAM file as a compact chain in ``out``: a diff against the last pause, or Full."""
         ram = self.ram_file(sandbox_id)
@@ -414,42 +490,48 @@ class HostRuntime:
         else:
             process_full(ram, out)
 
-    async def _snapshot_running(self, rec: SandboxRecord, build: Path) -> tuple[Snapshot, BaseImage]:
+    async def _snapshot_running(self, rec: SandboxRecord, draft: Draft) -> None:
         """Fork: stop the VM, copy its state, RAM and disk, continue it."""
         vm = self._vm(rec)
         try:
-            snapshot = await vm.snapshot(build / SNAPSHOT_DIR)
-            await anyio.to_thread.run_sync(clone_or_copy, self.ram_file(rec.id), build / MEMORY)
-            base = await self.rootfs.flatten(self._disk(rec), build / ROOTFS)
+            await vm.snapshot(draft.snapshot_dir)
+            await anyio.to_thread.run_sync(clone_or_copy, self.ram_file(rec.id), draft.memory)
+            draft.rootfs_image = await self.rootfs.flatten(self._disk(rec), draft.rootfs)
         finally:
             with anyio.CancelScope(shield=True):
                 await vm.resume()
-        return snapshot, base
 
-    async def _snapshot_paused(self, rec: SandboxRecord, build: Path) -> tuple[Snapshot, BaseImage]:
+    async def _snapshot_paused(self, rec: SandboxRecord, draft: Draft) -> None:
         snap_dir = self.snapshot_dir(rec.id)
 
         def copy() -> None:
             for item in (snap_dir / VM_STATE).iterdir():
-                shutil.copy2(item, build / SNAPSHOT_DIR / item.name)
-            _materialize(snap_dir, build / MEMORY)
+                shutil.copy2(item, draft.snapshot_dir / item.name)
+            _materialize(snap_dir, draft.memory)
 
         await anyio.to_thread.run_sync(copy)
-        base = await self.rootfs.flatten(self._disk(rec), build / ROOTFS)
-        return Snapshot.load(build / SNAPSHOT_DIR), base
+        draft.rootfs_image = await self.rootfs.flatten(self._disk(rec), draft.rootfs)
 
 
-def _dump(disk: Disk) -> dict[str, Any]:
-    return disk.model_dump(mode="json")
+def _template_record(tpl: Template) -> TemplateRecord:
+    m = tpl.manifest
+    return TemplateRecord(
+        name=tpl.name,
+        kind="base" if m.parent is None else "snapshot",
+        path=str(tpl.path),
+        vcpus=m.vcpus,
+        memory_mb=m.memory_mib,
+        state=TemplateState.READY,
+        source=m.source or m.image,
+        parent=m.parent,
+        size_bytes=tpl.size_bytes(),
+        created_at=m.created_at.timestamp(),
+    )
 
 
 def _materialize(snap_dir: Path, dest: Path) -> None:
     with Chain.open(snap_dir) as chain:  # verifies every diff file's checksum: never serve corruption
         chain.materialize(dest)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data))
 
 
 def _rmtree(path: Path) -> None:

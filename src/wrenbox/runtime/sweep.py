@@ -25,6 +25,7 @@ from wrenbox.network import NetworkSlot
 from wrenbox.pids import ProcessRef
 from wrenbox.records import SandboxRecord
 from wrenbox.rootfs import Disk
+from wrenbox.runtime.base import Resource as R
 
 if TYPE_CHECKING:
     from wrenbox.runtime.host import HostRuntime
@@ -55,22 +56,24 @@ async def sweep(runtime: HostRuntime, records: list[SandboxRecord]) -> dict[str,
     """Remove every host object of this data dir that ``records`` do not name; report what went."""
     report: dict[str, list[str]] = {}
     vms = {
-        ProcessRef(int(r.resources["vm"]["pid"]), int(r.resources["vm"]["start_time"]))
+        ProcessRef(int(r.resources[R.VM]["pid"]), int(r.resources[R.VM]["start_time"]))
         for r in records
-        if "vm" in r.resources
+        if R.VM in r.resources
     }
-    roots = [runtime.config.sandboxes_dir, runtime.templates.store.root]
+    roots = [runtime.config.sandboxes_dir, runtime.templates.root]
     stray = [p for p in our_processes(roots) if p not in vms]
     for process in stray:
         await anyio.to_thread.run_sync(process.terminate, 5.0)
     report["processes"] = [str(p.pid) for p in stray]
 
-    slots = {NetworkSlot.from_dict(r.resources["slot"]).index for r in records if "slot" in r.resources}
-    report["slots"] = [str(i) for i in await runtime.network.reclaim(slots)]
-    disks = [Disk.model_validate(r.resources["disk"]) for r in records if "disk" in r.resources]
+    runtime.network.adopt(
+        NetworkSlot.from_dict(r.resources[R.SLOT]).index for r in records if R.SLOT in r.resources
+    )
+    report["slots"] = [str(i) for i in await runtime.network.reclaim()]
+    disks = [Disk.model_validate(r.resources[R.DISK]) for r in records if R.DISK in r.resources]
     report["disks"] = await runtime.rootfs.reclaim(disks)
     report["files"] = await anyio.to_thread.run_sync(_sweep_files, runtime, records)
-    report["templates"] = await anyio.to_thread.run_sync(runtime.templates.store.reclaim)
+    report["templates"] = await anyio.to_thread.run_sync(runtime.templates.reclaim)
     found = {k: v for k, v in report.items() if v}
     if found:
         log.warning("reclaimed what a previous run left behind: %s", found)
@@ -80,7 +83,7 @@ async def sweep(runtime: HostRuntime, records: list[SandboxRecord]) -> dict[str,
 def _sweep_files(runtime: HostRuntime, records: list[SandboxRecord]) -> list[str]:
     removed: list[str] = []
     holding = {r.id: r for r in records if r.resources}
-    memory = {runtime.ram_file(r.id) for r in holding.values() if "memory" in r.resources}
+    memory = {runtime.ram_file(r.id) for r in holding.values() if R.MEMORY in r.resources}
     for path in runtime.config.memory_dir.glob("*"):
         if path not in memory:
             path.unlink(missing_ok=True)
@@ -92,7 +95,7 @@ def _sweep_files(runtime: HostRuntime, records: list[SandboxRecord]) -> list[str
             removed.append(str(path))
             continue
         removed += [str(p) for p in writer.reclaim(runtime.snapshot_dir(rec.id))]
-        if "vm" not in rec.resources and runtime.run_dir(rec.id).exists():
+        if R.VM not in rec.resources and runtime.run_dir(rec.id).exists():
             shutil.rmtree(runtime.run_dir(rec.id), ignore_errors=True)
             removed.append(str(runtime.run_dir(rec.id)))
     return removed

@@ -1,66 +1,39 @@
-"""The template store: build, publish, list, delete, and start VMs from templates (see the package doc)."""
+"""Template directories: reading, publishing (through drafts), deleting, and reclaiming what a crash left.
+
+A template is written as a :class:`Draft` under a temporary name and published in one rename when the
+``draft``/``derive`` block succeeds; nothing else in wrenbox knows a template's file names.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import logging
-import os
 import secrets
 import shutil
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from wrenbox.errors import AlreadyExists, CorruptData, NotFound
-from wrenbox.fileio import clone_or_copy
-from wrenbox.images import Image, guest_kernel_args
+from wrenbox.errors import AlreadyExists, CorruptData, InvalidArgument, NotFound
+from wrenbox.fileio import clone_or_copy, fsync_path, publish
+from wrenbox.images import Image
 from wrenbox.names import validate_name
-from wrenbox.network import GATEWAY_IP, GUEST_IP, GUEST_NETWORK, NetworkSlot
-from wrenbox.rollback import Rollback
-from wrenbox.rootfs import BaseImage, RootfsBackend
-from wrenbox.templates.vm import agent_client, agent_ready, netns_path
-from wrenbox.vmm.base import Drive, Driver, Kernel, Machine, MemoryFile, Snapshot, Vm, VmConfig
+from wrenbox.rootfs import BaseImage
+from wrenbox.vmm.base import Snapshot
 
-if TYPE_CHECKING:
-    from wrenbox.config import Settings
-
-__all__ = ["Placement", "Template", "TemplateConfig", "TemplateManifest", "TemplateStore", "Templates"]
-
-log = logging.getLogger(__name__)
+__all__ = ["Draft", "Template", "TemplateManifest", "TemplateStore"]
 
 MANIFEST = "manifest.json"
 SNAPSHOT_DIR = "snapshot"
 MEMORY = "memory"
 ROOTFS = "rootfs.ext4"
-WARM_UP = (["true"], ["/bin/sh", "-c", "true"], ["python3", "-c", "pass"])
-
-
-@dataclass(frozen=True, slots=True)
-class TemplateConfig:
-    templates_dir: Path
-    vcpus: int = 1
-    memory_mib: int = 512
-    boot_timeout_s: float = 180.0  # cold boot to agent under TCG is ~5 s on a quiet host
-    ready_timeout_s: float = 30.0  # restore to agent
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> TemplateConfig:
-        defaults = settings.defaults
-        return cls(
-            **{
-                "templates_dir": settings.templates_dir,
-                "vcpus": defaults.vcpus,
-                "memory_mib": defaults.memory_mb,
-                **overrides,
-            }
-        )
+_BUILD_PREFIX = ".build-"
+_TRASH_PREFIX = ".trash-"
 
 
 class TemplateManifest(BaseModel):
@@ -80,10 +53,18 @@ class TemplateManifest(BaseModel):
     memory_sha256: str  # nothing may ever write to the RAM file of a template; this proves it
     state_bytes: int
     timings: dict[str, float]
+    # Made from a sandbox: which one, and the template that sandbox came from.
+    source: str | None = None
+    parent: str | None = None
+    # The token the guest agent in this template's memory demands (made from a sandbox whose agent had
+    # one); the first /init of every sandbox restored from it gives its agent a token of its own.
+    agent_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Template:
+    """A published template directory (immutable)."""
+
     name: str
     path: Path
     manifest: TemplateManifest
@@ -103,25 +84,49 @@ class Template:
     def snapshot(self) -> Snapshot:
         return Snapshot.load(self.path / SNAPSHOT_DIR)
 
-    def machine(self, disk: Drive) -> Machine:
-        """The machine this template was snapshotted on, with ``disk`` (made from :attr:`rootfs`) as root."""
-        return Machine(vcpus=self.manifest.vcpus, memory_mib=self.manifest.memory_mib, drives=(disk,))
+    def copy_memory(self, dest: Path) -> None:
+        """Give a VM its own copy of the template's RAM at ``dest`` (which must not exist): a reflink
+        where the filesystem can, else a kernel copy of the data extents, holes kept. Blocking.
+
+        A VM never maps the template's file itself, not even privately: QEMU 7.2 punches holes into a
+        ``share=off`` backing file when the guest frees memory, which would change the template under
+        every other VM made from it (seen in this project's tests).
+        """
+        if dest.exists():
+            raise AlreadyExists(f"{dest} exists; a VM's RAM file must be new")
+        clone_or_copy(self.memory, dest)
+
+    def size_bytes(self) -> int:
+        """Bytes the template's files occupy on disk."""
+        return sum(p.stat().st_blocks * 512 for p in self.path.rglob("*") if p.is_file())
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where one VM started from a template lives. All of it belongs to the caller.
+@dataclass(slots=True)
+class Draft:
+    """A template being written. Whoever builds it fills :attr:`memory` (guest RAM at the snapshot),
+    :attr:`snapshot_dir` (the VMM's snapshot) and :attr:`rootfs` (the flattened root disk), and sets
+    :attr:`rootfs_image` to the fingerprint the flatten returned; the store publishes it when the block
+    ends. :attr:`template` is the published template afterwards."""
 
-    ``disk`` is the sandbox's root disk, made by the rootfs backend from :meth:`Template.rootfs_image`.
-    ``memory`` is where :meth:`Templates.start` creates the VM's own copy of the template's RAM (on
-    tmpfs it is faster to make and costs no disk writeback while the VM runs; on disk it survives a
-    host restart as it is).
-    """
+    name: str
+    path: Path
+    origin: dict[str, Any]  # image, kernel and machine: the image's (a build) or the parent's (derived)
+    rootfs_image: BaseImage | None = None
+    agent_token: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    template: Template | None = None
 
-    run_dir: Path
-    disk: Drive
-    slot: NetworkSlot
-    memory: Path
+    @property
+    def memory(self) -> Path:
+        return self.path / MEMORY
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / ROOTFS
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.path / SNAPSHOT_DIR
 
 
 class TemplateStore:
@@ -135,11 +140,14 @@ class TemplateStore:
         try:
             raw = (path / MANIFEST).read_bytes()
         except FileNotFoundError:
-            raise NotFound(f"template {name!r} does not exist (wrenbox template build {name})") from None
+            raise NotFound(f"template {name!r} does not exist") from None
         try:
             return Template(name, path, TemplateManifest.model_validate_json(raw))
         except ValidationError as exc:
             raise CorruptData(f"template {name!r}: unreadable manifest: {exc}") from exc
+
+    def exists(self, name: str) -> bool:
+        return (self.root / validate_name(name, what="template name")).exists()
 
     def list(self) -> list[Template]:
         if not self.root.is_dir():
@@ -148,246 +156,101 @@ class TemplateStore:
             self.get(p.name) for p in sorted(self.root.iterdir()) if p.is_dir() and not p.name.startswith(".")
         ]
 
+    def draft(
+        self, name: str, image: Image, *, vcpus: int, memory_mib: int, disk_format: str
+    ) -> AsyncIterator[Draft]:
+        """A draft of template ``name`` booted from ``image`` on a machine of ``vcpus`` / ``memory_mib``."""
+        origin = {
+            "image": image.name,
+            "image_build_key": image.manifest.build_key,
+            "kernel_release": image.manifest.kernel.release,
+            "vcpus": vcpus,
+            "memory_mib": memory_mib,
+            "disk_format": disk_format,
+        }
+        return self._draft(name, origin)
+
+    def derive(self, name: str, parent: Template, *, source: str) -> AsyncIterator[Draft]:
+        """A draft of template ``name`` made from sandbox ``source`` of template ``parent``: the same
+        image, kernel and machine, new memory and disk."""
+        m = parent.manifest
+        origin = {
+            "image": m.image,
+            "image_build_key": m.image_build_key,
+            "kernel_release": m.kernel_release,
+            "vcpus": m.vcpus,
+            "memory_mib": m.memory_mib,
+            "disk_format": m.disk_format,
+            "source": source,
+            "parent": parent.name,
+        }
+        return self._draft(name, origin)
+
+    @asynccontextmanager
+    async def _draft(self, name: str, origin: dict[str, Any]) -> AsyncIterator[Draft]:
+        """Write template ``name`` inside the block; it is published, complete, when the block ends
+        without error (AlreadyExists if the name was taken meanwhile), and nothing is left otherwise."""
+        validate_name(name, what="template name")
+        if self.exists(name):
+            raise AlreadyExists(f"template {name!r} already exists; templates are immutable")
+        self.root.mkdir(parents=True, exist_ok=True)
+        draft = Draft(name, self.root / f"{_BUILD_PREFIX}{name}-{secrets.token_hex(4)}", origin)
+        draft.path.mkdir()
+        draft.snapshot_dir.mkdir()
+        try:
+            yield draft
+            draft.template = await self._seal(draft)
+        finally:
+            await anyio.to_thread.run_sync(shutil.rmtree, draft.path, True)
+
+    async def _seal(self, draft: Draft) -> Template:
+        if draft.rootfs_image is None:
+            raise InvalidArgument(f"template draft {draft.name}: its root disk was never written")
+        snapshot = Snapshot.load(draft.snapshot_dir)
+        manifest = TemplateManifest(
+            name=draft.name,
+            created_at=datetime.now().astimezone(),
+            rootfs=draft.rootfs_image,
+            memory_allocated=draft.memory.stat().st_blocks * 512,
+            memory_sha256=await anyio.to_thread.run_sync(_sha256, draft.memory),
+            state_bytes=snapshot.meta.state_bytes,
+            timings=draft.timings,
+            agent_token=draft.agent_token,
+            **draft.origin,
+        )
+        await anyio.to_thread.run_sync(self._publish, draft.path, manifest)
+        return self.get(draft.name)
+
+    def _publish(self, build: Path, manifest: TemplateManifest) -> None:
+        """Manifest last, files read-only, then one rename: the template appears complete or not at all."""
+        (build / MANIFEST).write_text(manifest.model_dump_json(indent=1))
+        for path in (build / MEMORY, build / ROOTFS, build / MANIFEST):
+            path.chmod(0o444)
+        try:
+            publish(build, self.root / manifest.name)
+        except AlreadyExists:
+            raise AlreadyExists(
+                f"template {manifest.name!r} already exists; templates are immutable"
+            ) from None
+
     def delete(self, name: str) -> None:
         """Remove template ``name``. Whether anything still uses it is the caller's to check first."""
         path = self.get(name).path
-        trash = self.root / f".trash-{name}-{secrets.token_hex(4)}"
+        trash = self.root / f"{_TRASH_PREFIX}{name}-{secrets.token_hex(4)}"
         path.rename(trash)  # gone from listings at once, even if the removal below is interrupted
+        fsync_path(self.root)
         shutil.rmtree(trash)
 
     def reclaim(self) -> list[str]:
         """Remove what interrupted builds and deletions left (run at start, when no build is running)."""
         if not self.root.is_dir():
             return []
-        stale = [p for p in self.root.iterdir() if p.name.startswith((".build-", ".trash-"))]
+        stale = [p for p in self.root.iterdir() if p.name.startswith((_BUILD_PREFIX, _TRASH_PREFIX))]
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
         return [p.name for p in stale]
 
 
-class Templates:
-    """Builds templates into the store, and is the one way to start VMs from them."""
-
-    def __init__(self, config: TemplateConfig, *, driver: Driver, rootfs: RootfsBackend) -> None:
-        self.config = config
-        self.driver = driver
-        self.rootfs = rootfs
-        self.store = TemplateStore(config.templates_dir)
-
-    async def build(
-        self, name: str, image: Image, slot: NetworkSlot, *, on_step: Callable[[str], None] | None = None
-    ) -> Template:
-        """Boot ``image`` in network slot ``slot`` (which must exist), wait for its agent, snapshot it and
-        publish the result as template ``name``. AlreadyExists if it exists; nothing is left on failure."""
-        validate_name(name, what="template name")
-        if (self.store.root / name).exists():
-            raise AlreadyExists(f"template {name!r} already exists; templates are immutable")
-        self.store.root.mkdir(parents=True, exist_ok=True)
-        token = secrets.token_hex(4)
-        build_dir = self.store.root / f".build-{name}-{token}"
-        build_dir.mkdir()
-        timings: dict[str, float] = {}
-        step = _Stepper(timings, on_step)
-        try:
-            with step("disk"):
-                disk = await self.rootfs.create(image.rootfs, f"template-build-{token}")
-            try:
-                snapshot = await self._boot_and_snapshot(
-                    image, slot, build_dir, Drive(disk.path, disk.format), step
-                )
-                with step("flatten"):
-                    base = await self.rootfs.flatten(disk, build_dir / ROOTFS)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await self.rootfs.remove(disk)
-            with step("publish"):
-                await self._publish(name, image, build_dir, str(disk.format), base, snapshot, timings)
-        finally:
-            if build_dir.exists():
-                shutil.rmtree(build_dir, ignore_errors=True)
-        log.info("built template %s in %.1f s: %s", name, sum(timings.values()), timings)
-        return self.store.get(name)
-
-    async def _publish(
-        self,
-        name: str,
-        image: Image,
-        build_dir: Path,
-        disk_format: str,
-        base: BaseImage,
-        snapshot: Snapshot,
-        timings: dict[str, float],
-    ) -> None:
-        await self._seal(
-            name,
-            build_dir,
-            image=image.name,
-            image_build_key=image.manifest.build_key,
-            kernel_release=image.manifest.kernel.release,
-            vcpus=self.config.vcpus,
-            memory_mib=self.config.memory_mib,
-            disk_format=disk_format,
-            rootfs=base,
-            state_bytes=snapshot.meta.state_bytes,
-            timings=timings,
-        )
-
-    async def publish_derived(
-        self,
-        name: str,
-        build_dir: Path,
-        parent: Template,
-        *,
-        base: BaseImage,
-        snapshot: Snapshot,
-        timings: dict[str, float],
-    ) -> Template:
-        """Publish ``build_dir`` (``memory``, ``snapshot/``, ``rootfs.ext4`` in place) as template ``name``,
-        made from a sandbox of ``parent``: same image, kernel and machine, new memory and disk."""
-        validate_name(name, what="template name")
-        m = parent.manifest
-        await self._seal(
-            name,
-            build_dir,
-            image=m.image,
-            image_build_key=m.image_build_key,
-            kernel_release=m.kernel_release,
-            vcpus=m.vcpus,
-            memory_mib=m.memory_mib,
-            disk_format=m.disk_format,
-            rootfs=base,
-            state_bytes=snapshot.meta.state_bytes,
-            timings=timings,
-        )
-        return self.store.get(name)
-
-    async def _seal(self, name: str, build_dir: Path, **fields: Any) -> None:
-        """Seal the build directory and rename it into place: it appears complete or not at all."""
-        # Durable first: ext4 allocates delayed writes only now, and the manifest records the size.
-        await anyio.to_thread.run_sync(
-            _freeze, build_dir / MEMORY, build_dir / ROOTFS, build_dir / SNAPSHOT_DIR
-        )
-        manifest = TemplateManifest(
-            name=name,
-            created_at=datetime.now().astimezone(),
-            memory_allocated=(build_dir / MEMORY).stat().st_blocks * 512,
-            memory_sha256=await anyio.to_thread.run_sync(_sha256, build_dir / MEMORY),
-            **fields,
-        )
-        await anyio.to_thread.run_sync(_commit, build_dir, self.store.root / name, manifest)
-
-    async def _boot_and_snapshot(
-        self, image: Image, slot: NetworkSlot, build_dir: Path, disk: Drive, step: _Stepper
-    ) -> Snapshot:
-        placement = Placement(build_dir / "run", disk, slot, build_dir / MEMORY)
-        machine = Machine(vcpus=self.config.vcpus, memory_mib=self.config.memory_mib, drives=(disk,))
-        with step("boot"):  # to the agent's first answer
-            vm = await self.boot(image, machine, placement)
-        try:
-            with step("warm_up"):
-                await self._warm_up(slot)
-            with step("snapshot"):
-                (build_dir / SNAPSHOT_DIR).mkdir()
-                return await vm.snapshot(build_dir / SNAPSHOT_DIR)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await vm.destroy()
-            shutil.rmtree(placement.run_dir, ignore_errors=True)
-
-    async def boot(self, image: Image, machine: Machine, placement: Placement) -> Vm:
-        """Cold-boot ``image`` on ``machine`` into ``placement``; returns once the agent answers (no
-        ``/init``). The VM is destroyed again if its agent never answers."""
-        args = guest_kernel_args(
-            image.manifest.kernel_args, ip=f"{GUEST_IP}/{GUEST_NETWORK.prefixlen}", gateway=str(GATEWAY_IP)
-        )
-        config = VmConfig(
-            machine=machine,
-            memory=MemoryFile(placement.memory),
-            run_dir=placement.run_dir,
-            kernel=Kernel(image.kernel, image.initramfs, " ".join(args)),
-            netns=netns_path(placement.slot),
-        )
-        vm = await self.driver.boot(config)
-        try:
-            await agent_ready(vm, placement.slot, timeout=self.config.boot_timeout_s, init=False)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await vm.destroy()
-            raise
-        return vm
-
-    async def start(self, template: Template, placement: Placement, *, init: bool = True) -> Vm:
-        """Restore ``template`` into ``placement``; returns once the agent answered (and, with ``init``,
-        took a plain ``/init``: clock and CRNG; callers with more to say pass ``init=False``)."""
-        config = VmConfig(
-            machine=template.machine(placement.disk),
-            memory=MemoryFile(placement.memory),
-            run_dir=placement.run_dir,
-            netns=netns_path(placement.slot),
-        )
-        snapshot = template.snapshot()
-        if placement.memory.exists():
-            raise AlreadyExists(f"{placement.memory} exists; a VM's RAM file must be new")
-        async with Rollback(f"start from template {template.name}") as rb:
-            rb.push(f"RAM file {placement.memory}", placement.memory.unlink, True)
-            await anyio.to_thread.run_sync(clone_or_copy, template.memory, placement.memory)
-            vm = await self.driver.restore(config, snapshot)
-            rb.push(f"VM {vm.pid}", vm.destroy)
-            await agent_ready(vm, placement.slot, timeout=self.config.ready_timeout_s, init=init)
-            rb.commit()
-        return vm
-
-    async def _warm_up(self, slot: NetworkSlot) -> None:
-        """Do once before the snapshot what every sandbox does first (``/init``, a few commands), so the
-        agent's lazily imported modules and the guest's page cache are already in the template's memory."""
-        async with agent_client(slot) as client:
-            await client.init()
-            for argv in WARM_UP:
-                await client.processes.exec(argv, timeout=self.config.boot_timeout_s)
-
-
-class _Stepper:
-    """Times named build steps into ``timings`` (a step may be entered more than once) and reports
-    each start to ``on_step``."""
-
-    def __init__(self, timings: dict[str, float], on_step: Callable[[str], None] | None) -> None:
-        self.timings = timings
-        self.on_step = on_step
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        if self.on_step is not None:
-            self.on_step(name)
-        t0 = time.monotonic()
-        try:
-            yield
-        finally:
-            self.timings[name] = round(self.timings.get(name, 0.0) + time.monotonic() - t0, 3)
-
-
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _commit(build_dir: Path, dest: Path, manifest: TemplateManifest) -> None:
-    """Write the manifest last, then rename the directory into place, durably."""
-    (build_dir / MANIFEST).write_text(manifest.model_dump_json(indent=1))
-    _freeze(build_dir / MANIFEST, build_dir)
-    try:
-        build_dir.rename(dest)
-    except OSError as exc:  # ENOTEMPTY / EEXIST: someone published this name meanwhile
-        raise AlreadyExists(f"template {dest.name!r} already exists; templates are immutable") from exc
-    _freeze(dest.parent)
-
-
-def _freeze(*paths: Path) -> None:
-    """Make files read-only, and files and directories durable."""
-    for path in paths:
-        if path.is_file():
-            path.chmod(0o444)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

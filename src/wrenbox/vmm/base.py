@@ -37,7 +37,6 @@ from pydantic import TypeAdapter, ValidationError
 from wrenbox.errors import CorruptData, InvalidArgument, NotFound
 from wrenbox.fileio import fsync_path, publish, temp_sibling
 from wrenbox.names import validate_name
-from wrenbox.network.plan import GUEST_MAC, TAP
 from wrenbox.pids import ProcessRef
 
 __all__ = [
@@ -91,14 +90,12 @@ class Drive:
 
 @dataclass(frozen=True, slots=True)
 class Nic:
-    """A virtio network device on tap device ``tap`` (inside the VM's network namespace).
+    """A virtio network device with MAC ``mac`` on tap device ``tap`` (inside the VM's network
+    namespace). Which MAC and tap a sandbox gets is the network plan's business (the same in every
+    sandbox: clones of one snapshot carry the MAC in their device state)."""
 
-    The default MAC is the network plan's: the same in every sandbox, because clones of one snapshot
-    carry it in their device state and the per-sandbox namespace keeps them apart.
-    """
-
-    mac: str = GUEST_MAC
-    tap: str = TAP
+    mac: str
+    tap: str
 
     def __post_init__(self) -> None:
         if not isinstance(self.mac, str) or not _MAC.fullmatch(self.mac):
@@ -115,7 +112,7 @@ class Machine:
     vcpus: int = 1
     memory_mib: int = 512
     drives: tuple[Drive, ...] = ()
-    nics: tuple[Nic, ...] = (Nic(),)
+    nics: tuple[Nic, ...] = ()
     balloon: bool = True  # virtio-balloon with free page reporting: host RAM follows guest use
 
     def __post_init__(self) -> None:

@@ -1,0 +1,202 @@
+"""The face of wrenbox's control plane: everything a caller may do with sandboxes and templates.
+
+:class:`Sandboxes` is what the API server, the CLI, the demo and the benchmarks program against, and
+nothing else: :class:`~wrenbox.manager.manager.SandboxManager` implements it on one host, and a cluster
+front will implement it over many. What it hands out are records (:mod:`wrenbox.records`), the guest
+agent's client for one request (:meth:`Sandboxes.use`) and addresses to stream to (:meth:`Sandboxes.route`);
+never a store, a runtime or a VM.
+
+Every method raises :mod:`wrenbox.errors` only: ``NotFound`` for an unknown (or destroyed) sandbox or
+template, ``InvalidArgument`` for bad input (nothing was changed), ``NotRunning``/``Conflict`` for a
+sandbox in the wrong state, ``Unavailable`` when a limit is reached (retry later).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
+
+from wrenbox.errors import InvalidArgument
+from wrenbox.records import SandboxRecord, SandboxState, TemplateRecord
+
+if TYPE_CHECKING:
+    from wrenbox.envd import AsyncEnvdClient, ExecResult, Metrics
+    from wrenbox.manager.store import Event
+
+__all__ = ["Address", "CreateRequest", "SandboxMetrics", "Sandboxes"]
+
+_MAX_MAP_ITEMS = 64
+_MAX_MAP_LEN = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRequest:
+    """A new sandbox. ``None`` fields take the manager's defaults.
+
+    ``timeout_s``: seconds of inactivity after which it is paused (or killed, per ``on_timeout``); 0
+    never. ``cold_boot``: boot the template's image instead of restoring its snapshot. ``sandbox_id``:
+    choose the id (validated) instead of getting a fresh one.
+    """
+
+    template: str | None = None
+    timeout_s: int | None = None
+    on_timeout: Literal["pause", "kill"] = "pause"
+    metadata: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    cold_boot: bool = False
+    sandbox_id: str | None = None
+
+
+class Address(NamedTuple):
+    """Where to send a sandbox's traffic for one guest port (reachable from this host)."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxMetrics:
+    """What a sandbox costs the host now (``host``: bytes and CPU seconds; see the runtime) and, while
+    it runs, the guest's own view."""
+
+    state: SandboxState
+    host: dict[str, int | float]
+    guest: Metrics | None = None
+
+
+class Sandboxes(Protocol):
+    """Everything a caller may do. Async; call from one event loop."""
+
+    # -- sandboxes -----------------------------------------------------------------------------------
+
+    async def create(self, request: CreateRequest) -> SandboxRecord:
+        """A running sandbox from a template (restored from its snapshot unless ``cold_boot``)."""
+        ...
+
+    def get(self, sandbox_id: str) -> SandboxRecord: ...
+
+    def list(
+        self,
+        *,
+        states: set[SandboxState] | None = None,
+        metadata: dict[str, str] | None = None,
+        template: str | None = None,
+    ) -> list[SandboxRecord]:
+        """Sandboxes in creation order matching every filter given; destroyed ones only when asked
+        for by state."""
+        ...
+
+    async def destroy(self, sandbox_id: str) -> None:
+        """Release everything the sandbox holds, running or paused. Destroying twice does nothing."""
+        ...
+
+    async def pause(self, sandbox_id: str, *, memory: bool = True) -> SandboxRecord:
+        """Write a running sandbox to disk and stop it: with its memory (it resumes where it was), or its
+        disk only (it boots again on resume, files kept, processes gone)."""
+        ...
+
+    async def resume(
+        self, sandbox_id: str, timeout_s: int | None = None, *, memory: bool = True
+    ) -> SandboxRecord:
+        """Bring a paused sandbox back; ``memory=False`` boots it from its disk even if its memory was
+        kept. A running sandbox is returned as it is."""
+        ...
+
+    async def connect(self, sandbox_id: str, timeout_s: int | None = None) -> SandboxRecord:
+        """The sandbox, running: resumed first if it is paused (E2B's ``connect``)."""
+        ...
+
+    def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
+        """A new inactivity timeout, counted from now."""
+        ...
+
+    def ping(self, sandbox_id: str) -> None:
+        """Note that a running sandbox is in use (keeps it from timing out)."""
+        ...
+
+    async def snapshot(self, sandbox_id: str, name: str | None = None) -> TemplateRecord:
+        """A template from the sandbox (a running one is paused first and stays paused); a name is made
+        up when none is given."""
+        ...
+
+    async def fork(self, sandbox_id: str, count: int = 1) -> list[SandboxRecord]:
+        """``count`` new sandboxes from a running one, which keeps running; all or none."""
+        ...
+
+    # -- inside a running sandbox --------------------------------------------------------------------
+
+    def use(self, sandbox_id: str) -> AbstractAsyncContextManager[AsyncEnvdClient]:
+        """The guest agent's client for one request. Counts as activity; if the sandbox starts pausing or
+        stopping meanwhile, the block is cancelled and raises NotRunning."""
+        ...
+
+    def route(self, sandbox_id: str, port: int) -> AbstractAsyncContextManager[Address]:
+        """Where to stream traffic for guest ``port``, for as long as the block runs (a proxy's
+        connection). Counts as activity; cancelled like :meth:`use`."""
+        ...
+
+    async def exec(self, sandbox_id: str, cmd: Any, **kwargs: Any) -> ExecResult:
+        """Run ``cmd`` to completion and collect its output (capped)."""
+        ...
+
+    def exec_stream(self, sandbox_id: str, cmd: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        """Run ``cmd`` and yield its events (started, stdout, stderr, exited) as they happen."""
+        ...
+
+    async def metrics(self, sandbox_id: str) -> SandboxMetrics: ...
+
+    def events(self, *, sandbox_id: str | None = None, after: int = 0, limit: int = 1000) -> list[Event]:
+        """The event log (every state change, template change, expiry, recovery), oldest first, after
+        sequence number ``after``."""
+        ...
+
+    # -- templates -----------------------------------------------------------------------------------
+
+    def templates(self) -> list[TemplateRecord]:
+        """Every template, ready or being built."""
+        ...
+
+    def template(self, name: str) -> TemplateRecord: ...
+
+    async def build_template(
+        self,
+        name: str,
+        *,
+        image: str = "minimal",
+        vcpus: int | None = None,
+        memory_mb: int | None = None,
+        on_step: Callable[[str], None] | None = None,
+    ) -> TemplateRecord:
+        """Boot image ``image`` once and publish it as template ``name`` (immutable; AlreadyExists if the
+        name is taken). ``on_step`` hears each build step as it starts."""
+        ...
+
+    async def delete_template(self, name: str) -> None:
+        """Delete a template nothing uses (InUse otherwise)."""
+        ...
+
+
+def check_str_map(what: str, value: object) -> dict[str, str]:
+    """``value`` if it is a small mapping of non-empty string keys to strings, else InvalidArgument."""
+    if not isinstance(value, dict) or len(value) > _MAX_MAP_ITEMS:
+        raise InvalidArgument(f"{what} must be a mapping of at most {_MAX_MAP_ITEMS} string pairs")
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, str) or not k:
+            raise InvalidArgument(f"{what} keys and values must be strings (got {k!r}: {v!r})")
+        if len(k) > _MAX_MAP_LEN or len(v) > _MAX_MAP_LEN or "\0" in k + v:
+            raise InvalidArgument(f"{what} entry {k[:40]!r} is too long or contains NUL")
+    return dict(value)
+
+
+def check_timeout(timeout_s: object) -> int:
+    if not isinstance(timeout_s, int) or isinstance(timeout_s, bool) or timeout_s < 0:
+        raise InvalidArgument(f"timeout must be a non-negative number of seconds, not {timeout_s!r}")
+    return timeout_s
+
+
+def check_port(port: object) -> int:
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise InvalidArgument(f"port must be an integer from 1 to 65535, not {port!r}")
+    return port
