@@ -4,13 +4,14 @@ Prints one JSON line per figure, ``{"figure": NAME, "value": NUMBER, "unit": UNI
 
 ``create_exec_p50_s``, ``create_exec_p95_s``
     ``create`` from the template, then the first ``exec true`` answered (N sandboxes, one at a time).
-``pause_p50_s``            ``pause`` of a running sandbox that dirtied 32 MiB since it started.
+``pause_p50_s``            ``pause`` of a running sandbox that dirtied 32 MiB since it started (or resumed).
 ``resume_exec_p50_s``      ``resume``, then the first ``exec true`` answered.
 ``exec_rtt_p50_ms``        ``exec true`` through the manager (100 runs after a warm-up).
-``snapshot_size_ratio``    bytes the paused sandbox's memory snapshot occupies on disk (header + diff
-                           files) / non-zero bytes of its guest memory, counted in the RAM file while
-                           the VM is stopped right before the pause (4 KiB pages; holes skipped). First
-                           pause: one generation-0 file.
+``snapshot_size_ratio``    bytes the paused sandbox's memory snapshot occupies on disk (its diff files)
+                           / non-zero bytes of its guest memory when the VM stopped for the pause (the
+                           4 KiB blocks the snapshot's header maps to data: zero blocks are never
+                           stored). Both come from ``metrics()`` of the paused sandbox. First pause: one
+                           generation-0 file.
 ``snapshot_size_chain_ratio``  the same after the last of several pause/resume cycles (a chain of diffs:
                            pages rewritten since an older generation are stored in both until the
                            chain is collapsed at its generation cap).
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import secrets
 import shutil
@@ -39,48 +39,17 @@ from pathlib import Path
 import anyio
 
 from wrenbox.config import LimitsConfig, SandboxDefaults, Settings
-from wrenbox.images import ImageConfig, build_image
-from wrenbox.manager import CreateRequest, SandboxManager
+from wrenbox.images import build_image
+from wrenbox.manager import CreateRequest, Sandboxes
 from wrenbox.network import Network, NetworkConfig
-from wrenbox.service import ensure_template, open_manager
+from wrenbox.service import ensure_template, image_config, open_manager
 
 CACHE = Path(os.environ.get("WRENBOX_TEST_DATA_DIR", "/var/tmp/wrenbox-test"))
-PAGE = 4096
 DIRTY = "head -c 33554432 /dev/urandom > /dev/shm/dirty"
 
 
 def figure(name: str, value: float, unit: str) -> dict[str, object]:
     return {"figure": name, "value": round(value, 4), "unit": unit}
-
-
-def nonzero_bytes(path: Path) -> int:
-    """Non-zero 4 KiB pages of a (sparse) file, in bytes; holes are skipped without reading them."""
-    zero = bytes(PAGE)
-    total = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
-            view = memoryview(mm)
-            offset = 0
-            while offset < size:
-                try:
-                    start = os.lseek(fd, offset, os.SEEK_DATA)
-                except OSError:
-                    break
-                end = os.lseek(fd, start, os.SEEK_HOLE)
-                for page in range(start - start % PAGE, end, PAGE):
-                    if view[page : page + PAGE] != zero:
-                        total += PAGE
-                offset = end
-            view.release()
-    finally:
-        os.close(fd)
-    return total
-
-
-def snapshot_bytes(directory: Path) -> int:
-    return sum(p.stat().st_blocks * 512 for p in directory.glob("memfile*"))
 
 
 def p(values: list[float], q: float) -> float:
@@ -89,14 +58,14 @@ def p(values: list[float], q: float) -> float:
     )
 
 
-async def timed_create(mgr: SandboxManager) -> tuple[str, float]:
+async def timed_create(mgr: Sandboxes) -> tuple[str, float]:
     t0 = time.monotonic()
     sb = await mgr.create(CreateRequest())
     await mgr.exec(sb.id, "true")
     return sb.id, time.monotonic() - t0
 
 
-async def latency_figures(mgr: SandboxManager, quick: bool) -> list[dict[str, object]]:
+async def latency_figures(mgr: Sandboxes, quick: bool) -> list[dict[str, object]]:
     creates = []
     for _ in range(3 if quick else 20):
         sid, seconds = await timed_create(mgr)
@@ -117,18 +86,16 @@ async def latency_figures(mgr: SandboxManager, quick: bool) -> list[dict[str, ob
     ]
 
 
-async def pause_figures(mgr: SandboxManager, quick: bool) -> list[dict[str, object]]:
+async def pause_figures(mgr: Sandboxes, quick: bool) -> list[dict[str, object]]:
     sb = await mgr.create(CreateRequest())
-    runtime = mgr.runtime
     pauses, resumes, ratios = [], [], []
     for _ in range(2 if quick else 5):
         await mgr.exec(sb.id, DIRTY)
-        await runtime._vm(mgr.get(sb.id)).pause()  # stopped: the RAM file holds what the pause stores
-        nonzero = await anyio.to_thread.run_sync(nonzero_bytes, runtime.ram_file(sb.id))
         t0 = time.monotonic()
         await mgr.pause(sb.id)
         pauses.append(time.monotonic() - t0)
-        ratios.append(snapshot_bytes(runtime.snapshot_dir(sb.id)) / nonzero)
+        usage = (await mgr.metrics(sb.id)).host
+        ratios.append(usage["snapshot_memory_file_bytes"] / usage["snapshot_memory_bytes"])
         t0 = time.monotonic()
         await mgr.resume(sb.id)
         await mgr.exec(sb.id, "true")
@@ -156,7 +123,7 @@ def bench_settings(root: Path) -> Settings:
 
 def figures(quick: bool, *, latency: bool = True) -> Iterator[dict[str, object]]:
     """All figures; ``latency=False`` only the pause/resume/snapshot-size group (for bench/memory.py)."""
-    build_image(ImageConfig.from_settings(Settings(data_dir=CACHE)), "minimal")
+    build_image(image_config(Settings(data_dir=CACHE)), "minimal")
     root = Path(tempfile.mkdtemp(prefix="wbb-", dir="/var/tmp"))
     (root / "images").symlink_to(CACHE / "images")
     (root / "host").symlink_to(CACHE / "host")

@@ -3,13 +3,13 @@
 Prints one JSON line per figure, ``{"figure": NAME, "value": NUMBER, "unit": UNIT}``:
 
 ``cold_boot_s``             QEMU start → guest agent answers ``/health`` (the template build's boot step)
-``restore_s``               p50 of ``Templates.start``: copy the template's RAM, restore, agent ready,
-                            ``/init``
+``restore_s``               p50 of a start from the template as the host runtime does it: copy the
+                            template's RAM, ``Launcher.restore`` (agent ready), ``/init``
 ``bare_restore_s``          p50 of the same restore with no wrenbox code on the path: ``cp`` of the RAM file,
                             ``nsenter … qemu-system-x86_64 … -incoming defer``, raw QMP over the socket, raw
                             HTTP polling of ``/health`` (the command line is computed beforehand)
 ``restore_overhead_ratio``  restore_s / bare_restore_s (same run, same snapshot, interleaved)
-``restore_shm_s``           p50 of ``Templates.start`` with the VM's RAM file on /dev/shm (not the data dir)
+``restore_shm_s``           p50 of the same start with the VM's RAM file on /dev/shm (not the data dir)
 ``pause_s``                 p50 of pausing a restored sandbox: snapshot (stop + device state) + QEMU gone
 ``exec_rtt_p50_ms``         p50 round trip of ``true`` through the envd client (after one warm-up exec)
 
@@ -36,12 +36,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wrenbox.config import SandboxDefaults, Settings
-from wrenbox.images import ImageConfig, build_image
+from wrenbox.images import build_image
+from wrenbox.launch import Launcher, Placement, agent_client
 from wrenbox.network import Network, NetworkConfig, NetworkSlot
-from wrenbox.probe import HostCapabilities
-from wrenbox.templates import Placement, Template, Templates, agent_client, build_template, host_templates
-from wrenbox.templates.vm import netns_path
-from wrenbox.vmm.base import Drive, MemoryFile, VmConfig
+from wrenbox.rootfs import RootfsBackend
+from wrenbox.service import image_config, probe_host, rootfs_backend, vmm_driver
+from wrenbox.templates import Template, TemplateBuilder, TemplateStore
+from wrenbox.vmm.base import Vm
 from wrenbox.vmm.qemu import QemuDriver, qemu_argv
 
 CACHE = Path(os.environ.get("WRENBOX_TEST_DATA_DIR", "/var/tmp/wrenbox-test"))
@@ -53,9 +54,15 @@ def figure(name: str, value: float, unit: str) -> None:
 
 class Bench:
     def __init__(
-        self, settings: Settings, templates: Templates, template: Template, network: Network
+        self,
+        settings: Settings,
+        launcher: Launcher,
+        rootfs: RootfsBackend,
+        template: Template,
+        network: Network,
     ) -> None:
-        self.settings, self.templates, self.template, self.network = settings, templates, template, network
+        self.settings, self.launcher, self.rootfs = settings, launcher, rootfs
+        self.template, self.network = template, network
         self.slot_index = 0
 
     async def slot(self) -> NetworkSlot:
@@ -64,32 +71,39 @@ class Bench:
         await self.network.create(slot)
         return slot
 
-    async def sandbox_dir(self, ram_dir: Path | None = None) -> tuple[Path, Drive, Path]:
+    async def placement(self, slot: NetworkSlot, ram_dir: Path | None = None) -> Placement:
         """A directory, a root disk and a RAM file path for one VM."""
         name = f"b{secrets.token_hex(4)}"
         directory = self.settings.sandboxes_dir / name
         directory.mkdir(parents=True)
-        disk = await self.templates.rootfs.create(self.template.rootfs_image(), name)
-        return directory, Drive(disk.path, disk.format), (ram_dir or directory) / f"{name}.ram"
+        disk = await self.rootfs.create(self.template.rootfs_image(), name)
+        return Placement(directory / "run", disk.drive(), slot, (ram_dir or directory) / f"{name}.ram")
+
+    async def start(self, placement: Placement) -> Vm:
+        """A VM from the template, started the way the host runtime starts one."""
+        m = self.template.manifest
+        await asyncio.to_thread(self.template.copy_memory, placement.memory)
+        async with agent_client(placement.slot) as agent:
+            vm = await self.launcher.restore(
+                placement, self.template.snapshot(), vcpus=m.vcpus, memory_mib=m.memory_mib, agent=agent
+            )
+            await agent.init()
+        return vm
 
     async def restore(self, slot: NetworkSlot, ram_dir: Path | None = None) -> float:
-        """One ``Templates.start``; returns its duration (the VM is destroyed afterwards)."""
-        directory, drive, ram = await self.sandbox_dir(ram_dir)
+        """One start; returns its duration (the VM is destroyed afterwards)."""
+        placement = await self.placement(slot, ram_dir)
         t0 = time.monotonic()
-        vm = await self.templates.start(self.template, Placement(directory / "run", drive, slot, ram))
+        vm = await self.start(placement)
         elapsed = time.monotonic() - t0
         await vm.destroy()
-        ram.unlink()
+        placement.memory.unlink()
         return elapsed
 
     async def bare_restore(self, slot: NetworkSlot) -> float:
-        directory, drive, ram = await self.sandbox_dir()
-        config = VmConfig(
-            machine=self.template.machine(drive),
-            memory=MemoryFile(ram),
-            run_dir=directory / "run",
-            netns=netns_path(slot),
-        )
+        placement = await self.placement(slot)
+        m = self.template.manifest
+        config = placement.vm_config(vcpus=m.vcpus, memory_mib=m.memory_mib)
         argv = [
             "nsenter",
             f"--net={config.netns}",
@@ -98,20 +112,25 @@ class Bench:
         ]
         config.run_dir.mkdir()
         elapsed = await asyncio.to_thread(
-            bare_restore, argv, self.template, ram, config.run_dir / "qmp.sock", str(slot.host_ip)
+            bare_restore,
+            argv,
+            self.template,
+            placement.memory,
+            config.run_dir / "qmp.sock",
+            str(slot.host_ip),
         )
-        ram.unlink()
+        placement.memory.unlink()
         return elapsed
 
     @property
     def driver(self) -> QemuDriver:
-        assert isinstance(self.templates.driver, QemuDriver)
-        return self.templates.driver
+        assert isinstance(self.launcher.driver, QemuDriver)
+        return self.launcher.driver
 
     async def pause(self, slot: NetworkSlot) -> float:
-        directory, drive, ram = await self.sandbox_dir()
-        vm = await self.templates.start(self.template, Placement(directory / "run", drive, slot, ram))
-        dest = directory / "paused"
+        placement = await self.placement(slot)
+        vm = await self.start(placement)
+        dest = placement.run_dir.parent / "paused"
         dest.mkdir()
         t0 = time.monotonic()
         await vm.snapshot(dest)
@@ -119,8 +138,7 @@ class Bench:
         return time.monotonic() - t0
 
     async def exec_rtt(self, slot: NetworkSlot, count: int) -> list[float]:
-        directory, drive, ram = await self.sandbox_dir()
-        vm = await self.templates.start(self.template, Placement(directory / "run", drive, slot, ram))
+        vm = await self.start(await self.placement(slot))
         try:
             async with agent_client(slot) as agent:
                 await agent.processes.exec(["true"])
@@ -201,8 +219,8 @@ async def interleaved(n: int, *runs: Callable[[], object]) -> list[list[float]]:
 
 
 async def main(quick: bool) -> None:
-    image = build_image(ImageConfig.from_settings(Settings(data_dir=CACHE)), "minimal").image
-    caps = HostCapabilities.probe(Settings(data_dir=CACHE))
+    image = build_image(image_config(Settings(data_dir=CACHE)), "minimal").image
+    caps = probe_host(Settings(data_dir=CACHE))
     data_dir = Path(tempfile.mkdtemp(prefix="wrenbox-bench-", dir="/var/tmp"))
     shm = Path(tempfile.mkdtemp(prefix="wrenbox-bench-", dir="/dev/shm"))
     settings = Settings(data_dir=data_dir, defaults=SandboxDefaults(memory_mb=512))
@@ -216,9 +234,13 @@ async def main(quick: bool) -> None:
     )
     await network.setup()
     try:
-        template = await build_template(settings, "bench", caps=caps, network=network)
+        launcher, rootfs = Launcher(vmm_driver(caps)), rootfs_backend(settings, caps)
+        builder = TemplateBuilder(
+            TemplateStore(settings.templates_dir), launcher=launcher, rootfs=rootfs, network=network
+        )
+        template = await builder.build("bench", image, vcpus=1, memory_mib=512)
         figure("cold_boot_s", template.manifest.timings["boot"], "s")
-        bench = Bench(settings, host_templates(settings, caps), template, network)
+        bench = Bench(settings, launcher, rootfs, template, network)
         restore_slot, bare_slot, shm_slot = await bench.slot(), await bench.slot(), await bench.slot()
         rounds = 3 if quick else 10
         wrenbox, bare, in_shm = await interleaved(

@@ -132,6 +132,7 @@ class Host:
 
     manager: SandboxManager
     runtime: HostRuntime
+    store: Store
     network: Network
     caps: HostCapabilities
 
@@ -153,15 +154,20 @@ async def open_host(settings: Settings, *, reaper: bool = True) -> AsyncIterator
         with Store(settings.state_db) as store:
             mgr = SandboxManager(manager_config(settings), store, runtime)
             await mgr.recover()
+            failure: BaseException | None = None
             async with anyio.create_task_group() as tg:
                 if reaper:
                     tg.start_soon(Reaper(mgr).run)
                 try:
-                    yield Host(mgr, runtime, network, caps)
+                    yield Host(mgr, runtime, store, network, caps)
+                except BaseException as exc:  # raised below as it is, not wrapped in the group's
+                    failure = exc
                 finally:
                     tg.cancel_scope.cancel()
                     with anyio.CancelScope(shield=True):
                         await mgr.shutdown()
+            if failure is not None:
+                raise failure
 
 
 @asynccontextmanager

@@ -10,6 +10,7 @@ QEMU process, namespace, link, RAM file or data directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import secrets
 import shutil
@@ -24,13 +25,14 @@ import pytest
 from tests.support.images import TEST_DATA_DIR, ensure_test_image
 
 from wrenbox.config import LimitsConfig, SandboxDefaults, Settings
-from wrenbox.manager import SandboxManager
+from wrenbox.errors import InUse
+from wrenbox.manager import Sandboxes, SandboxManager
 from wrenbox.network import Network, NetworkConfig
 from wrenbox.network.links import link_names
 from wrenbox.network.netns import list_netns
 from wrenbox.records import SandboxState
 from wrenbox.runtime.sweep import our_processes
-from wrenbox.service import ensure_template, open_manager
+from wrenbox.service import Host, ensure_template, open_host
 
 GUEST_MEMORY_MB = 256
 
@@ -49,9 +51,9 @@ def make_settings(root: Path, tag: str, **overrides: object) -> Settings:
     return Settings(**{**fields, **overrides})  # type: ignore[arg-type]
 
 
-def policy(mgr: SandboxManager, **changes: Any) -> SandboxManager:
+def policy(host: Host, **changes: Any) -> SandboxManager:
     """A manager over the same store and host runtime with other limits (a second policy, same mechanics)."""
-    return SandboxManager(dataclasses.replace(mgr.config, **changes), mgr.store, mgr.runtime)
+    return SandboxManager(dataclasses.replace(host.manager.config, **changes), host.store, host.runtime)
 
 
 def _names(directory: Path) -> list[str]:
@@ -93,30 +95,39 @@ def settings() -> Iterator[Settings]:
 
 
 @pytest.fixture
-async def manager(settings: Settings) -> AsyncIterator[SandboxManager]:
-    """A manager on the session's data dir. Afterwards every sandbox is destroyed and every template but
-    ``minimal`` deleted; one that cannot be (still in use, files astray) fails the test."""
-    async with open_manager(settings, reaper=False) as mgr:
+async def host(settings: Settings) -> AsyncIterator[Host]:
+    """The session's data dir, assembled (``host.manager`` is the face; the runtime is there for tests
+    that look at it). Afterwards every sandbox is destroyed and every template but ``minimal`` deleted;
+    one that cannot be (still in use, files astray) fails the test."""
+    async with open_host(settings, reaper=False) as host:
+        mgr = host.manager
         await ensure_template(mgr, settings)
         try:
-            yield mgr
+            yield host
         finally:
             with anyio.CancelScope(shield=True):
                 for rec in mgr.list():
                     await mgr.destroy(rec.id)
-                await _delete_templates(mgr)
+                await delete_templates(mgr)
         assert [r.id for r in mgr.list() if r.state is not SandboxState.DESTROYED] == []
-        assert [t.name for t in mgr.store.list_templates()] == ["minimal"]
+        assert [t.name for t in mgr.templates()] == ["minimal"]
         assert sorted(p.name for p in settings.templates_dir.iterdir()) == ["minimal"]
 
 
-async def _delete_templates(mgr: SandboxManager) -> None:
-    """Delete every unused template but ``minimal`` (a template is in use while sandboxes made from it
-    exist; deleting those can free further templates, hence the loop)."""
-    while deletable := [
-        t.name
-        for t in mgr.store.list_templates()
-        if t.name != "minimal" and not mgr.store.template_users(t.name)
-    ]:
-        for name in deletable:
-            await mgr.delete_template(name)
+@pytest.fixture
+def manager(host: Host) -> SandboxManager:
+    return host.manager
+
+
+async def delete_templates(mgr: Sandboxes) -> None:
+    """Delete every template but ``minimal`` that nothing uses (deleting one can free further ones:
+    templates made from sandboxes of a deleted template's... hence the loop)."""
+    while True:
+        deleted = 0
+        for t in mgr.templates():
+            if t.name != "minimal":
+                with contextlib.suppress(InUse):
+                    await mgr.delete_template(t.name)
+                    deleted += 1
+        if not deleted:
+            return

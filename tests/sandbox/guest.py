@@ -89,17 +89,8 @@ async def process_tags(mgr: SandboxManager, sandbox_id: str) -> list[str | None]
         return [p.tag for p in await envd.processes.list()]
 
 
-def runtime(mgr: SandboxManager) -> HostRuntime:
-    assert isinstance(mgr.runtime, HostRuntime)
-    return mgr.runtime
-
-
-def snapshot_dir(mgr: SandboxManager, sandbox_id: str) -> Path:
-    return runtime(mgr).snapshot_dir(sandbox_id)
-
-
-def memory_header(mgr: SandboxManager, sandbox_id: str) -> Header:
-    return Header.read(snapshot_dir(mgr, sandbox_id) / HEADER_NAME)
+def memory_header(runtime: HostRuntime, sandbox_id: str) -> Header:
+    return Header.read(runtime.snapshot_dir(sandbox_id) / HEADER_NAME)
 
 
 def tree(directory: Path) -> dict[str, tuple[int, str]]:

@@ -22,7 +22,8 @@ from wrenbox.names import new_sandbox_id
 from wrenbox.pids import ProcessRef
 from wrenbox.records import SandboxRecord, SandboxState
 from wrenbox.rootfs import Disk
-from wrenbox.service import open_manager
+from wrenbox.runtime.host import HostRuntime
+from wrenbox.service import Host, open_manager
 
 from .crash_worker import crash
 from .guest import run
@@ -42,15 +43,14 @@ def same_disk(a: Path, b: Path) -> bool:
     return done.returncode == 0
 
 
-def write_then_fail(mgr: SandboxManager, monkeypatch: pytest.MonkeyPatch) -> None:
+def write_then_fail(rt: HostRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the next resume fail right after the guest wrote and synced to its disk (so the VM is known
     to have run and changed the disk before the failure)."""
-    rt = mgr.runtime
-    original = rt._init_agent  # type: ignore[attr-defined]
+    original = rt._init_agent
 
-    async def init_write_fail(rec: SandboxRecord, slot: object, **kwargs: object) -> None:
-        await original(rec, slot, **kwargs)
-        await rt.envd(rec).processes.exec("echo after-resume >> /home/user/poke; sync")  # type: ignore[attr-defined]
+    async def init_write_fail(rec: SandboxRecord) -> None:
+        await original(rec)
+        await rt.envd(rec).processes.exec("echo after-resume >> /home/user/poke; sync")
         raise faults.InjectedFault("the resume fails after the guest wrote to its disk")
 
     monkeypatch.setattr(rt, "_init_agent", init_write_fail)
@@ -69,11 +69,11 @@ async def paused_with_a_busy_writer(mgr: SandboxManager, tmp: Path) -> tuple[str
 
 
 async def test_a_failed_resume_puts_the_disk_back(
-    manager: SandboxManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    host: Host, manager: SandboxManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sid, paused_disk = await paused_with_a_busy_writer(manager, tmp_path)
     with monkeypatch.context() as m:
-        write_then_fail(manager, m)
+        write_then_fail(host.runtime, m)
         with pytest.raises(faults.InjectedFault):
             await manager.resume(sid)
     assert manager.get(sid).state is S.PAUSED
@@ -87,18 +87,18 @@ async def test_a_failed_resume_puts_the_disk_back(
 
 
 async def test_without_the_revert_the_disk_would_be_ahead(
-    manager: SandboxManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    host: Host, manager: SandboxManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The test above can fail: with reverting switched off, the same failed resume leaves the disk
     changed by the guest."""
     sid, paused_disk = await paused_with_a_busy_writer(manager, tmp_path)
-    rootfs = manager.runtime.rootfs  # type: ignore[attr-defined]
+    rootfs = host.runtime.rootfs
 
     async def keep(disk: Disk) -> None:
         await rootfs.drop_checkpoint(disk)
 
     monkeypatch.setattr(rootfs, "revert", keep)
-    write_then_fail(manager, monkeypatch)
+    write_then_fail(host.runtime, monkeypatch)
     with pytest.raises(faults.InjectedFault):
         await manager.resume(sid)
     assert not same_disk(paused_disk, disk_of(manager, sid).store)

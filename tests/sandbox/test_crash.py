@@ -33,7 +33,7 @@ from wrenbox.records import SandboxState, TemplateState
 from wrenbox.runtime.sweep import our_processes
 from wrenbox.service import ensure_template, open_manager
 
-from .conftest import leftovers, make_settings
+from .conftest import delete_templates, leftovers, make_settings
 from .crash_worker import crash
 
 pytestmark = [pytest.mark.anyio, pytest.mark.vm, pytest.mark.root, pytest.mark.slow]
@@ -96,7 +96,7 @@ async def check_after_restart(
         if rec is not None:
             assert rec.state in expected, f"{sandbox_id} ended {rec.state.value}, expected {expected}"
         # Nothing half-done is listed, and every VMM process belongs to a sandbox on record.
-        assert all(t.state is TemplateState.READY for t in mgr.store.list_templates())
+        assert all(t.state is TemplateState.READY for t in mgr.templates())
         assert not [p for p in (settings.templates_dir).glob(".build-*")]
         held = {
             (r.resources["vm"]["pid"], r.resources["vm"]["start_time"])
@@ -131,9 +131,7 @@ async def _destroy_all_but(mgr: SandboxManager, keep: str) -> None:
     for rec in mgr.list():
         if rec.id != keep:
             await mgr.destroy(rec.id)
-    for tpl in mgr.store.list_templates():
-        if tpl.name != "minimal" and not mgr.store.template_users(tpl.name):
-            await mgr.delete_template(tpl.name)
+    await delete_templates(mgr)
 
 
 CREATE = ["create.slot", "create.disk", "create.vm", "create.init", "state.running"]

@@ -18,9 +18,10 @@ from wrenbox.faults import InjectedFault
 from wrenbox.manager import CreateRequest, SandboxManager
 from wrenbox.names import new_sandbox_id
 from wrenbox.records import SandboxState
+from wrenbox.service import Host
 
 from .conftest import leftovers, policy
-from .guest import Contents, process_tags, run, runtime, snapshot_dir, start_counter, tree
+from .guest import Contents, process_tags, run, start_counter, tree
 
 pytestmark = [pytest.mark.anyio, pytest.mark.vm, pytest.mark.root]
 S = SandboxState
@@ -41,12 +42,14 @@ def injected(step: str) -> Any:
     return pytest.raises(InjectedFault, match=f"at {step}$")
 
 
-async def test_a_failed_create_step_leaves_nothing(manager: SandboxManager, settings: Settings) -> None:
+async def test_a_failed_create_step_leaves_nothing(
+    host: Host, manager: SandboxManager, settings: Settings
+) -> None:
     steps = await steps_of("create", lambda: manager.create(CreateRequest(sandbox_id=new_sandbox_id())))
     assert len(steps) >= 4  # slot, disk, VM, agent /init at least
     for rec in manager.list():
         await manager.destroy(rec.id)
-    rt = runtime(manager)
+    rt = host.runtime
     assert leftovers(settings) == {}
 
     for step in steps:
@@ -57,7 +60,7 @@ async def test_a_failed_create_step_leaves_nothing(manager: SandboxManager, sett
         assert (rec.state, rec.resources, rec.leftovers) == (S.DESTROYED, {}, []), step
         assert step in (rec.error or "")
         assert leftovers(settings) == {}, f"a failure at {step} left things behind"
-        assert rt.slots.in_use() == frozenset(), step
+        assert rt.network.in_use() == frozenset(), step
         assert sandbox_id not in rt._vms, step
         assert sandbox_id not in rt._clients, step
 
@@ -67,7 +70,7 @@ async def test_a_failed_create_step_leaves_nothing(manager: SandboxManager, sett
 
 
 async def test_a_failed_resume_step_leaves_it_paused_and_resumable(
-    manager: SandboxManager, settings: Settings
+    host: Host, manager: SandboxManager, settings: Settings
 ) -> None:
     sb = await manager.create(CreateRequest(env={"KEPT": "yes"}))
     contents = Contents.random(1 << 20)
@@ -77,10 +80,10 @@ async def test_a_failed_resume_step_leaves_it_paused_and_resumable(
     steps = await steps_of("resume", lambda: manager.resume(sb.id))
     assert len(steps) >= 4  # disk, slot, memory, VM, agent at least
     await manager.pause(sb.id)
-    rt = runtime(manager)
+    rt = host.runtime
     paused = manager.get(sb.id)
     held = leftovers(settings)
-    snapshot = tree(snapshot_dir(manager, sb.id))
+    snapshot = tree(host.runtime.snapshot_dir(sb.id))
 
     for step in steps:
         with faults.armed(step), injected(step):
@@ -90,8 +93,8 @@ async def test_a_failed_resume_step_leaves_it_paused_and_resumable(
         assert (rec.resources, rec.leftovers, rec.host_ip) == (paused.resources, [], None), step
         assert step in (rec.error or "")
         assert leftovers(settings) == held, f"a failure at {step} left things behind"
-        assert rt.slots.in_use() == frozenset(), step
-        assert tree(snapshot_dir(manager, sb.id)) == snapshot, f"a failure at {step} changed the snapshot"
+        assert rt.network.in_use() == frozenset(), step
+        assert tree(host.runtime.snapshot_dir(sb.id)) == snapshot, f"a failure at {step} changed the snapshot"
 
     await manager.resume(sb.id)
     assert await contents.check(manager, sb.id) == []
@@ -99,7 +102,9 @@ async def test_a_failed_resume_step_leaves_it_paused_and_resumable(
     assert await run(manager, sb.id, "echo $KEPT") == "yes\n"
 
 
-async def test_a_failed_pause_step_keeps_it_running(manager: SandboxManager, settings: Settings) -> None:
+async def test_a_failed_pause_step_keeps_it_running(
+    host: Host, manager: SandboxManager, settings: Settings
+) -> None:
     sb = await manager.create(CreateRequest())
     contents = Contents.random(1 << 20)
     await contents.write(manager, sb.id)
@@ -124,7 +129,7 @@ async def test_a_failed_pause_step_keeps_it_running(manager: SandboxManager, set
             assert set(rec.resources) == set(running.resources), step
             assert await contents.check(manager, sb.id) == [], f"after a failure at {step}"
             assert leftovers(settings) == held, f"a failure at {step} left things behind"
-            directory = snapshot_dir(manager, sb.id)
+            directory = host.runtime.snapshot_dir(sb.id)
             assert not [p.name for p in directory.parent.glob(".*tmp*")], step
             if previous is None:
                 assert not directory.exists(), f"a failure at {step} of a first pause left a snapshot"
@@ -136,7 +141,7 @@ async def test_a_failed_pause_step_keeps_it_running(manager: SandboxManager, set
     await contents.write(manager, sb.id)
     await fail_each_step(None)  # a first pause: there is no snapshot yet
     await pause_and_resume()
-    await fail_each_step(tree(snapshot_dir(manager, sb.id)))  # a later pause: the last one stays
+    await fail_each_step(tree(host.runtime.snapshot_dir(sb.id)))  # a later pause: the last one stays
 
     # And the last good snapshot still serves a resume, after a pause that works.
     await manager.pause(sb.id)
@@ -145,16 +150,16 @@ async def test_a_failed_pause_step_keeps_it_running(manager: SandboxManager, set
 
 
 async def test_a_failed_snapshot_or_fork_leaves_no_template(
-    manager: SandboxManager, settings: Settings
+    host: Host, manager: SandboxManager, settings: Settings
 ) -> None:
     sb = await manager.create(CreateRequest())
     contents = Contents.random(1 << 20)
     await contents.write(manager, sb.id)
-    templates = {t.name for t in manager.store.list_templates()}
+    templates = {t.name for t in manager.templates()}
     on_disk = sorted(p.name for p in settings.templates_dir.iterdir())
 
     def unchanged() -> None:
-        assert {t.name for t in manager.store.list_templates()} == templates
+        assert {t.name for t in manager.templates()} == templates
         assert sorted(p.name for p in settings.templates_dir.iterdir()) == on_disk
 
     # A fork that fails while writing its template: the source keeps running.
@@ -175,7 +180,7 @@ async def test_a_failed_snapshot_or_fork_leaves_no_template(
         await manager.fork(sb.id, 2)
     only_the_source_is_left()
     with pytest.raises(Unavailable):
-        await policy(manager, max_sandboxes=2).fork(sb.id, 2)
+        await policy(host, max_sandboxes=2).fork(sb.id, 2)
     only_the_source_is_left()
     assert await contents.check(manager, sb.id) == []
 
@@ -209,7 +214,7 @@ def cancelled_at(step: str) -> Iterator[anyio.CancelScope]:
 
 
 async def test_a_cancelled_operation_ends_in_a_settled_state(
-    manager: SandboxManager, settings: Settings
+    host: Host, manager: SandboxManager, settings: Settings
 ) -> None:
     """Cancellation is not an error to wait out: the sandbox settles as after a failure, at once."""
     create_steps = await steps_of("create", lambda: manager.create(CreateRequest()))
@@ -251,7 +256,7 @@ async def test_a_cancelled_operation_ends_in_a_settled_state(
             await manager.pause(sb.id)
 
     # A destroy cancelled as it starts releasing still completes: half a destroy helps nobody.
-    rt = runtime(manager)
+    rt = host.runtime
     scope = anyio.CancelScope()
     real_release = rt.release
 

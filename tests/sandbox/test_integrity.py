@@ -13,6 +13,7 @@ from wrenbox.config import Settings
 from wrenbox.manager import CreateRequest, SandboxManager
 from wrenbox.memory.chain import Chain
 from wrenbox.memory.process import MemoryConfig
+from wrenbox.service import Host
 
 from .conftest import leftovers
 from .guest import (
@@ -20,9 +21,7 @@ from .guest import (
     counter,
     guest_sha256,
     memory_header,
-    runtime,
     sha256,
-    snapshot_dir,
     start_counter,
     upload,
 )
@@ -44,7 +43,7 @@ async def _mismatches(
 
 
 async def test_data_and_processes_survive_pause_resume_cycles_and_forks(
-    manager: SandboxManager, settings: Settings
+    host: Host, manager: SandboxManager, settings: Settings
 ) -> None:
     sb = await manager.create(CreateRequest())
     still = {path: os.urandom(size) for path, size in STILL.items()}
@@ -59,8 +58,8 @@ async def test_data_and_processes_survive_pause_resume_cycles_and_forks(
         fresh = Contents.random(2 * MIB)  # new data every cycle, so every diff carries real changes
         await fresh.write(manager, sb.id)
         await manager.pause(sb.id)
-        headers.append(memory_header(manager, sb.id))
-        with Chain.open(snapshot_dir(manager, sb.id)):  # every diff file's checksum verifies
+        headers.append(memory_header(host.runtime, sb.id))
+        with Chain.open(host.runtime.snapshot_dir(sb.id)):  # every diff file's checksum verifies
             pass
         await manager.resume(sb.id)
         mismatches[f"cycle {cycle}"] = await _mismatches(manager, sb.id, still, fresh)
@@ -82,7 +81,7 @@ async def test_data_and_processes_survive_pause_resume_cycles_and_forks(
     assert len(headers[-1].files) > 1
 
     # At the cap the chain collapses into one generation 0, and nothing is lost.
-    rt = runtime(manager)
+    rt = host.runtime
     config = rt.config
     rt.config = dataclasses.replace(config, memory=MemoryConfig(max_generations=CYCLES))
     try:
@@ -91,9 +90,9 @@ async def test_data_and_processes_survive_pause_resume_cycles_and_forks(
         await manager.pause(sb.id)
     finally:
         rt.config = config
-    collapsed = memory_header(manager, sb.id)
+    collapsed = memory_header(host.runtime, sb.id)
     assert (collapsed.generation, len(collapsed.files)) == (0, 1)
-    assert sorted(p.name for p in snapshot_dir(manager, sb.id).glob("memfile.*")) == sorted(
+    assert sorted(p.name for p in host.runtime.snapshot_dir(sb.id).glob("memfile.*")) == sorted(
         ["memfile.header", f"memfile.{collapsed.build_id}"]
     )
     await manager.resume(sb.id)

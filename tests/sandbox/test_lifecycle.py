@@ -10,7 +10,7 @@ from wrenbox.errors import AlreadyExists, InUse, InvalidArgument, NotFound, NotR
 from wrenbox.manager import CreateRequest, SandboxManager
 from wrenbox.names import new_sandbox_id
 from wrenbox.records import SandboxState, TemplateState
-from wrenbox.service import ensure_template, open_manager
+from wrenbox.service import Host, ensure_template, open_manager
 
 from .conftest import leftovers
 from .guest import (
@@ -37,7 +37,7 @@ def _name(prefix: str) -> str:
 async def test_create_restores_the_template_and_destroy_is_idempotent(
     manager: SandboxManager, settings: Settings
 ) -> None:
-    template = manager.store.get_template("minimal")
+    template = manager.template("minimal")
     sb = await manager.create(CreateRequest(metadata={"owner": "t1"}, env={"GREETING": "hello there"}))
     assert sb.state is S.RUNNING
     assert sb.host_ip is not None
@@ -82,7 +82,7 @@ async def test_cold_boot_boots_the_image(manager: SandboxManager, settings: Sett
 
 
 async def test_pause_and_resume_keep_everything_but_the_address(
-    manager: SandboxManager, settings: Settings
+    host: Host, manager: SandboxManager, settings: Settings
 ) -> None:
     req = CreateRequest(
         metadata={"k": "v", "team": "core"}, env={"SECRET": "s3"}, timeout_s=900, on_timeout="kill"
@@ -110,9 +110,7 @@ async def test_pause_and_resume_keep_everything_but_the_address(
     assert set(resumed.resources) == RUNNING_HOLDS | {"snapshot", "checkpoint"}
     kept = ("template", "vcpus", "memory_mb", "metadata", "env", "created_at", "timeout_s", "on_timeout")
     assert {k: getattr(resumed, k) for k in kept} == {k: getattr(sb, k) for k in kept}
-    assert {k: getattr(manager.store.get_sandbox(sb.id), k) for k in kept} == {
-        k: getattr(sb, k) for k in kept
-    }
+    assert {k: getattr(host.store.get_sandbox(sb.id), k) for k in kept} == {k: getattr(sb, k) for k in kept}
     assert await run(manager, sb.id, "echo $SECRET; cat /home/user/note.txt") == "s3\nkept\n"
     assert [await agent_status(resumed, t) for t in (sb.access_token, None)] == [200, 401]
     assert await manager.resume(sb.id) == manager.get(sb.id)  # resuming a running sandbox changes nothing
@@ -153,7 +151,7 @@ async def test_snapshots_become_templates(manager: SandboxManager, settings: Set
     assert "counter" in await process_tags(manager, child.id)
     with pytest.raises(InUse):
         await manager.delete_template(running_tpl.name)
-    assert manager.store.get_template(running_tpl.name).state is TemplateState.READY
+    assert manager.template(running_tpl.name).state is TemplateState.READY
 
     # A paused sandbox: stays paused, and resumes as it was.
     paused_tpl = await manager.snapshot(source.id, _name("snap-paused"))
@@ -174,7 +172,7 @@ async def test_snapshots_become_templates(manager: SandboxManager, settings: Set
             await manager.destroy(sb.id)
         await manager.delete_template(tpl.name)
         with pytest.raises(NotFound):
-            manager.store.get_template(tpl.name)
+            manager.template(tpl.name)
         assert not (settings.templates_dir / tpl.name).exists()
     with pytest.raises(NotFound):
         await manager.create(CreateRequest(template=running_tpl.name))
@@ -194,7 +192,7 @@ async def test_fork_makes_independent_children_and_keeps_the_source_running(
     assert len(children) == 2
     assert len({c.id for c in children} | {source.id}) == 3
     assert manager.get(source.id).state is S.RUNNING
-    fork_tpl = manager.store.get_template(children[0].template)
+    fork_tpl = manager.template(children[0].template)
     assert fork_tpl.kind == "fork"
     assert fork_tpl.source == source.id
     for child in children:
@@ -218,10 +216,10 @@ async def test_fork_makes_independent_children_and_keeps_the_source_running(
         await manager.fork(source.id, 0)
     # The fork template lives as long as a child does.
     await manager.destroy(children[0].id)
-    assert manager.store.get_template(fork_tpl.name).state is TemplateState.READY
+    assert manager.template(fork_tpl.name).state is TemplateState.READY
     await manager.destroy(children[1].id)
     with pytest.raises(NotFound):
-        manager.store.get_template(fork_tpl.name)
+        manager.template(fork_tpl.name)
     assert not (settings.templates_dir / fork_tpl.name).exists()
 
     await manager.pause(source.id)
@@ -246,7 +244,7 @@ async def test_forks_of_forks_and_repeated_forks(manager: SandboxManager, settin
 
     for rec in (child, grandchild, second):
         await manager.destroy(rec.id)
-    assert [t.name for t in manager.store.list_templates() if t.kind == "fork"] == []
+    assert [t.name for t in manager.templates() if t.kind == "fork"] == []
     assert [p.name for p in settings.templates_dir.iterdir() if p.name in fork_templates] == []
 
     # The source, snapshotted in place twice, still pauses and resumes with its data.

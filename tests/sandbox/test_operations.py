@@ -15,16 +15,17 @@ from wrenbox.envd.models import Exited, Started, Stderr, Stdout
 from wrenbox.errors import AlreadyExists, InvalidArgument, NotFound, NotRunning, Timeout, Unavailable
 from wrenbox.manager import CreateRequest, SandboxManager
 from wrenbox.records import SandboxRecord, SandboxState
+from wrenbox.service import Host
 
 from .conftest import leftovers, policy
-from .guest import run, runtime
+from .guest import run
 
 pytestmark = [pytest.mark.anyio, pytest.mark.vm, pytest.mark.root]
 S = SandboxState
 MIB = 1 << 20
 
 
-async def test_exec_collects_caps_and_reports_exit_codes(manager: SandboxManager) -> None:
+async def test_exec_collects_caps_and_reports_exit_codes(host: Host, manager: SandboxManager) -> None:
     sb = await manager.create(CreateRequest())
     ok = await manager.exec(sb.id, "echo out; echo err >&2")
     assert (ok.exit_code, ok.stdout, ok.stderr) == (0, b"out\n", b"err\n")
@@ -40,7 +41,7 @@ async def test_exec_collects_caps_and_reports_exit_codes(manager: SandboxManager
     assert (capped.stderr, capped.stderr_truncated) == (b"b" * 1000, True)
 
     # The manager's configured cap applies when the caller gives none.
-    small = policy(manager, exec_output_cap_bytes=1024)
+    small = policy(host, exec_output_cap_bytes=1024)
     by_config = await small.exec(sb.id, "head -c 4096 /dev/zero | tr '\\0' c")
     assert (len(by_config.stdout), by_config.stdout_truncated) == (1024, True)
     uncapped = await manager.exec(sb.id, "head -c 4096 /dev/zero | tr '\\0' c")
@@ -100,7 +101,7 @@ async def test_list_and_get_filter_on_state_and_metadata(manager: SandboxManager
         manager.get("nosuchsandbox")
 
 
-async def test_ping_and_set_timeout(manager: SandboxManager) -> None:
+async def test_ping_and_set_timeout(host: Host, manager: SandboxManager) -> None:
     sb = await manager.create(CreateRequest(timeout_s=60))
     before = manager.get(sb.id).last_active_at
     await anyio.sleep(0.05)
@@ -109,12 +110,12 @@ async def test_ping_and_set_timeout(manager: SandboxManager) -> None:
 
     updated = manager.set_timeout(sb.id, 7)
     assert updated.timeout_s == 7
-    assert manager.store.get_sandbox(sb.id).timeout_s == 7  # persisted, not only in memory
+    assert host.store.get_sandbox(sb.id).timeout_s == 7  # persisted, not only in memory
     with pytest.raises(InvalidArgument):
         manager.set_timeout(sb.id, -1)
     with pytest.raises(InvalidArgument):
         manager.set_timeout(sb.id, "10")  # type: ignore[arg-type]
-    assert manager.store.get_sandbox(sb.id).timeout_s == 7
+    assert host.store.get_sandbox(sb.id).timeout_s == 7
 
     await manager.pause(sb.id)
     with pytest.raises(NotRunning):
@@ -133,38 +134,48 @@ async def test_ping_and_set_timeout(manager: SandboxManager) -> None:
 async def test_metrics_are_plausible(manager: SandboxManager) -> None:
     sb = await manager.create(CreateRequest())
     first = await manager.metrics(sb.id)
-    host, guest = first["host"], first["guest"]
-    assert first["state"] == "running"
+    usage, guest = first.host, first.guest
+    assert first.state is S.RUNNING
+    assert guest is not None
     memory = sb.memory_mb * MIB
-    assert 16 * MIB < host["vmm_rss_bytes"] < memory + 512 * MIB
-    assert host["vmm_cpu_seconds"] > 0
-    assert 0 < host["ram_file_bytes"] <= memory
-    assert host["disk_bytes"] > 0
-    assert guest["cpu_count"] == sb.vcpus
-    assert 0.6 * memory < guest["mem_total"] <= memory
-    assert 0 < guest["mem_used"] < guest["mem_total"]
-    assert 0 < guest["disk_used"] < guest["disk_total"]
-    assert abs(guest["timestamp"] - time.time()) < 30  # /init set the restored guest's clock
+    assert 16 * MIB < usage["vmm_rss_bytes"] < memory + 512 * MIB
+    assert usage["vmm_cpu_seconds"] > 0
+    assert 0 < usage["ram_file_bytes"] <= memory
+    assert usage["disk_bytes"] > 0
+    assert guest.cpu_count == sb.vcpus
+    assert 0.6 * memory < guest.mem_total <= memory
+    assert 0 < guest.mem_used < guest.mem_total
+    assert 0 < guest.disk_used < guest.disk_total
+    assert abs(guest.timestamp - time.time()) < 30  # /init set the restored guest's clock
 
     # Memory the guest touches shows up on both sides.
     await run(manager, sb.id, "head -c 48M /dev/urandom > /dev/shm/fill")
     second = await manager.metrics(sb.id)
-    assert second["guest"]["mem_used"] - guest["mem_used"] > 32 * MIB
-    assert second["host"]["ram_file_bytes"] - host["ram_file_bytes"] > 32 * MIB
-    assert second["host"]["vmm_cpu_seconds"] > host["vmm_cpu_seconds"]
+    assert second.guest is not None
+    assert second.guest.mem_used - guest.mem_used > 32 * MIB
+    assert second.host["ram_file_bytes"] - usage["ram_file_bytes"] > 32 * MIB
+    assert second.host["vmm_cpu_seconds"] > usage["vmm_cpu_seconds"]
 
     await manager.pause(sb.id)
     paused = await manager.metrics(sb.id)
-    assert paused["state"] == "paused"
-    assert "guest" not in paused
-    assert set(paused["host"]) == {"disk_bytes", "snapshot_bytes"}
-    assert 32 * MIB < paused["host"]["snapshot_bytes"] < memory
+    assert (paused.state, paused.guest) == (S.PAUSED, None)
+    assert set(paused.host) == {
+        "disk_bytes",
+        "snapshot_bytes",
+        "snapshot_memory_bytes",
+        "snapshot_memory_file_bytes",
+    }
+    assert 32 * MIB < paused.host["snapshot_bytes"] < memory
+    # The snapshot holds the guest's non-zero memory (the 48 MiB of random data and more), and on disk
+    # costs about what it holds.
+    assert 48 * MIB < paused.host["snapshot_memory_bytes"] < memory
+    assert 0.99 < paused.host["snapshot_memory_file_bytes"] / paused.host["snapshot_memory_bytes"] < 1.05
 
 
 async def test_limits_refuse_with_unavailable_and_change_nothing(
-    manager: SandboxManager, settings: Settings
+    host: Host, manager: SandboxManager, settings: Settings
 ) -> None:
-    one = policy(manager, max_sandboxes=1)
+    one = policy(host, max_sandboxes=1)
     a = await one.create(CreateRequest())
     records = {r.id: r.state for r in manager.list(states=set(S))}
     held = leftovers(settings)
@@ -182,7 +193,7 @@ async def test_limits_refuse_with_unavailable_and_change_nothing(
     await one.destroy(b.id)
 
     # One start at a time: of two starts at once, one is refused at once and the other completes.
-    serial = policy(manager, max_concurrent_starts=1)
+    serial = policy(host, max_concurrent_starts=1)
     outcomes: dict[str, str] = {}
 
     async def attempt(name: str, op: Any) -> None:
@@ -200,13 +211,13 @@ async def test_limits_refuse_with_unavailable_and_change_nothing(
     assert (await serial.resume(a.id)).state is S.RUNNING  # refused only while the other one started
 
 
-async def test_exec_against_a_pausing_sandbox_fails_fast(manager: SandboxManager) -> None:
+async def test_exec_against_a_pausing_sandbox_fails_fast(host: Host, manager: SandboxManager) -> None:
     sb = await manager.create(CreateRequest())
-    rt = runtime(manager)
+    rt = host.runtime
     real_pause = rt.pause
     during_pause: list[BaseException] = []
 
-    async def observed_pause(rec: SandboxRecord, ledger: Any) -> None:
+    async def observed_pause(rec: SandboxRecord, ledger: Any, *, memory: bool) -> None:
         # The sandbox is 'pausing' now: a new request must be refused at once, not queued.
         assert manager.get(rec.id).state is S.PAUSING
         t0 = time.monotonic()
@@ -215,7 +226,7 @@ async def test_exec_against_a_pausing_sandbox_fails_fast(manager: SandboxManager
         except NotRunning as exc:
             during_pause.append(exc)
         assert time.monotonic() - t0 < 1.0
-        await real_pause(rec, ledger)
+        await real_pause(rec, ledger, memory=memory)
 
     rt.pause = observed_pause  # type: ignore[method-assign]
     outcomes: dict[str, tuple[BaseException | None, float]] = {}

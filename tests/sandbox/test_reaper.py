@@ -77,7 +77,7 @@ async def test_idle_sandboxes_are_paused_or_killed_and_activity_postpones_it(man
 
     paused = manager.get(keep.id)
     assert paused.pause_failures == 0
-    assert [e["kind"] for e in manager.store.events(sandbox_id=keep.id)].count("expired") == 1
+    assert [e["kind"] for e in manager.events(sandbox_id=keep.id)].count("expired") == 1
     resumed = await manager.resume(keep.id)
     assert resumed.timeout_s == TIMEOUT_S
     assert await contents.check(manager, keep.id) == []

@@ -1,8 +1,9 @@
 """Real VMs from one template per session: the guest image (cached per machine), a network of our own,
-qcow2 root disks, QEMU under whatever the host probe chose (TCG here).
+the root disks and the VMM driver the host probe chose (qcow2 and QEMU under TCG here).
 
-``template`` is built once per session (one cold boot). ``sandboxes`` starts VMs from it in fresh slots
-and releases everything it made when the test ends, whatever happened.
+``template`` is built once per session (one cold boot) by :class:`TemplateBuilder`. ``sandboxes``
+starts VMs from it in slots of its choosing and releases everything it made when the test ends,
+whatever happened.
 """
 
 from __future__ import annotations
@@ -23,21 +24,15 @@ from tests.support.images import image_settings
 from wrenbox.config import SandboxDefaults, Settings
 from wrenbox.envd import AsyncEnvdClient, ExecResult
 from wrenbox.images import Image
+from wrenbox.launch import Launcher, Placement, agent_client
 from wrenbox.network import Network, NetworkConfig, NetworkSlot
 from wrenbox.network.links import link_names
-from wrenbox.network.netns import NETNS_DIR, list_netns
-from wrenbox.probe.capabilities import HostCapabilities
+from wrenbox.network.netns import list_netns
+from wrenbox.probe import HostCapabilities
 from wrenbox.rootfs import Disk, RootfsBackend
-from wrenbox.templates import (
-    Placement,
-    Template,
-    Templates,
-    agent_client,
-    agent_ready,
-    build_template,
-    host_templates,
-)
-from wrenbox.vmm.base import Drive, MemoryFile, Snapshot, Vm, VmConfig
+from wrenbox.service import probe_host, rootfs_backend, vmm_driver
+from wrenbox.templates import Template, TemplateBuilder, TemplateStore
+from wrenbox.vmm.base import Snapshot, Vm
 
 GUEST_MEMORY_MIB = 256
 
@@ -111,24 +106,38 @@ def settings(data_dir: Path, guest_image: Image) -> Settings:
 @pytest.fixture(scope="session")
 def caps() -> HostCapabilities:
     """The host probe, cached with the test image (probing a fresh data dir would try KVM again)."""
-    return HostCapabilities.probe(image_settings())
+    return probe_host(image_settings())
 
 
 @pytest.fixture(scope="session")
-def templates(settings: Settings, caps: HostCapabilities) -> Templates:
-    return host_templates(settings, caps)
+def launcher(caps: HostCapabilities) -> Launcher:
+    """VMs the way the product starts them: the driver the probe chose."""
+    return Launcher(vmm_driver(caps))
 
 
 @pytest.fixture(scope="session")
-def rootfs(templates: Templates) -> RootfsBackend:
-    return templates.rootfs
+def rootfs(settings: Settings, caps: HostCapabilities) -> RootfsBackend:
+    return rootfs_backend(settings, caps)
 
 
 @pytest.fixture(scope="session")
-def template(settings: Settings, caps: HostCapabilities, network: Network) -> Iterator[Template]:
+def store(settings: Settings) -> TemplateStore:
+    return TemplateStore(settings.templates_dir)
+
+
+@pytest.fixture(scope="session")
+def builder(
+    store: TemplateStore, launcher: Launcher, rootfs: RootfsBackend, network: Network
+) -> TemplateBuilder:
+    return TemplateBuilder(store, launcher=launcher, rootfs=rootfs, network=network)
+
+
+@pytest.fixture(scope="session")
+def template(builder: TemplateBuilder, guest_image: Image) -> Iterator[Template]:
     """Built once per session the way ``wrenbox template build`` builds one. After the session its RAM
     file must still hold what it held when built, whatever the clones did."""
-    template = anyio.run(partial(build_template, settings, "minimal", caps=caps, network=network))
+    build = partial(builder.build, "minimal", guest_image, vcpus=1, memory_mib=GUEST_MEMORY_MIB)
+    template = anyio.run(build)
     yield template
     assert sha256(template.memory) == template.manifest.memory_sha256, "a clone wrote into the template"
 
@@ -146,10 +155,6 @@ class Sandbox:
     vm: Vm
     agent: AsyncEnvdClient
 
-    @property
-    def drive(self) -> Drive:
-        return Drive(self.disk.path, self.disk.format)
-
     async def sh(self, script: str) -> str:
         """Run ``script`` with /bin/sh in the guest; its stdout (it must succeed)."""
         result: ExecResult = await self.agent.processes.exec(["/bin/sh", "-c", script], timeout=60)
@@ -159,11 +164,12 @@ class Sandbox:
 
 @dataclass
 class Sandboxes:
-    """Slots, disks and VMs made for one test; :meth:`close` releases all of them."""
+    """Slots, disks and VMs made for one test, the way the host runtime makes them (a copy of the
+    template's RAM, :class:`Launcher`, ``/init``); :meth:`close` releases all of them."""
 
     network: Network
     rootfs: RootfsBackend
-    templates: Templates
+    launcher: Launcher
     template: Template
     root: Path
     slots: dict[int, NetworkSlot] = field(default_factory=dict)
@@ -179,27 +185,33 @@ class Sandboxes:
     async def remove_slot(self, index: int) -> None:
         await self.network.remove(self.slots.pop(index))
 
+    def placement(self, directory: Path, disk: Disk, slot: NetworkSlot, run: str = "run") -> Placement:
+        return Placement(directory / run, disk.drive(), slot, directory / "memory")
+
     async def start(self, index: int) -> Sandbox:
-        """A VM from the template in slot ``index``, with a disk of its own."""
+        """A VM from the template in slot ``index``, with a disk and a RAM file of its own."""
         slot = await self.slot(index)
         name = f"sbx{index}-{secrets.token_hex(3)}"
         directory = self.root / name
         directory.mkdir()
         disk = await self.rootfs.create(self.template.rootfs_image(), name)
-        placement = Placement(
-            run_dir=directory / "run",
-            disk=Drive(disk.path, disk.format),
-            slot=slot,
-            memory=directory / "memory",
-        )
+        placement = self.placement(directory, disk, slot)
+        agent = agent_client(slot)
         try:
-            vm = await self.templates.start(self.template, placement)
+            await anyio.to_thread.run_sync(self.template.copy_memory, placement.memory)
+            vm = await self.launcher.restore(placement, self.template.snapshot(), **self.machine, agent=agent)
+            await agent.init()
         except BaseException:
+            await agent.aclose()
             await self.rootfs.remove(disk)
             raise
-        sandbox = Sandbox(slot, disk, directory, vm, agent_client(slot))
+        sandbox = Sandbox(slot, disk, directory, vm, agent)
         self.made.append(sandbox)
         return sandbox
+
+    @property
+    def machine(self) -> dict[str, int]:
+        return {"vcpus": self.template.manifest.vcpus, "memory_mib": self.template.manifest.memory_mib}
 
     async def pause(self, sandbox: Sandbox) -> Snapshot:
         """Snapshot the sandbox's VM into a new directory of its own and end the VM."""
@@ -215,15 +227,10 @@ class Sandboxes:
         """Restore a paused sandbox into slot ``index``, with RAM in its own file ``<dir>/memory``."""
         slot = await self.slot(index)
         sandbox.disk = await self.rootfs.restore(sandbox.disk)
-        config = VmConfig(
-            machine=self.template.machine(sandbox.drive),
-            memory=MemoryFile(sandbox.dir / "memory"),
-            run_dir=sandbox.dir / f"run-{secrets.token_hex(3)}",
-            netns=NETNS_DIR / slot.netns,
-        )
-        sandbox.vm = await self.templates.driver.restore(config, snapshot)
+        placement = self.placement(sandbox.dir, sandbox.disk, slot, run=f"run-{secrets.token_hex(3)}")
         sandbox.slot, sandbox.agent = slot, agent_client(slot)
-        await agent_ready(sandbox.vm, slot, timeout=30)
+        sandbox.vm = await self.launcher.restore(placement, snapshot, **self.machine, agent=sandbox.agent)
+        await sandbox.agent.init()
 
     async def close(self) -> None:
         for sandbox in reversed(self.made):
@@ -237,11 +244,11 @@ class Sandboxes:
 
 @pytest.fixture
 async def sandboxes(
-    network: Network, rootfs: RootfsBackend, templates: Templates, template: Template, data_dir: Path
+    network: Network, rootfs: RootfsBackend, launcher: Launcher, template: Template, data_dir: Path
 ) -> AsyncIterator[Sandboxes]:
-    root = data_dir / "sandboxes"
+    root = data_dir / "vms"
     root.mkdir(exist_ok=True)
-    made = Sandboxes(network, rootfs, templates, template, root)
+    made = Sandboxes(network, rootfs, launcher, template, root)
     try:
         yield made
     finally:

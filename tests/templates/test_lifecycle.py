@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import signal
 import time
 from dataclasses import replace
@@ -22,10 +23,10 @@ from tests.templates.conftest import (
 )
 
 from wrenbox.command import run
+from wrenbox.launch import Launcher, agent_client
 from wrenbox.network import Network
 from wrenbox.rootfs import RootfsBackend
-from wrenbox.templates import Placement, Template, Templates
-from wrenbox.vmm.base import Drive
+from wrenbox.templates import Template
 from wrenbox.vmm.qemu import QemuDriver
 
 pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.slow, pytest.mark.anyio]
@@ -112,7 +113,7 @@ async def test_two_clones_at_once_are_independent_and_differ_in_random_state(
     assert {p: sha256(p) for p in before} == before, "a clone wrote into the template"
 
 
-async def test_snapshot_then_resume_keeps_the_vm_running(sandboxes: Sandboxes, templates: Templates) -> None:
+async def test_snapshot_then_resume_keeps_the_vm_running(sandboxes: Sandboxes, launcher: Launcher) -> None:
     e = await sandboxes.start(7)
     await e.sh("echo before > $HOME/f && sync")
     dest = e.dir / "snap"
@@ -131,25 +132,26 @@ async def test_snapshot_then_resume_keeps_the_vm_running(sandboxes: Sandboxes, t
     assert (await e.sh("echo ok")).strip() == "ok"
 
     # A wrenbox that restarted finds the VM by its process reference and can still drive it.
-    adopted = templates.driver.adopt(e.vm.config, e.vm.process)
+    adopted = launcher.adopt(sandboxes.placement(e.dir, e.disk, e.slot), e.vm.process, **sandboxes.machine)
     assert await adopted.status() == "running"
     await adopted.destroy()
     assert not e.vm.alive()
 
 
 async def test_destroy_kills_a_vmm_that_does_not_answer(
-    sandboxes: Sandboxes, templates: Templates, template: Template, rootfs: RootfsBackend, data_dir: Path
+    sandboxes: Sandboxes, launcher: Launcher, template: Template, rootfs: RootfsBackend, data_dir: Path
 ) -> None:
-    patience = replace(templates.driver.config, quit_timeout_s=0.5, kill_grace_s=0.5)
-    impatient = Templates(templates.config, driver=QemuDriver(patience), rootfs=rootfs)
+    patience = replace(launcher.driver.config, quit_timeout_s=0.5, kill_grace_s=0.5)  # type: ignore[attr-defined]
+    impatient = Launcher(QemuDriver(patience), launcher.config)
     slot = await sandboxes.slot(8)
-    directory = data_dir / "sandboxes" / "hung"
-    directory.mkdir()
+    directory = data_dir / "vms" / "hung"
+    directory.mkdir(parents=True)
     disk = await rootfs.create(template.rootfs_image(), "hung")
+    placement = sandboxes.placement(directory, disk, slot)
     try:
-        vm = await impatient.start(
-            template, Placement(directory / "run", Drive(disk.path, disk.format), slot, directory / "memory")
-        )
+        template.copy_memory(placement.memory)
+        async with agent_client(slot) as agent:
+            vm = await impatient.restore(placement, template.snapshot(), **sandboxes.machine, agent=agent)
         os.kill(vm.pid, signal.SIGSTOP)  # QEMU can no longer answer its monitor, nor SIGTERM
         t0 = time.monotonic()
         await vm.destroy()
@@ -160,25 +162,31 @@ async def test_destroy_kills_a_vmm_that_does_not_answer(
         await rootfs.remove(disk)
 
 
-async def test_a_cancelled_start_leaves_nothing(
-    sandboxes: Sandboxes, templates: Templates, template: Template, rootfs: RootfsBackend, data_dir: Path
+async def test_a_cancelled_restore_leaves_no_vm(
+    sandboxes: Sandboxes, launcher: Launcher, template: Template, rootfs: RootfsBackend, data_dir: Path
 ) -> None:
+    """Cancelled at any moment, a launch either returned a VM or left no VMM process (the RAM file and the
+    disk are the caller's: the host runtime holds them in its ledger before the launch)."""
     slot = await sandboxes.slot(11)
     cancelled = 0
     for i, delay in enumerate((0.0, 0.02, 0.06, 0.12, 0.2, 0.3)):
-        directory = data_dir / "sandboxes" / f"cancelled-{i}"
-        directory.mkdir()
+        directory = data_dir / "vms" / f"cancelled-{i}"
+        directory.mkdir(parents=True)
         disk = await rootfs.create(template.rootfs_image(), f"cancelled-{i}")
-        placement = Placement(directory / "run", Drive(disk.path, disk.format), slot, directory / "memory")
+        placement = sandboxes.placement(directory, disk, slot)
+        template.copy_memory(placement.memory)
         try:
-            with anyio.move_on_after(delay) as scope:
-                vm = await templates.start(template, placement)
+            async with agent_client(slot) as agent:
+                with anyio.move_on_after(delay) as scope:
+                    vm = await launcher.restore(
+                        placement, template.snapshot(), **sandboxes.machine, agent=agent
+                    )
             if scope.cancelled_caught:
                 cancelled += 1
-                assert not (directory / "memory").exists(), f"RAM file left after a cancel at {delay} s"
             else:
                 await vm.destroy()
             assert processes_using(directory) == [], f"QEMU left after a cancel at {delay} s"
         finally:
             await rootfs.remove(disk)
+            shutil.rmtree(directory)
     assert cancelled >= 3
