@@ -8,7 +8,7 @@ import pytest
 
 from wrenbox import faults
 from wrenbox.errors import AlreadyExists, InUse, InvalidArgument, NotFound, NotRunning
-from wrenbox.manager import Address, CreateRequest, SandboxManager
+from wrenbox.manager import Address, CreateRequest, ManagerConfig, SandboxManager
 from wrenbox.manager.store import Store
 from wrenbox.records import SandboxState, TemplateRecord, TemplateState
 
@@ -26,8 +26,7 @@ async def test_route_gives_the_sandbox_address_and_counts_as_activity(
     store: Store, runtime: FakeRuntime
 ) -> None:
     now = [1000.0]
-    mgr = make_manager(store, runtime)
-    mgr.clock = lambda: now[0]
+    mgr = SandboxManager(ManagerConfig(), store, runtime, clock=lambda: now[0])
     rec = await mgr.create(CreateRequest(timeout_s=10))
     async with mgr.route(rec.id, 8080) as address:
         assert address == Address(rec.host_ip, 8080)

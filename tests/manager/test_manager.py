@@ -314,7 +314,7 @@ async def test_expire_pauses_only_if_still_idle(store: Store, runtime: FakeRunti
 
 async def test_failed_auto_pause_counts_and_keeps_the_sandbox(mgr: SandboxManager, store: Store) -> None:
     rec = await mgr.create(CreateRequest(timeout_s=1))
-    mgr._active[rec.id] = 0.0
+    mgr._activity.touch(rec.id, 0.0)
     store.save_sandbox(mgr.get(rec.id).replace(last_active_at=0.0))
     with faults.armed("pause.stop"), pytest.raises(faults.InjectedFault):
         await mgr.expire(rec.id, "pause")

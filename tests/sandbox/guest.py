@@ -90,7 +90,7 @@ async def process_tags(mgr: SandboxManager, sandbox_id: str) -> list[str | None]
 
 
 def memory_header(runtime: HostRuntime, sandbox_id: str) -> Header:
-    return Header.read(runtime.snapshot_dir(sandbox_id) / HEADER_NAME)
+    return Header.read(runtime.files.snapshot_dir(sandbox_id) / HEADER_NAME)
 
 
 def tree(directory: Path) -> dict[str, tuple[int, str]]:

@@ -83,7 +83,7 @@ async def test_a_failed_resume_step_leaves_it_paused_and_resumable(
     rt = host.runtime
     paused = manager.get(sb.id)
     held = leftovers(settings)
-    snapshot = tree(host.runtime.snapshot_dir(sb.id))
+    snapshot = tree(host.runtime.files.snapshot_dir(sb.id))
 
     for step in steps:
         with faults.armed(step), injected(step):
@@ -94,7 +94,7 @@ async def test_a_failed_resume_step_leaves_it_paused_and_resumable(
         assert step in (rec.error or "")
         assert leftovers(settings) == held, f"a failure at {step} left things behind"
         assert rt.network.in_use() == frozenset(), step
-        assert tree(host.runtime.snapshot_dir(sb.id)) == snapshot, f"a failure at {step} changed the snapshot"
+        assert tree(rt.files.snapshot_dir(sb.id)) == snapshot, f"a failure at {step} changed the snapshot"
 
     await manager.resume(sb.id)
     assert await contents.check(manager, sb.id) == []
@@ -129,7 +129,7 @@ async def test_a_failed_pause_step_keeps_it_running(
             assert set(rec.resources) == set(running.resources), step
             assert await contents.check(manager, sb.id) == [], f"after a failure at {step}"
             assert leftovers(settings) == held, f"a failure at {step} left things behind"
-            directory = host.runtime.snapshot_dir(sb.id)
+            directory = host.runtime.files.snapshot_dir(sb.id)
             assert not [p.name for p in directory.parent.glob(".*tmp*")], step
             if previous is None:
                 assert not directory.exists(), f"a failure at {step} of a first pause left a snapshot"
@@ -141,7 +141,7 @@ async def test_a_failed_pause_step_keeps_it_running(
     await contents.write(manager, sb.id)
     await fail_each_step(None)  # a first pause: there is no snapshot yet
     await pause_and_resume()
-    await fail_each_step(tree(host.runtime.snapshot_dir(sb.id)))  # a later pause: the last one stays
+    await fail_each_step(tree(host.runtime.files.snapshot_dir(sb.id)))  # a later pause: the last one stays
 
     # And the last good snapshot still serves a resume, after a pause that works.
     await manager.pause(sb.id)

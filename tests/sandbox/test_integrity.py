@@ -59,7 +59,7 @@ async def test_data_and_processes_survive_pause_resume_cycles_and_forks(
         await fresh.write(manager, sb.id)
         await manager.pause(sb.id)
         headers.append(memory_header(host.runtime, sb.id))
-        with Chain.open(host.runtime.snapshot_dir(sb.id)):  # every diff file's checksum verifies
+        with Chain.open(host.runtime.files.snapshot_dir(sb.id)):  # every diff file's checksum verifies
             pass
         await manager.resume(sb.id)
         mismatches[f"cycle {cycle}"] = await _mismatches(manager, sb.id, still, fresh)
@@ -92,7 +92,7 @@ async def test_data_and_processes_survive_pause_resume_cycles_and_forks(
         rt.config = config
     collapsed = memory_header(host.runtime, sb.id)
     assert (collapsed.generation, len(collapsed.files)) == (0, 1)
-    assert sorted(p.name for p in host.runtime.snapshot_dir(sb.id).glob("memfile.*")) == sorted(
+    assert sorted(p.name for p in host.runtime.files.snapshot_dir(sb.id).glob("memfile.*")) == sorted(
         ["memfile.header", f"memfile.{collapsed.build_id}"]
     )
     await manager.resume(sb.id)

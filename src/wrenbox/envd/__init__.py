@@ -1,5 +1,7 @@
 """Host-side client of the guest agent (envd): async :class:`AsyncEnvdClient`, blocking :class:`EnvdClient`.
 
+Owns the envd protocol on the host side (Connect RPC, ``/files``, ``/init``); it holds no sandbox state.
+
 Both speak to one agent described by an :class:`EnvdConfig`; operations live on ``client.processes``
 and ``client.files``; results are the records in :mod:`wrenbox.envd.models`; failures are
 :mod:`wrenbox.errors`.

@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 
 from wrenbox import faults
-from wrenbox.errors import InvalidArgument, NotFound, NotRunning, Unavailable
+from wrenbox.errors import InvalidArgument, NotFound, NotRunning
 from wrenbox.ledger import Ledger
+from wrenbox.manager.activity import Activity
+from wrenbox.manager.admission import Admission
 from wrenbox.manager.catalog import TemplateCatalog
 from wrenbox.manager.recovery import RecoveryMixin
 from wrenbox.manager.sandboxes import (
@@ -80,17 +82,22 @@ class SandboxManager(RecoveryMixin):
         self._runtime = runtime
         self.clock = clock
         self._locks: dict[str, anyio.Lock] = {}
-        self._admission = anyio.Lock()
-        self._catalog = TemplateCatalog(store, runtime, admission=self._admission)
-        self._starts = anyio.Semaphore(config.max_concurrent_starts)
-        self._users: dict[str, set[anyio.CancelScope]] = {}
-        self._active: dict[str, float] = {}
+        admission = anyio.Lock()  # one for new sandboxes' rows and templates' in-use checks
+        self._catalog = TemplateCatalog(store, runtime, admission=admission)
+        self._admission = Admission(
+            store,
+            self._catalog,
+            admission,
+            max_sandboxes=config.max_sandboxes,
+            max_concurrent_starts=config.max_concurrent_starts,
+        )
+        self._activity = Activity(clock)
 
     # -- queries -------------------------------------------------------------------------------------
 
     def get(self, sandbox_id: str) -> SandboxRecord:
         rec = self._store.get_sandbox(sandbox_id)
-        rec.last_active_at = self._last_active(rec)
+        rec.last_active_at = self._activity.last_active(rec.id, rec.last_active_at)
         return rec
 
     def list(
@@ -105,7 +112,7 @@ class SandboxManager(RecoveryMixin):
             check_str_map("metadata filter", metadata)
         recs = self._store.list_sandboxes(states=wanted, metadata=metadata, template=template)
         for rec in recs:
-            rec.last_active_at = self._last_active(rec)
+            rec.last_active_at = self._activity.last_active(rec.id, rec.last_active_at)
         return recs
 
     def list_running(self) -> list[SandboxRecord]:
@@ -120,12 +127,7 @@ class SandboxManager(RecoveryMixin):
 
     def touch(self, sandbox_id: str) -> None:
         """Note that the sandbox is in use now (kept in memory; get/list and the reaper see it)."""
-        self._active[sandbox_id] = self.clock()
-
-    def _last_active(self, rec: SandboxRecord) -> float:
-        if self._users.get(rec.id):  # a request in flight (a long command, a stream) is use right now
-            return self.clock()
-        return max(rec.last_active_at, self._active.get(rec.id, 0.0))
+        self._activity.touch(sandbox_id)
 
     def ping(self, sandbox_id: str) -> None:
         self._running(sandbox_id)
@@ -138,7 +140,7 @@ class SandboxManager(RecoveryMixin):
             raise NotFound(f"sandbox {sandbox_id} was destroyed")
         rec.timeout_s = timeout_s
         rec.last_active_at = self.clock()
-        self._active[sandbox_id] = rec.last_active_at
+        self._activity.touch(sandbox_id, rec.last_active_at)
         self._store.save_sandbox(rec)
         return rec
 
@@ -163,7 +165,7 @@ class SandboxManager(RecoveryMixin):
             last_active_at=now,
             state_changed_at=now,
         )
-        async with self._admitted(rec), self._lock(rec.id):
+        async with self._admission.admitted(rec), self._lock(rec.id):
             try:
                 async with self._ledger(rec, "create") as ledger:
                     host_ip = await self._runtime.start(rec, template, ledger, cold=request.cold_boot)
@@ -192,7 +194,7 @@ class SandboxManager(RecoveryMixin):
         if timeout_s is not None:
             check_timeout(timeout_s)
         rec = self.get(sandbox_id)
-        async with self._admitted(rec), self._lock(sandbox_id):
+        async with self._admission.admitted(rec), self._lock(sandbox_id):
             rec = self.get(sandbox_id)
             if rec.state is S.RUNNING:
                 return rec
@@ -266,13 +268,13 @@ class SandboxManager(RecoveryMixin):
 
     @asynccontextmanager
     async def use(self, sandbox_id: str) -> AsyncIterator[AsyncEnvdClient]:
-        async with self._in_use(sandbox_id) as rec:
+        async with self._activity.using(sandbox_id, lambda: self._running(sandbox_id)) as rec:
             yield self._runtime.envd(rec)
 
     @asynccontextmanager
     async def route(self, sandbox_id: str, port: int) -> AsyncIterator[Address]:
         check_port(port)
-        async with self._in_use(sandbox_id) as rec:
+        async with self._activity.using(sandbox_id, lambda: self._running(sandbox_id)) as rec:
             assert rec.host_ip is not None  # running: it has an address
             yield Address(rec.host_ip, port)
 
@@ -364,7 +366,7 @@ class SandboxManager(RecoveryMixin):
 
     async def _pause_locked(self, rec: SandboxRecord, *, memory: bool = True) -> SandboxRecord:
         self._move(rec, S.PAUSING)
-        self._cancel_users(rec.id)
+        self._activity.cut(rec.id)
         try:
             async with self._ledger(rec, "pause") as ledger:
                 await self._runtime.pause(rec, ledger, memory=memory)
@@ -376,7 +378,7 @@ class SandboxManager(RecoveryMixin):
 
     async def _destroy_locked(self, rec: SandboxRecord) -> None:
         self._move(rec, S.STOPPING)
-        self._cancel_users(rec.id)
+        self._activity.cut(rec.id)
         with anyio.CancelScope(shield=True):  # half a destroy would leave it 'stopping' until a restart
             leftovers = await self._release(rec, rec.resources)
         if leftovers:
@@ -430,8 +432,7 @@ class SandboxManager(RecoveryMixin):
 
     def _forget(self, sandbox_id: str) -> None:
         self._locks.pop(sandbox_id, None)
-        self._active.pop(sandbox_id, None)
-        self._users.pop(sandbox_id, None)
+        self._activity.forget(sandbox_id)
 
     def _ledger(self, rec: SandboxRecord, label: str) -> Ledger:
         return Ledger(self._store, rec, self._runtime.release, label)
@@ -443,58 +444,6 @@ class SandboxManager(RecoveryMixin):
                 raise NotFound(f"sandbox {sandbox_id} was destroyed")
             raise NotRunning(f"sandbox {sandbox_id} is {rec.state.value}, not running")
         return rec
-
-    @asynccontextmanager
-    async def _in_use(self, sandbox_id: str) -> AsyncIterator[SandboxRecord]:
-        """A running sandbox, for one request: counts as activity; cancelled (NotRunning) if the sandbox
-        starts pausing or stopping meanwhile, so nobody ever waits on a frozen VM."""
-        scope = anyio.CancelScope()
-        gone = f"sandbox {sandbox_id} was paused or stopped while the request ran"
-        self._users.setdefault(sandbox_id, set()).add(scope)
-        try:
-            rec = self._running(sandbox_id)
-            self.touch(sandbox_id)
-            with scope:
-                yield rec
-        except Exception as exc:
-            # Cleanup that talks to the agent after the cancellation (e.g. killing the command) fails
-            # in its own way once the VM is going; the cause is still the pause or stop.
-            if scope.cancel_called:
-                raise NotRunning(gone) from exc
-            raise
-        finally:
-            self._users.get(sandbox_id, set()).discard(scope)
-            self.touch(sandbox_id)
-        if scope.cancelled_caught:
-            raise NotRunning(gone)
-
-    @asynccontextmanager
-    async def _admitted(self, rec: SandboxRecord) -> AsyncIterator[None]:
-        """Enforce the sandbox limit and the concurrent-start limit, or raise Unavailable at once. A new
-        sandbox's row is inserted here, its template checked again under the same lock as a template
-        deletion's in-use check."""
-        async with self._admission:
-            live = {r.id for r in self._store.list_sandboxes(states={s for s in SandboxState if s.live})}
-            if rec.id not in live and len(live) >= self.config.max_sandboxes:
-                raise Unavailable(f"the sandbox limit ({self.config.max_sandboxes}) is reached")
-            try:
-                self._starts.acquire_nowait()
-            except anyio.WouldBlock:
-                raise Unavailable(
-                    f"{self.config.max_concurrent_starts} sandboxes are starting already; retry shortly"
-                ) from None
-            if rec.state is S.CREATING:
-                try:
-                    self._catalog.ready(rec.template)
-                    self._store.insert_sandbox(rec)
-                except BaseException:
-                    self._starts.release()
-                    raise
-                self._store.record_event("creating", rec.id, template=rec.template)
-        try:
-            yield
-        finally:
-            self._starts.release()
 
     def _move(self, rec: SandboxRecord, target: SandboxState, **changes: Any) -> SandboxRecord:
         check_transition(rec.id, rec.state, target)
@@ -517,10 +466,6 @@ class SandboxManager(RecoveryMixin):
         self._move(rec, target, leftovers=leftovers, error=f"{type(exc).__name__}: {exc}")
         if target is S.DESTROYED:
             self._forget(rec.id)
-
-    def _cancel_users(self, sandbox_id: str) -> None:
-        for scope in list(self._users.get(sandbox_id, ())):
-            scope.cancel()
 
     async def _collect_template(self, name: str) -> None:
         """Fork templates exist only for their children: delete one when its last user is gone."""

@@ -1,5 +1,8 @@
 """Guest memory snapshots: a compact, chained, checksummed on-disk format, and serving it back.
 
+Owns the memory snapshot format and every file of it (headers, diffs, chains); where a sandbox's
+snapshot directory is belongs to the runtime.
+
 Modules:
 
 - :mod:`wrenbox.memory.format` — the header (seed version 1 read/written bit-exactly; version 2 with

@@ -1,6 +1,8 @@
 """Network slots: one namespace per sandbox, a veth to the host, ``tap0`` for the VM, NAT and isolation.
 
-See :mod:`wrenbox.network.plan` for the addressing and :mod:`wrenbox.network.firewall` for the rules.
+Owns the slots of its prefix end to end, as a pool (:class:`Network`: which are taken, building and
+removing them, taking back what a crash left) and the host's nftables table. See
+:mod:`wrenbox.network.plan` for the addressing and :mod:`wrenbox.network.firewall` for the rules.
 """
 
 from wrenbox.network.allocator import SlotAllocator

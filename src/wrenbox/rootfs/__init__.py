@@ -1,5 +1,8 @@
 """Copy-on-write root disks: one interface, a backend per host capability.
 
+Owns every per-sandbox disk file and device (overlays, clones, CoW stores, loop and dm devices) and the
+fingerprints that prove a base image unchanged.
+
 ============  ==================================================  ========================
 backend       a disk is                                           needs
 ============  ==================================================  ========================

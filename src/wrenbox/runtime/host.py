@@ -4,23 +4,15 @@ A sandbox holds the :class:`~wrenbox.runtime.base.Resource` s it acquired (its l
 ``snapshot`` and gives back ``vm``, ``memory`` and ``slot``; resuming takes them again from the
 snapshot, which stays: it is the parent the next pause diffs against. Every release is idempotent, so the
 same call serves rollback, destroy, pause and crash recovery (:mod:`.sweep` removes what no record names).
-
-A sandbox's files::
-
-    <sandboxes_dir>/<id>/run/        the VMM's sockets and logs while a VM runs
-    <sandboxes_dir>/<id>/snapshot/   its paused state: sandbox.json, and unless paused disk-only the
-                                     memory chain (memfile.*) and the VMM's device state (vm/)
-    <memory_dir>/<id>.ram            guest RAM while it runs
+Where a sandbox's files are, and what its paused state holds, is :mod:`.files`'.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import secrets
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,16 +28,14 @@ from wrenbox.fileio import clone_or_copy
 from wrenbox.images import Image, load_image
 from wrenbox.launch import Launcher, Placement, agent_client
 from wrenbox.ledger import Ledger
-from wrenbox.memory.chain import Chain
-from wrenbox.memory.format import HEADER_NAME, Header
-from wrenbox.memory.process import MemoryConfig, process_diff, process_full
+from wrenbox.memory.process import MemoryConfig
 from wrenbox.memory.writer import SnapshotWriter
-from wrenbox.names import validate_sandbox_id
 from wrenbox.network import Network, NetworkSlot
 from wrenbox.pids import ProcessRef
 from wrenbox.records import SandboxRecord, TemplateRecord, TemplateState
 from wrenbox.rootfs import Disk, RootfsBackend
 from wrenbox.runtime.base import Inspection, Resource
+from wrenbox.runtime.files import SandboxFiles, allocated_file, new_pause
 from wrenbox.runtime.sweep import sweep
 from wrenbox.templates import Draft, Template, TemplateBuilder, TemplateStore
 from wrenbox.vmm.base import Snapshot, Vm
@@ -55,8 +45,6 @@ __all__ = ["HostRuntime", "RuntimeConfig"]
 log = logging.getLogger(__name__)
 
 R = Resource
-VM_STATE = "vm"  # the VMM's snapshot inside a sandbox snapshot directory
-META = "sandbox.json"
 SYNC_TIMEOUT_S = 10.0  # a disk-only pause asks the guest to flush its page cache, if it answers in time
 
 
@@ -88,38 +76,23 @@ class HostRuntime:
         self.launcher = launcher
         self.templates = templates
         self.builder = TemplateBuilder(templates, launcher=launcher, rootfs=rootfs, network=network)
+        self.files = SandboxFiles(config.sandboxes_dir, config.memory_dir)
         self._vms: dict[str, Vm] = {}
         self._clients: dict[str, AsyncEnvdClient] = {}
-        config.sandboxes_dir.mkdir(parents=True, exist_ok=True)
-        config.memory_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-
-    # -- where a sandbox's files are -------------------------------------------------------------------
-
-    def sandbox_dir(self, sandbox_id: str) -> Path:
-        return self.config.sandboxes_dir / validate_sandbox_id(sandbox_id)
-
-    def run_dir(self, sandbox_id: str) -> Path:
-        return self.sandbox_dir(sandbox_id) / "run"
-
-    def snapshot_dir(self, sandbox_id: str) -> Path:
-        return self.sandbox_dir(sandbox_id) / "snapshot"
-
-    def ram_file(self, sandbox_id: str) -> Path:
-        return self.config.memory_dir / f"{validate_sandbox_id(sandbox_id)}.ram"
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     async def start(self, rec: SandboxRecord, template: TemplateRecord, ledger: Ledger, *, cold: bool) -> str:
         tpl = self.templates.get(template.name)
         rec.access_token = rec.access_token or secrets.token_urlsafe(24)
-        self.sandbox_dir(rec.id).mkdir(parents=True, exist_ok=True)
+        self.files.sandbox_dir(rec.id).mkdir(parents=True, exist_ok=True)
         slot = await self._take_slot(ledger)
         faults.point("create.slot")
         size = None if self.config.disk_size_mib is None else self.config.disk_size_mib << 20
         disk = await self.rootfs.create(tpl.rootfs_image(), rec.id, size)
         ledger.hold(R.DISK, disk.model_dump(mode="json"))
         faults.point("create.disk")
-        ram = self.ram_file(rec.id)
+        ram = self.files.ram_file(rec.id)
         ledger.hold(R.MEMORY, str(ram))
         placement = self._placement(rec, disk, slot)
         # A template made from a sandbox carries that sandbox's agent token; the first /init rotates it.
@@ -141,7 +114,7 @@ class HostRuntime:
         vm = self._vm(rec)
         if not memory:
             await self._sync_guest(rec)
-        snap_dir = self.snapshot_dir(rec.id)
+        snap_dir = self.files.snapshot_dir(rec.id)
         token = secrets.token_hex(8)
         ledger.update(R.VM, {**rec.resources[R.VM], "pause_token": token})
         await self._close_client(rec.id)
@@ -150,17 +123,18 @@ class HostRuntime:
             ledger.on_failure("continue the VM", vm.resume)
             faults.point("pause.stop")
             if memory:
-                (writer.path / VM_STATE).mkdir()
-                await vm.snapshot(writer.path / VM_STATE)
+                state = self.files.vm_state(writer.path)
+                state.mkdir()
+                await vm.snapshot(state)
                 faults.point("pause.vmstate")
-                await anyio.to_thread.run_sync(self._write_memory, rec.id, snap_dir, writer.path)
+                write = self.files.write_memory
+                await anyio.to_thread.run_sync(write, rec.id, writer.path, self.config.memory)
                 faults.point("pause.memory")
             else:
                 await vm.pause()  # QEMU flushes its disk caches when it stops the vCPUs
             disk = await self.rootfs.persist(self._disk(rec))
             ledger.update(R.DISK, disk.model_dump(mode="json"))
-            meta = {"pause_token": token, "paused_at": time.time(), "memory": memory}
-            (writer.path / META).write_text(json.dumps(meta))
+            self.files.write_pause_meta(writer.path, new_pause(memory, token))
             if R.SNAPSHOT not in rec.resources:  # a later pause never gives back the last good one
                 ledger.hold(R.SNAPSHOT, str(snap_dir))
             writer.commit()
@@ -179,28 +153,28 @@ class HostRuntime:
                     ledger.leftovers.append(key)
 
     async def resume(self, rec: SandboxRecord, ledger: Ledger, *, memory: bool) -> str:
-        snap_dir = self.snapshot_dir(rec.id)
-        meta = self._snapshot_meta(rec.id)
+        snap_dir = self.files.snapshot_dir(rec.id)
+        meta = self.files.pause_meta(rec.id)
         if meta is None:
             raise CorruptData(f"sandbox {rec.id} is paused but has no snapshot in {snap_dir}")
-        warm = memory and meta.get("memory", True)
-        snapshot = Snapshot.load(snap_dir / VM_STATE) if warm else None
+        warm = memory and meta.memory
+        snapshot = Snapshot.load(self.files.vm_state(snap_dir)) if warm else None
         image = None if warm else self._image(self.templates.get(rec.template))
         disk = await self.rootfs.restore(self._disk(rec))
         ledger.update(R.DISK, disk.model_dump(mode="json"))
         # The VM writes to its disk as soon as it runs: a resume that fails after that (or a host that
         # dies before the next pause) must put the disk back where this snapshot left it.
         await self.rootfs.checkpoint(disk)
-        ledger.hold(R.CHECKPOINT, {"snapshot": meta.get("pause_token")})
+        ledger.hold(R.CHECKPOINT, {"snapshot": meta.token})
         faults.point("resume.disk")
         slot = await self._take_slot(ledger)
         faults.point("resume.slot")
-        ram = self.ram_file(rec.id)
+        ram = self.files.ram_file(rec.id)
         ledger.hold(R.MEMORY, str(ram))
         placement = self._placement(rec, disk, slot)
         agent = self._new_client(rec, slot)
         if snapshot is not None:
-            await anyio.to_thread.run_sync(_materialize, snap_dir, ram)
+            await anyio.to_thread.run_sync(self.files.materialize, rec.id, ram)
             faults.point("resume.memory")
             vm = await self.launcher.restore(
                 placement, snapshot, vcpus=rec.vcpus, memory_mib=rec.memory_mb, agent=agent
@@ -218,7 +192,8 @@ class HostRuntime:
         """Template ``name`` from a running sandbox (it keeps running) or a paused one."""
         parent = self.templates.get(rec.template)
         running = R.VM in rec.resources
-        if not running and not (self._snapshot_meta(rec.id) or {}).get("memory", True):
+        meta = self.files.pause_meta(rec.id)
+        if not running and meta is not None and not meta.memory:
             raise Conflict(
                 f"sandbox {rec.id} was paused without its memory; resume it to snapshot it into a template"
             )
@@ -249,7 +224,7 @@ class HostRuntime:
             raise CorruptData(f"sandbox {rec.id} records an unknown resource {key!r}")
         await releaser(rec, value)
         if not rec.resources.keys() - {key}:
-            await anyio.to_thread.run_sync(_rmtree, self.sandbox_dir(rec.id))
+            await anyio.to_thread.run_sync(self.files.remove, self.files.sandbox_dir(rec.id))
 
     def envd(self, rec: SandboxRecord) -> AsyncEnvdClient:
         client = self._clients.get(rec.id)
@@ -265,20 +240,11 @@ class HostRuntime:
         snapshot bytes, and for a paused sandbox how much guest memory its snapshot holds."""
         out: dict[str, int | float] = {}
         if R.DISK in rec.resources:
-            out["disk_bytes"] = _allocated_file(self._disk(rec).store)
+            out["disk_bytes"] = allocated_file(self._disk(rec).store)
         if R.SNAPSHOT in rec.resources:
-            snap_dir = self.snapshot_dir(rec.id)
-            out["snapshot_bytes"] = _allocated(snap_dir)
-            header = snap_dir / HEADER_NAME
-            if header.exists():
-                out["snapshot_memory_file_bytes"] = sum(
-                    _allocated_file(p) for p in snap_dir.glob("memfile*") if p.name != HEADER_NAME
-                )
-                out["snapshot_memory_bytes"] = sum(
-                    m.length for m in Header.read(header).mappings if not m.is_zero
-                )
+            out.update(self.files.snapshot_usage(rec.id))
         if R.MEMORY in rec.resources:
-            out["ram_file_bytes"] = _allocated_file(self.ram_file(rec.id))
+            out["ram_file_bytes"] = allocated_file(self.files.ram_file(rec.id))
         vm = self._adopt(rec) if R.VM in rec.resources else None
         if vm is not None:
             out.update(_process_usage(vm.pid))
@@ -315,7 +281,7 @@ class HostRuntime:
 
     async def inspect(self, rec: SandboxRecord) -> Inspection:
         pause_token = rec.resources.get(R.VM, {}).get("pause_token")
-        on_disk = (self._snapshot_meta(rec.id) or {}).get("pause_token")
+        on_disk = self._snapshot_token(rec.id)
         held = rec.resources.get(R.CHECKPOINT)
         return Inspection(
             vm=await self._vm_state(rec),
@@ -340,7 +306,7 @@ class HostRuntime:
     # -- helpers -----------------------------------------------------------------------------------------
 
     def _placement(self, rec: SandboxRecord, disk: Disk, slot: NetworkSlot) -> Placement:
-        return Placement(self.run_dir(rec.id), disk.drive(), slot, self.ram_file(rec.id))
+        return Placement(self.files.run_dir(rec.id), disk.drive(), slot, self.files.ram_file(rec.id))
 
     def _image(self, tpl: Template) -> Image:
         """The image a template was built from, to cold-boot its sandboxes."""
@@ -398,12 +364,10 @@ class HostRuntime:
         except KeyError:
             raise CorruptData(f"sandbox {rec.id} has no disk on record") from None
 
-    def _snapshot_meta(self, sandbox_id: str) -> dict[str, Any] | None:
-        """The snapshot on disk (each pause writes a new one, with a new token), None if there is none."""
-        try:
-            return json.loads((self.snapshot_dir(sandbox_id) / META).read_text())
-        except (FileNotFoundError, ValueError):
-            return None
+    def _snapshot_token(self, sandbox_id: str) -> str | None:
+        """The token of the snapshot on disk (each pause writes a new one), None if there is none."""
+        meta = self.files.pause_meta(sandbox_id)
+        return None if meta is None else meta.token
 
     async def _take_slot(self, ledger: Ledger) -> NetworkSlot:
         slot = self.network.reserve()
@@ -452,10 +416,10 @@ class HostRuntime:
         await self.rootfs.remove(Disk.model_validate(value))
 
     async def _release_memory(self, rec: SandboxRecord, value: Any) -> None:
-        self.ram_file(rec.id).unlink(missing_ok=True)
+        self.files.ram_file(rec.id).unlink(missing_ok=True)
 
     async def _release_snapshot(self, rec: SandboxRecord, value: Any) -> None:
-        await anyio.to_thread.run_sync(_rmtree, self.snapshot_dir(rec.id))
+        await anyio.to_thread.run_sync(self.files.remove, self.files.snapshot_dir(rec.id))
 
     async def _destroy_vm(self, rec: SandboxRecord, value: dict[str, Any]) -> None:
         await self._close_client(rec.id)
@@ -465,7 +429,7 @@ class HostRuntime:
             await anyio.to_thread.run_sync(process.terminate, 5.0)
         else:
             await vm.destroy()
-        await anyio.to_thread.run_sync(_rmtree, self.run_dir(rec.id))
+        await anyio.to_thread.run_sync(self.files.remove, self.files.run_dir(rec.id))
 
     async def _settle_checkpoint(self, rec: SandboxRecord, value: dict[str, Any]) -> None:
         """Revert the disk if the snapshot the checkpoint was taken for is still the one on disk (the
@@ -473,43 +437,28 @@ class HostRuntime:
         if R.DISK not in rec.resources:
             return
         disk = self._disk(rec)
-        on_disk = (self._snapshot_meta(rec.id) or {}).get("pause_token")
+        on_disk = self._snapshot_token(rec.id)
         if value.get("snapshot") is not None and value.get("snapshot") == on_disk:
             await self.rootfs.revert(disk)
         else:
             await self.rootfs.drop_checkpoint(disk)
 
-    # -- memory and templates ----------------------------------------------------------------------------
-
-    def _write_memory(self, sandbox_id: str, snap_dir: Path, out: Path) -> None:
-        """The RAM file as a compact chain in ``out``: a diff against the last pause, or Full."""
-        ram = self.ram_file(sandbox_id)
-        if (snap_dir / HEADER_NAME).exists():
-            with Chain.open(snap_dir, verify=False) as parent:
-                process_diff(ram, parent, out, config=self.config.memory)
-        else:
-            process_full(ram, out)
+    # -- templates from sandboxes ----------------------------------------------------------------------
 
     async def _snapshot_running(self, rec: SandboxRecord, draft: Draft) -> None:
         """Fork: stop the VM, copy its state, RAM and disk, continue it."""
         vm = self._vm(rec)
         try:
             await vm.snapshot(draft.snapshot_dir)
-            await anyio.to_thread.run_sync(clone_or_copy, self.ram_file(rec.id), draft.memory)
+            await anyio.to_thread.run_sync(clone_or_copy, self.files.ram_file(rec.id), draft.memory)
             draft.rootfs_image = await self.rootfs.flatten(self._disk(rec), draft.rootfs)
         finally:
             with anyio.CancelScope(shield=True):
                 await vm.resume()
 
     async def _snapshot_paused(self, rec: SandboxRecord, draft: Draft) -> None:
-        snap_dir = self.snapshot_dir(rec.id)
-
-        def copy() -> None:
-            for item in (snap_dir / VM_STATE).iterdir():
-                shutil.copy2(item, draft.snapshot_dir / item.name)
-            _materialize(snap_dir, draft.memory)
-
-        await anyio.to_thread.run_sync(copy)
+        copy = self.files.copy_paused_state
+        await anyio.to_thread.run_sync(copy, rec.id, draft.snapshot_dir, draft.memory)
         draft.rootfs_image = await self.rootfs.flatten(self._disk(rec), draft.rootfs)
 
 
@@ -527,26 +476,6 @@ def _template_record(tpl: Template) -> TemplateRecord:
         size_bytes=tpl.size_bytes(),
         created_at=m.created_at.timestamp(),
     )
-
-
-def _materialize(snap_dir: Path, dest: Path) -> None:
-    with Chain.open(snap_dir) as chain:  # verifies every diff file's checksum: never serve corruption
-        chain.materialize(dest)
-
-
-def _rmtree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _allocated(path: Path) -> int:
-    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
-
-
-def _allocated_file(path: Path) -> int:
-    try:
-        return path.stat().st_blocks * 512
-    except FileNotFoundError:
-        return 0
 
 
 def _process_usage(pid: int) -> dict[str, int | float]:

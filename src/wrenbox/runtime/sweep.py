@@ -60,7 +60,7 @@ async def sweep(runtime: HostRuntime, records: list[SandboxRecord]) -> dict[str,
         for r in records
         if R.VM in r.resources
     }
-    roots = [runtime.config.sandboxes_dir, runtime.templates.root]
+    roots = [runtime.files.sandboxes_dir, runtime.templates.root]
     stray = [p for p in our_processes(roots) if p not in vms]
     for process in stray:
         await anyio.to_thread.run_sync(process.terminate, 5.0)
@@ -83,19 +83,19 @@ async def sweep(runtime: HostRuntime, records: list[SandboxRecord]) -> dict[str,
 def _sweep_files(runtime: HostRuntime, records: list[SandboxRecord]) -> list[str]:
     removed: list[str] = []
     holding = {r.id: r for r in records if r.resources}
-    memory = {runtime.ram_file(r.id) for r in holding.values() if R.MEMORY in r.resources}
-    for path in runtime.config.memory_dir.glob("*"):
+    memory = {runtime.files.ram_file(r.id) for r in holding.values() if R.MEMORY in r.resources}
+    for path in runtime.files.memory_dir.glob("*"):
         if path not in memory:
             path.unlink(missing_ok=True)
             removed.append(str(path))
-    for path in runtime.config.sandboxes_dir.iterdir():
+    for path in runtime.files.sandboxes_dir.iterdir():
         rec = holding.get(path.name)
         if rec is None:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(str(path))
             continue
-        removed += [str(p) for p in writer.reclaim(runtime.snapshot_dir(rec.id))]
-        if R.VM not in rec.resources and runtime.run_dir(rec.id).exists():
-            shutil.rmtree(runtime.run_dir(rec.id), ignore_errors=True)
-            removed.append(str(runtime.run_dir(rec.id)))
+        removed += [str(p) for p in writer.reclaim(runtime.files.snapshot_dir(rec.id))]
+        if R.VM not in rec.resources and runtime.files.run_dir(rec.id).exists():
+            shutil.rmtree(runtime.files.run_dir(rec.id), ignore_errors=True)
+            removed.append(str(runtime.files.run_dir(rec.id)))
     return removed
