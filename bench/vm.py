@@ -41,7 +41,7 @@ from wrenbox.launch import Launcher, Placement, agent_client
 from wrenbox.network import Network, NetworkConfig, NetworkSlot
 from wrenbox.rootfs import RootfsBackend
 from wrenbox.service import image_config, probe_host, rootfs_backend, vmm_driver
-from wrenbox.templates import Template, TemplateBuilder, TemplateStore
+from wrenbox.templates import Template, TemplateBuilder, TemplateLibrary
 from wrenbox.vmm.base import Vm
 from wrenbox.vmm.qemu import QemuDriver, qemu_argv
 
@@ -236,7 +236,7 @@ async def main(quick: bool) -> None:
     try:
         launcher, rootfs = Launcher(vmm_driver(caps)), rootfs_backend(settings, caps)
         builder = TemplateBuilder(
-            TemplateStore(settings.templates_dir), launcher=launcher, rootfs=rootfs, network=network
+            TemplateLibrary(settings.templates_dir), launcher=launcher, rootfs=rootfs, network=network
         )
         template = await builder.build("bench", image, vcpus=1, memory_mib=512)
         figure("cold_boot_s", template.manifest.timings["boot"], "s")

@@ -25,7 +25,7 @@ from pathlib import Path
 import anyio
 
 from wrenbox.envd import AsyncEnvdClient, EnvdConfig
-from wrenbox.envd.config import ENVD_PORT
+from wrenbox.envd.endpoint import ENVD_PORT
 from wrenbox.errors import Timeout, Unavailable
 from wrenbox.images import Image, guest_kernel_args
 from wrenbox.network import GATEWAY_IP, GUEST_IP, GUEST_NETWORK, NetworkSlot

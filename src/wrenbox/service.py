@@ -42,7 +42,7 @@ from wrenbox.probe import HostCapabilities
 from wrenbox.records import TemplateRecord, TemplateState
 from wrenbox.rootfs import RootfsBackend, RootfsConfig, backend_for
 from wrenbox.runtime.host import HostRuntime, RuntimeConfig
-from wrenbox.templates import TemplateStore
+from wrenbox.templates import TemplateLibrary
 from wrenbox.vmm import driver_for
 from wrenbox.vmm.base import Driver
 
@@ -149,7 +149,7 @@ async def open_host(settings: Settings, *, reaper: bool = True) -> AsyncIterator
             network=network,
             rootfs=rootfs_backend(settings, caps),
             launcher=Launcher(vmm_driver(caps), LaunchConfig()),
-            templates=TemplateStore(settings.templates_dir),
+            templates=TemplateLibrary(settings.templates_dir),
         )
         with Store(settings.state_db) as store:
             mgr = SandboxManager(manager_config(settings), store, runtime)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from wrenbox.envd.config import ENVD_PORT
+from wrenbox.envd.endpoint import ENVD_PORT
 from wrenbox.manager import SandboxManager
 from wrenbox.memory.format import HEADER_NAME, Header
 from wrenbox.records import SandboxRecord

@@ -31,7 +31,7 @@ from wrenbox.network.netns import list_netns
 from wrenbox.probe import HostCapabilities
 from wrenbox.rootfs import Disk, RootfsBackend
 from wrenbox.service import probe_host, rootfs_backend, vmm_driver
-from wrenbox.templates import Template, TemplateBuilder, TemplateStore
+from wrenbox.templates import Template, TemplateBuilder, TemplateLibrary
 from wrenbox.vmm.base import Snapshot, Vm
 
 GUEST_MEMORY_MIB = 256
@@ -121,15 +121,15 @@ def rootfs(settings: Settings, caps: HostCapabilities) -> RootfsBackend:
 
 
 @pytest.fixture(scope="session")
-def store(settings: Settings) -> TemplateStore:
-    return TemplateStore(settings.templates_dir)
+def library(settings: Settings) -> TemplateLibrary:
+    return TemplateLibrary(settings.templates_dir)
 
 
 @pytest.fixture(scope="session")
 def builder(
-    store: TemplateStore, launcher: Launcher, rootfs: RootfsBackend, network: Network
+    library: TemplateLibrary, launcher: Launcher, rootfs: RootfsBackend, network: Network
 ) -> TemplateBuilder:
-    return TemplateBuilder(store, launcher=launcher, rootfs=rootfs, network=network)
+    return TemplateBuilder(library, launcher=launcher, rootfs=rootfs, network=network)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ and ``client.files``; results are the records in :mod:`wrenbox.envd.models`; fai
 """
 
 from wrenbox.envd.client import AsyncEnvdClient
-from wrenbox.envd.config import ENVD_PORT, EnvdConfig
+from wrenbox.envd.endpoint import ENVD_PORT, EnvdConfig
 from wrenbox.envd.models import (
     EntryInfo,
     ExecResult,

@@ -18,8 +18,8 @@ import httpx
 from protobuf import Message
 
 from wrenbox.envd import connect
-from wrenbox.envd.config import EnvdConfig
 from wrenbox.envd.connect import Rpc, ServerStream, error_for_response, translate_errors
+from wrenbox.envd.endpoint import EnvdConfig
 from wrenbox.errors import InvalidArgument, Unavailable
 
 __all__ = ["Channel"]

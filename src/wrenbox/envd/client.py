@@ -27,8 +27,8 @@ import anyio
 import httpx
 
 from wrenbox.envd.channel import Channel
-from wrenbox.envd.config import EnvdConfig
 from wrenbox.envd.connect import error_for_response, translate_errors
+from wrenbox.envd.endpoint import EnvdConfig
 from wrenbox.envd.files import AsyncFiles
 from wrenbox.envd.models import Metrics
 from wrenbox.envd.processes import AsyncProcesses

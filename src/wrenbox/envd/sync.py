@@ -21,7 +21,7 @@ import httpx
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from wrenbox.envd.client import AsyncEnvdClient
-from wrenbox.envd.config import EnvdConfig
+from wrenbox.envd.endpoint import EnvdConfig
 from wrenbox.envd.files import AsyncFiles
 from wrenbox.envd.models import ExecResult, ProcessEvent, WatchEvent, WriteInfo
 from wrenbox.envd.processes import PTY_COMMAND, AsyncProcesses, Command, Target

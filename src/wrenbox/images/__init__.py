@@ -9,7 +9,7 @@ command line a VMM passes to boot it.
 from wrenbox.images.bootargs import guest_kernel_args
 from wrenbox.images.builder import AGENT_PORT, BuildResult, ImageConfig, StepEvent, build_image
 from wrenbox.images.manifest import Manifest
-from wrenbox.images.store import Image, load_image
+from wrenbox.images.published import Image, load_image
 
 __all__ = [
     "AGENT_PORT",

@@ -37,7 +37,7 @@ from wrenbox.images import initramfs, kernel, rootfs
 from wrenbox.images.agent import GuestPackages, guest_packages
 from wrenbox.images.cache import LayerCache, exclusive_lock, remove_tree
 from wrenbox.images.manifest import MANIFEST, KernelInfo, Manifest, file_info
-from wrenbox.images.store import FILES, Image, current_image, make_current, prune
+from wrenbox.images.published import FILES, Image, current_image, make_current, prune
 from wrenbox.names import validate_name
 
 __all__ = [

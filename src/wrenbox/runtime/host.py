@@ -37,7 +37,7 @@ from wrenbox.rootfs import Disk, RootfsBackend
 from wrenbox.runtime.base import Inspection, Resource
 from wrenbox.runtime.files import SandboxFiles, allocated_file, new_pause
 from wrenbox.runtime.sweep import sweep
-from wrenbox.templates import Draft, Template, TemplateBuilder, TemplateStore
+from wrenbox.templates import Draft, Template, TemplateBuilder, TemplateLibrary
 from wrenbox.vmm.base import Snapshot, Vm
 
 __all__ = ["HostRuntime", "RuntimeConfig"]
@@ -68,7 +68,7 @@ class HostRuntime:
         network: Network,
         rootfs: RootfsBackend,
         launcher: Launcher,
-        templates: TemplateStore,
+        templates: TemplateLibrary,
     ) -> None:
         self.config = config
         self.network = network

@@ -2,7 +2,7 @@
 
 Owns the template directories and everything about their files: building one from an image
 (:class:`TemplateBuilder`: boot once, warm up, snapshot, flatten the root disk), deriving one from a
-sandbox (:meth:`TemplateStore.derive`, which the host runtime fills), publishing, listing and deleting.
+sandbox (:meth:`TemplateLibrary.derive`, which the host runtime fills), publishing, listing and deleting.
 A template directory is immutable once published (written as a :class:`Draft` under a temporary name,
 renamed into place)::
 
@@ -19,6 +19,6 @@ would otherwise share the guest's clock and CRNG (the host runtime's job).
 """
 
 from wrenbox.templates.builder import TemplateBuilder
-from wrenbox.templates.store import Draft, Template, TemplateManifest, TemplateStore
+from wrenbox.templates.library import Draft, Template, TemplateLibrary, TemplateManifest
 
-__all__ = ["Draft", "Template", "TemplateBuilder", "TemplateManifest", "TemplateStore"]
+__all__ = ["Draft", "Template", "TemplateBuilder", "TemplateLibrary", "TemplateManifest"]

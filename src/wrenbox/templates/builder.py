@@ -15,7 +15,7 @@ from wrenbox.images import Image
 from wrenbox.launch import Launcher, Placement, agent_client
 from wrenbox.network import Network, NetworkSlot
 from wrenbox.rootfs import RootfsBackend
-from wrenbox.templates.store import Draft, Template, TemplateStore
+from wrenbox.templates.library import Draft, Template, TemplateLibrary
 
 __all__ = ["TemplateBuilder"]
 
@@ -27,13 +27,13 @@ WARM_UP = (["true"], ["/bin/sh", "-c", "true"], ["python3", "-c", "pass"])
 
 
 class TemplateBuilder:
-    """Builds templates into a :class:`TemplateStore`, each in a network slot of its own from the pool
+    """Builds templates into a :class:`TemplateLibrary`, each in a network slot of its own from the pool
     (the highest free one, out of the way of sandboxes, which take the lowest)."""
 
     def __init__(
-        self, store: TemplateStore, *, launcher: Launcher, rootfs: RootfsBackend, network: Network
+        self, library: TemplateLibrary, *, launcher: Launcher, rootfs: RootfsBackend, network: Network
     ) -> None:
-        self.store = store
+        self.library = library
         self.launcher = launcher
         self.rootfs = rootfs
         self.network = network
@@ -49,7 +49,7 @@ class TemplateBuilder:
     ) -> Template:
         """Boot ``image``, wait for its agent, warm it up, snapshot it and publish the result as template
         ``name``. AlreadyExists if it exists; nothing is left on failure."""
-        draft_of = self.store.draft(
+        draft_of = self.library.draft(
             name, image, vcpus=vcpus, memory_mib=memory_mib, disk_format=str(self.rootfs.format)
         )
         async with draft_of as draft:

@@ -1,4 +1,5 @@
-"""Template directories: reading, publishing (through drafts), deleting, and reclaiming what a crash left.
+"""The template library: a data dir's template directories; reading, publishing (through drafts),
+deleting, and reclaiming what a crash left.
 
 A template is written as a :class:`Draft` under a temporary name and published in one rename when the
 ``draft``/``derive`` block succeeds; nothing else in wrenbox knows a template's file names.
@@ -26,7 +27,7 @@ from wrenbox.names import validate_name
 from wrenbox.rootfs import BaseImage
 from wrenbox.vmm.base import Snapshot
 
-__all__ = ["Draft", "Template", "TemplateManifest", "TemplateStore"]
+__all__ = ["Draft", "Template", "TemplateLibrary", "TemplateManifest"]
 
 MANIFEST = "manifest.json"
 SNAPSHOT_DIR = "snapshot"
@@ -105,7 +106,7 @@ class Template:
 class Draft:
     """A template being written. Whoever builds it fills :attr:`memory` (guest RAM at the snapshot),
     :attr:`snapshot_dir` (the VMM's snapshot) and :attr:`rootfs` (the flattened root disk), and sets
-    :attr:`rootfs_image` to the fingerprint the flatten returned; the store publishes it when the block
+    :attr:`rootfs_image` to the fingerprint the flatten returned; the library publishes it when the block
     ends. :attr:`template` is the published template afterwards."""
 
     name: str
@@ -129,7 +130,7 @@ class Draft:
         return self.path / SNAPSHOT_DIR
 
 
-class TemplateStore:
+class TemplateLibrary:
     """The published templates in ``root``: reading them needs no VMM."""
 
     def __init__(self, root: Path) -> None:

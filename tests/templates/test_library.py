@@ -1,4 +1,4 @@
-"""The template store: what a build publishes, immutability, names, deletion, and a boot that fails."""
+"""The template library: what a build publishes, immutability, names, deletion, and a boot that fails."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from wrenbox.images import Image
 from wrenbox.launch import LaunchConfig, Launcher
 from wrenbox.network import Network
 from wrenbox.rootfs import RootfsBackend
-from wrenbox.templates import Template, TemplateBuilder, TemplateStore
+from wrenbox.templates import Template, TemplateBuilder, TemplateLibrary
 from wrenbox.vmm.base import Snapshot
 
 pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.slow]
 
 
 def test_a_build_publishes_an_immutable_template(
-    template: Template, store: TemplateStore, guest_image: Image, rootfs: RootfsBackend
+    template: Template, library: TemplateLibrary, guest_image: Image, rootfs: RootfsBackend
 ) -> None:
     m = template.manifest
     assert (m.name, m.image, m.image_build_key) == ("minimal", "minimal", guest_image.manifest.build_key)
@@ -44,12 +44,16 @@ def test_a_build_publishes_an_immutable_template(
         assert stat.S_IMODE(path.stat().st_mode) & 0o222 == 0, f"{path} is writable"
     assert anyio.run(rootfs.fingerprints.verify, template.rootfs_image()).path == template.rootfs
 
-    assert [t.name for t in store.list()] == ["minimal"]
-    assert not [p for p in store.root.iterdir() if p.name.startswith(".")]
+    assert [t.name for t in library.list()] == ["minimal"]
+    assert not [p for p in library.root.iterdir() if p.name.startswith(".")]
 
 
 def test_names_are_checked_before_anything_happens(
-    template: Template, store: TemplateStore, builder: TemplateBuilder, guest_image: Image, network: Network
+    template: Template,
+    library: TemplateLibrary,
+    builder: TemplateBuilder,
+    guest_image: Image,
+    network: Network,
 ) -> None:
     def build(name: str) -> None:
         anyio.run(partial(builder.build, name, guest_image, vcpus=1, memory_mib=GUEST_MEMORY_MIB))
@@ -60,10 +64,10 @@ def test_names_are_checked_before_anything_happens(
         with pytest.raises(InvalidArgument, match="template name"):
             build(bad)
         with pytest.raises(InvalidArgument):
-            store.get(bad)
+            library.get(bad)
     with pytest.raises(NotFound, match="template 'other' does not exist"):
-        store.get("other")
-    assert [t.name for t in store.list()] == ["minimal"]
+        library.get("other")
+    assert [t.name for t in library.list()] == ["minimal"]
     assert network.in_use() == frozenset()  # no slot was taken for any of them
 
 
@@ -74,28 +78,28 @@ def lookalike(template: Template, path: Path) -> None:
     shutil.copytree(template.path / "snapshot", path / "snapshot")
 
 
-def test_delete_and_reclaim(template: Template, store: TemplateStore) -> None:
-    lookalike(template, store.root / "copy")
-    (store.root / ".build-half-1234").mkdir()
-    (store.root / ".trash-gone-5678").mkdir()
-    assert [t.name for t in store.list()] == ["copy", "minimal"]
-    store.delete("copy")
-    assert not (store.root / "copy").exists()
-    assert [t.name for t in store.list()] == ["minimal"]
+def test_delete_and_reclaim(template: Template, library: TemplateLibrary) -> None:
+    lookalike(template, library.root / "copy")
+    (library.root / ".build-half-1234").mkdir()
+    (library.root / ".trash-gone-5678").mkdir()
+    assert [t.name for t in library.list()] == ["copy", "minimal"]
+    library.delete("copy")
+    assert not (library.root / "copy").exists()
+    assert [t.name for t in library.list()] == ["minimal"]
     with pytest.raises(NotFound):
-        store.delete("copy")
-    assert sorted(store.reclaim()) == [".build-half-1234", ".trash-gone-5678"]
-    assert sorted(p.name for p in store.root.iterdir()) == ["minimal"]
+        library.delete("copy")
+    assert sorted(library.reclaim()) == [".build-half-1234", ".trash-gone-5678"]
+    assert sorted(p.name for p in library.root.iterdir()) == ["minimal"]
 
 
-def test_a_corrupt_template_is_refused(template: Template, store: TemplateStore) -> None:
-    broken = store.root / "broken"
+def test_a_corrupt_template_is_refused(template: Template, library: TemplateLibrary) -> None:
+    broken = library.root / "broken"
     lookalike(template, broken)
     try:
         (broken / "manifest.json").chmod(0o644)
         (broken / "manifest.json").write_text('{"name": "broken"}')
         with pytest.raises(CorruptData, match="unreadable manifest"):
-            store.get("broken")
+            library.get("broken")
         meta = broken / "snapshot" / "snapshot.json"
         meta.write_text(meta.read_text().replace('"state_bytes"', '"state_bytes_"'))
         with pytest.raises(CorruptData, match="unreadable snapshot metadata"):
@@ -106,7 +110,7 @@ def test_a_corrupt_template_is_refused(template: Template, store: TemplateStore)
 
 def test_a_boot_that_fails_says_why_and_leaves_nothing(
     template: Template,
-    store: TemplateStore,
+    library: TemplateLibrary,
     launcher: Launcher,
     rootfs: RootfsBackend,
     guest_image: Image,
@@ -119,12 +123,12 @@ def test_a_boot_that_fails_says_why_and_leaves_nothing(
         guest_image.name, guest_image.path, guest_image.manifest.model_copy(update={"kernel_args": args})
     )
     fast = Launcher(launcher.driver, LaunchConfig(boot_timeout_s=120))
-    quick = TemplateBuilder(store, launcher=fast, rootfs=rootfs, network=network)
+    quick = TemplateBuilder(library, launcher=fast, rootfs=rootfs, network=network)
     build = partial(quick.build, "broken", broken, vcpus=1, memory_mib=GUEST_MEMORY_MIB)
     with pytest.raises(Unavailable, match=r"(?s)exited before its agent answered.*Kernel panic"):
         anyio.run(build)
     assert network.in_use() == frozenset()  # its slot went back to the pool
-    assert [t.name for t in store.list()] == ["minimal"]
-    assert not [p for p in store.root.iterdir() if p.name.startswith(".")]
+    assert [t.name for t in library.list()] == ["minimal"]
+    assert not [p for p in library.root.iterdir() if p.name.startswith(".")]
     assert list((data_dir / "disks").iterdir()) == []
     assert processes_using(data_dir) == []
