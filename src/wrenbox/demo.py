@@ -18,7 +18,7 @@ import anyio
 
 from wrenbox.config import Settings
 from wrenbox.errors import WrenboxError
-from wrenbox.manager import CreateRequest, SandboxManager
+from wrenbox.manager import CreateRequest, Sandboxes
 from wrenbox.service import ensure_template, open_manager
 
 __all__ = ["STEPS", "DemoStep", "run_demo"]
@@ -70,7 +70,7 @@ async def run_demo(
 
 
 class _Demo:
-    def __init__(self, mgr: SandboxManager, report: Callable[[DemoStep], None]) -> None:
+    def __init__(self, mgr: Sandboxes, report: Callable[[DemoStep], None]) -> None:
         self.mgr = mgr
         self.report = report
         self.current = ""

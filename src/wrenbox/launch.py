@@ -24,6 +24,7 @@ from pathlib import Path
 
 import anyio
 
+from wrenbox import faults
 from wrenbox.envd import AsyncEnvdClient, EnvdConfig
 from wrenbox.envd.endpoint import ENVD_PORT
 from wrenbox.errors import Timeout, Unavailable
@@ -134,6 +135,7 @@ class Launcher:
 
     async def _ready(self, vm: Vm, agent: AsyncEnvdClient, timeout: float) -> None:
         try:
+            faults.point("launch.agent")
             await self.wait_for_agent(vm, agent, timeout)
         except BaseException:
             with anyio.CancelScope(shield=True):

@@ -272,3 +272,29 @@ async def test_a_cancelled_operation_ends_in_a_settled_state(
         del rt.release
     assert manager.get(sb.id).state is S.DESTROYED
     assert leftovers(settings) == {}
+
+
+async def test_a_vm_whose_agent_never_answers_is_ended_with_everything_else(
+    host: Host, manager: SandboxManager, settings: Settings
+) -> None:
+    """A launch that fails after the VMM started (here: its agent never answers) ends the VM itself;
+    the runtime gives back the rest, the agent client included, for a create and for a resume."""
+    rt = host.runtime
+    sandbox_id = new_sandbox_id()
+    with faults.armed("launch.agent"), injected("launch.agent"):
+        await manager.create(CreateRequest(sandbox_id=sandbox_id))
+    assert manager.get(sandbox_id).state is S.DESTROYED
+    assert (sandbox_id not in rt._clients, sandbox_id not in rt._vms) == (True, True)
+    assert leftovers(settings) == {}
+
+    sb = await manager.create(CreateRequest())
+    await manager.pause(sb.id)
+    held = leftovers(settings)
+    with faults.armed("launch.agent"), injected("launch.agent"):
+        await manager.resume(sb.id)
+    assert manager.get(sb.id).state is S.PAUSED
+    assert (sb.id not in rt._clients, sb.id not in rt._vms) == (True, True)
+    assert rt.network.in_use() == frozenset()
+    assert leftovers(settings) == held
+    await manager.resume(sb.id)
+    assert await run(manager, sb.id, "echo ok") == "ok\n"

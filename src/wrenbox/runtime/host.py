@@ -97,6 +97,7 @@ class HostRuntime:
         placement = self._placement(rec, disk, slot)
         # A template made from a sandbox carries that sandbox's agent token; the first /init rotates it.
         agent = self._new_client(rec, slot, token=None if cold else tpl.manifest.agent_token)
+        ledger.on_failure("close the agent client", self._close_client, rec.id)
         if cold:
             vm = await self._boot(rec, placement, self._image(tpl))
         else:
@@ -173,6 +174,7 @@ class HostRuntime:
         ledger.hold(R.MEMORY, str(ram))
         placement = self._placement(rec, disk, slot)
         agent = self._new_client(rec, slot)
+        ledger.on_failure("close the agent client", self._close_client, rec.id)
         if snapshot is not None:
             await anyio.to_thread.run_sync(self.files.materialize, rec.id, ram)
             faults.point("resume.memory")
@@ -296,6 +298,7 @@ class HostRuntime:
     async def finish_resume(self, rec: SandboxRecord) -> str:
         vm = self._vm(rec)
         slot = NetworkSlot.from_dict(rec.resources[R.SLOT])
+        await self._close_client(rec.id)
         await self.launcher.wait_for_agent(vm, self._new_client(rec, slot))
         await self._init_agent(rec)
         return str(slot.host_ip)
@@ -382,8 +385,8 @@ class HostRuntime:
     def _new_client(
         self, rec: SandboxRecord, slot: NetworkSlot, *, token: str | None = None
     ) -> AsyncEnvdClient:
-        """The sandbox's one agent client from now on (a previous one is dropped unclosed only when it
-        was already closed: callers close it first)."""
+        """The sandbox's one agent client from now on (for a VM that is starting: a previous VM's client
+        went with that VM)."""
         client = self._clients[rec.id] = agent_client(slot, token or rec.access_token)
         return client
 
