@@ -48,6 +48,10 @@ class _Group(BaseModel):
 class ApiConfig(_Group):
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=1, le=65535)
+    # Sandboxes' own host names are ``<port>-<sandbox id>.<domain>`` (E2B's scheme); ``*.localhost``
+    # resolves to this machine without any DNS set-up.
+    domain: str = "localhost"
+    metrics_interval_s: float = Field(5.0, gt=0)
 
 
 class LimitsConfig(_Group):
@@ -101,6 +105,11 @@ class Settings(BaseSettings):
     @property
     def state_db(self) -> Path:
         return self.data_dir / "state.db"
+
+    @property
+    def keys_db(self) -> Path:
+        """The API server's keys (hashed)."""
+        return self.data_dir / "keys.db"
 
     @classmethod
     def settings_customise_sources(

@@ -108,6 +108,9 @@ class SandboxRecord:
     error: str | None = None
     pause_failures: int = 0
     access_token: str | None = None  # the guest agent's token (X-Access-Token), set at first /init
+    team: str | None = None  # who owns it (the API's tenant); None: made in-process, no tenant
+    pause_memory: bool = True  # a timeout's pause keeps memory (False: disk only, boots on resume)
+    auto_resume: bool = False  # traffic through the proxy resumes it when paused
 
     def replace(self, **changes: Any) -> SandboxRecord:
         return dataclasses.replace(self, **changes)
@@ -134,3 +137,4 @@ class TemplateRecord:
     size_bytes: int = 0
     created_at: float = field(default_factory=time.time)
     manifest: dict[str, Any] = field(default_factory=dict)
+    team: str | None = None  # who owns it; None: every team may use it (built by the operator)

@@ -57,6 +57,7 @@ __all__ = [
     "rootfs_backend",
     "rootfs_config",
     "runtime_config",
+    "serve",
     "vmm_driver",
 ]
 
@@ -241,3 +242,61 @@ async def ensure_template(
         image=image,
         on_step=None if on_step is None else lambda step: on_step(f"template {name}: {step}"),
     )
+
+
+# -- the server --------------------------------------------------------------------------------------------
+
+
+async def serve(
+    settings: Settings,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Run ``wrenbox serve`` until SIGTERM or SIGINT: the data dir's manager behind the API (E2B's REST
+    API and the sandbox proxy, one port). Stopping pauses every running sandbox; the next start finds
+    them paused, where they were. ``on_ready`` hears the URL once the port is listening."""
+    import signal
+
+    import uvicorn
+
+    from wrenbox.api import KeyStore, create_app
+    from wrenbox.api.proxy import QuietCuts
+
+    host = settings.api.host if host is None else host
+    port = settings.api.port if port is None else port
+    with KeyStore(settings.keys_db) as keys:
+        async with open_manager(settings) as sandboxes:
+            await ensure_template(sandboxes, settings, settings.defaults.template)
+            app = create_app(
+                sandboxes,
+                keys,
+                domain=settings.api.domain,
+                disk_mb=settings.defaults.disk_mb or 10 * 1024,
+                metrics_interval_s=settings.api.metrics_interval_s,
+            )
+            config = uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                lifespan="on",
+                log_level=settings.log_level,
+                timeout_graceful_shutdown=10,
+                access_log=False,
+            )
+            server = uvicorn.Server(config)
+            logging.getLogger("uvicorn.error").addFilter(QuietCuts())
+            # uvicorn re-raises the signal that stopped it once it has stopped; with the default handlers
+            # that would end the process before the manager pauses the sandboxes. Ours let it return.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: None)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(server.serve)
+                while not server.started:
+                    if server.should_exit:
+                        break
+                    await anyio.sleep(0.05)
+                if server.started and on_ready is not None:
+                    bound = server.servers[0].sockets[0].getsockname()  # the real port when asked for 0
+                    on_ready(f"http://{host}:{bound[1]}")

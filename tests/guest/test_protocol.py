@@ -347,7 +347,11 @@ def test_access_token(fresh_agent: RunningAgent, workdir: Path) -> None:
         "signature": file_signature(path, "read", "", "s3cret", expired),
         "signature_expiration": expired,
     }
-    assert httpx.get(url + "/files", params=old).status_code == 401
+    refused = httpx.get(url + "/files", params=old)
+    assert (refused.status_code, refused.json()) == (
+        401,
+        {"code": 401, "message": "signature is already expired"},
+    )
 
     # Rotating the token needs the current one.
     assert httpx.post(url + "/init", json={"accessToken": "next"}, headers=token).status_code == 204

@@ -81,8 +81,7 @@ def test_missing_files_and_directories_as_files(sandbox: Sandbox, workdir: Path)
         sandbox.files.read(str(workdir / "missing.txt"))
     with pytest.raises(FileNotFoundException):
         sandbox.files.get_info(str(workdir / "missing.txt"))
-    with pytest.raises(FileNotFoundException):
-        sandbox.files.remove(str(workdir / "missing.txt"))
+    sandbox.files.remove(str(workdir / "missing.txt"))  # succeeds, as with envd
     with pytest.raises(InvalidArgumentException):
         sandbox.files.read(str(workdir))  # a directory
 
@@ -107,3 +106,14 @@ def test_watch_dir(sandbox: Sandbox, workdir: Path) -> None:
     assert ("created.txt", FilesystemEventType.REMOVE) in events
     with pytest.raises(Exception, match="already stopped"):
         handle.get_new_events()
+
+
+def test_file_metadata_is_replaced_by_each_write(sandbox: Sandbox, workdir: Path) -> None:
+    path = str(workdir / "tagged.txt")
+    sandbox.files.write(path, "one", metadata={"owner": "alice", "stage": "draft"})
+    assert sandbox.files.get_info(path).metadata == {"owner": "alice", "stage": "draft"}
+    sandbox.files.write(path, "two", metadata={"stage": "final"}, use_octet_stream=True)
+    assert sandbox.files.get_info(path).metadata == {"stage": "final"}  # nothing stale left
+    sandbox.files.write(path, "three")
+    assert not sandbox.files.get_info(path).metadata
+    assert sandbox.files.read(path) == "three"

@@ -29,7 +29,7 @@ async def test_route_gives_the_sandbox_address_and_counts_as_activity(
     mgr = SandboxManager(ManagerConfig(), store, runtime, clock=lambda: now[0])
     rec = await mgr.create(CreateRequest(timeout_s=10))
     async with mgr.route(rec.id, 8080) as address:
-        assert address == Address(rec.host_ip, 8080)
+        assert address == Address(rec.host_ip, 8080, 1000.0)  # it has run since it was made
         now[0] += 60  # a long-lived stream: in use all along
         assert mgr.get(rec.id).last_active_at == now[0]
         await mgr.expire(rec.id, "pause")

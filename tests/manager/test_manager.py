@@ -228,7 +228,7 @@ async def test_unknown_template(mgr: SandboxManager) -> None:
         await mgr.create(CreateRequest(template="nosuch"))
 
 
-async def test_snapshot_makes_a_template_and_leaves_the_sandbox_paused(
+async def test_snapshot_makes_a_template_and_leaves_the_sandbox_running(
     mgr: SandboxManager, runtime: FakeRuntime
 ) -> None:
     rec = await mgr.create(CreateRequest())
@@ -236,7 +236,7 @@ async def test_snapshot_makes_a_template_and_leaves_the_sandbox_paused(
     assert tpl.state is TemplateState.READY
     assert tpl.parent == "minimal"
     assert tpl.size_bytes == 1234
-    assert mgr.get(rec.id).state is S.PAUSED
+    assert mgr.get(rec.id).state is S.RUNNING
     child = await mgr.create(CreateRequest(template="mine"))
     assert child.template == "mine"
     with pytest.raises(AlreadyExists):
@@ -256,7 +256,7 @@ async def test_failed_snapshot_lists_no_template(mgr: SandboxManager, store: Sto
         await mgr.snapshot(rec.id, "half")
     with pytest.raises(NotFound):
         store.get_template("half")
-    assert mgr.get(rec.id).state is S.PAUSED
+    assert mgr.get(rec.id).state is S.RUNNING  # as it was
 
 
 async def test_fork_keeps_the_source_running_and_cleans_up_its_template(

@@ -124,9 +124,10 @@ async def test_snapshots_become_templates(manager: SandboxManager, settings: Set
     await contents.write(manager, source.id)
     await start_counter(manager, source.id)
 
-    # A running sandbox: paused first, and it stays paused.
+    # A running sandbox: it keeps running (and keeps counting) while and after it is snapshotted.
     running_tpl = await manager.snapshot(source.id, _name("snap-run"))
-    assert manager.get(source.id).state is S.PAUSED
+    assert manager.get(source.id).state is S.RUNNING
+    assert "counter" in await process_tags(manager, source.id)
     assert (running_tpl.kind, running_tpl.state, running_tpl.parent) == (
         "snapshot",
         TemplateState.READY,
@@ -154,6 +155,7 @@ async def test_snapshots_become_templates(manager: SandboxManager, settings: Set
     assert manager.template(running_tpl.name).state is TemplateState.READY
 
     # A paused sandbox: stays paused, and resumes as it was.
+    await manager.pause(source.id)
     paused_tpl = await manager.snapshot(source.id, _name("snap-paused"))
     assert manager.get(source.id).state is S.PAUSED
     grandchild = await manager.create(CreateRequest(template=paused_tpl.name))

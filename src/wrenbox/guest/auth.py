@@ -54,7 +54,7 @@ def verify_file_signature(token: str, query: Mapping[str, str], operation: str) 
     if not hmac.compare_digest(expected.encode(), signature.encode()):
         raise Unauthenticated("invalid URL signature")
     if expiration is not None and expiration < time.time():
-        raise Unauthenticated("URL signature has expired")
+        raise Unauthenticated("signature is already expired")  # envd's words; E2B's tests match them
 
 
 def basic_auth_username(headers: Mapping[str, str]) -> str | None:

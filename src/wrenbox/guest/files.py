@@ -242,7 +242,11 @@ class _TargetFile:
             raise _write_error(err, self.path) from None
 
     def set_metadata(self, metadata: dict[str, str]) -> None:
+        """The file's metadata becomes exactly ``metadata``: what an earlier upload left is dropped."""
         try:
+            for name in os.listxattr(self._fd):
+                if name.startswith(METADATA_XATTR):
+                    os.removexattr(self._fd, name)
             for key, value in metadata.items():
                 os.setxattr(self._fd, METADATA_XATTR + key, value.encode())
         except OSError as err:

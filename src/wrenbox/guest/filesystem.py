@@ -93,6 +93,8 @@ class FilesystemService:
                     shutil.rmtree(path)
                 else:
                     os.unlink(path)
+            except FileNotFoundError:
+                pass  # as envd (os.RemoveAll): removing what is not there succeeds
             except OSError as err:
                 raise error_from_os(err, err.filename or path) from None
             return pb.RemoveResponse()

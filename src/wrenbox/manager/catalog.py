@@ -70,11 +70,19 @@ class TemplateCatalog:
         memory_mb: int,
         source: str | None = None,
         parent: str | None = None,
+        team: str | None = None,
     ) -> TemplateRecord:
         """Reserve ``name`` with a ``building`` row (AlreadyExists if it is taken); caller holds its lock."""
         self.check_free(name)
         row = TemplateRecord(
-            name=name, kind=kind, path="", vcpus=vcpus, memory_mb=memory_mb, source=source, parent=parent
+            name=name,
+            kind=kind,
+            path="",
+            vcpus=vcpus,
+            memory_mb=memory_mb,
+            source=source,
+            parent=parent,
+            team=team,
         )
         self._store.insert_template(row)
         return row

@@ -92,6 +92,7 @@ class SandboxManager(RecoveryMixin):
             max_concurrent_starts=config.max_concurrent_starts,
         )
         self._activity = Activity(clock)
+        self._running_since: dict[str, float] = {}  # when each sandbox's current VM run began
 
     # -- queries -------------------------------------------------------------------------------------
 
@@ -106,11 +107,12 @@ class SandboxManager(RecoveryMixin):
         states: set[SandboxState] | None = None,
         metadata: dict[str, str] | None = None,
         template: str | None = None,
+        team: str | None = None,
     ) -> list[SandboxRecord]:
         wanted = states if states is not None else set(SandboxState) - {S.DESTROYED}
         if metadata is not None:
             check_str_map("metadata filter", metadata)
-        recs = self._store.list_sandboxes(states=wanted, metadata=metadata, template=template)
+        recs = self._store.list_sandboxes(states=wanted, metadata=metadata, template=template, team=team)
         for rec in recs:
             rec.last_active_at = self._activity.last_active(rec.id, rec.last_active_at)
         return recs
@@ -161,6 +163,9 @@ class SandboxManager(RecoveryMixin):
             on_timeout=request.on_timeout,
             metadata=check_str_map("metadata", request.metadata),
             env=check_str_map("env", request.env),
+            team=request.team,
+            pause_memory=bool(request.pause_memory),
+            auto_resume=bool(request.auto_resume),
             created_at=now,
             last_active_at=now,
             state_changed_at=now,
@@ -174,6 +179,7 @@ class SandboxManager(RecoveryMixin):
                 self._failed(rec, exc, fallback=S.DESTROYED)
                 raise
             self.touch(rec.id)
+            self._running_since[rec.id] = self.clock()
             return self._move(rec, S.RUNNING, host_ip=host_ip, last_active_at=self.clock())
 
     async def destroy(self, sandbox_id: str) -> None:
@@ -209,6 +215,7 @@ class SandboxManager(RecoveryMixin):
                 self._failed(rec, exc, fallback=S.PAUSED)
                 raise
             self.touch(sandbox_id)
+            self._running_since[sandbox_id] = self.clock()
             return self._move(rec, S.RUNNING, host_ip=host_ip, last_active_at=self.clock())
 
     async def connect(self, sandbox_id: str, timeout_s: int | None = None) -> SandboxRecord:
@@ -229,9 +236,8 @@ class SandboxManager(RecoveryMixin):
         async with self._catalog.lock(name), self._lock(sandbox_id):
             self._catalog.check_free(name)
             rec = self.get(sandbox_id)
-            if rec.state is S.RUNNING:
-                rec = await self._pause_locked(rec)
-            return await self._snapshot_locked(rec, name, kind="snapshot", back_to=S.PAUSED)
+            back_to = S.RUNNING if rec.state is S.RUNNING else S.PAUSED  # E2B's: the source goes on
+            return await self._snapshot_locked(rec, name, kind="snapshot", back_to=back_to)
 
     async def fork(self, sandbox_id: str, count: int = 1) -> list[SandboxRecord]:
         if not isinstance(count, int) or not 1 <= count <= self.config.max_sandboxes:
@@ -250,6 +256,9 @@ class SandboxManager(RecoveryMixin):
             on_timeout=base.on_timeout,  # type: ignore[arg-type]
             metadata=base.metadata,
             env=base.env,
+            team=base.team,
+            pause_memory=base.pause_memory,
+            auto_resume=base.auto_resume,
         )
         children: list[SandboxRecord] = []
         try:
@@ -274,9 +283,12 @@ class SandboxManager(RecoveryMixin):
     @asynccontextmanager
     async def route(self, sandbox_id: str, port: int) -> AsyncIterator[Address]:
         check_port(port)
+        rec = self.get(sandbox_id)
+        if rec.auto_resume and rec.state in (S.PAUSING, S.PAUSED):
+            await self.resume(sandbox_id)  # waits for a pause under way, then wakes it
         async with self._activity.using(sandbox_id, lambda: self._running(sandbox_id)) as rec:
             assert rec.host_ip is not None  # running: it has an address
-            yield Address(rec.host_ip, port)
+            yield Address(rec.host_ip, port, self._running_since.get(sandbox_id, 0.0))
 
     async def exec(self, sandbox_id: str, cmd: Any, **kwargs: Any) -> ExecResult:
         kwargs.setdefault("output_cap", self.config.exec_output_cap_bytes)
@@ -299,8 +311,8 @@ class SandboxManager(RecoveryMixin):
         host = self._runtime.usage(rec)
         if rec.state is not S.RUNNING:
             return SandboxMetrics(rec.state, host)
-        async with self.use(sandbox_id) as envd:
-            return SandboxMetrics(rec.state, host, await envd.metrics())
+        # Observing is not using: a metrics sampler must not keep every sandbox from timing out.
+        return SandboxMetrics(rec.state, host, await self._runtime.envd(rec).metrics())
 
     # -- templates -----------------------------------------------------------------------------------
 
@@ -344,7 +356,7 @@ class SandboxManager(RecoveryMixin):
                 await self._destroy_locked(rec)
                 return
             try:
-                await self._pause_locked(rec)
+                await self._pause_locked(rec, memory=rec.pause_memory)
             except Exception:
                 rec = self.get(sandbox_id)
                 rec.pause_failures += 1
@@ -392,7 +404,13 @@ class SandboxManager(RecoveryMixin):
     ) -> TemplateRecord:
         """Template ``name`` from ``rec`` (caller holds both locks); ``rec`` ends in ``back_to``."""
         row = self._catalog.begin(
-            name, kind=kind, vcpus=rec.vcpus, memory_mb=rec.memory_mb, source=rec.id, parent=rec.template
+            name,
+            kind=kind,
+            vcpus=rec.vcpus,
+            memory_mb=rec.memory_mb,
+            source=rec.id,
+            parent=rec.template,
+            team=rec.team,
         )
         self._move(rec, S.SNAPSHOTTING)
         try:
@@ -432,6 +450,7 @@ class SandboxManager(RecoveryMixin):
 
     def _forget(self, sandbox_id: str) -> None:
         self._locks.pop(sandbox_id, None)
+        self._running_since.pop(sandbox_id, None)
         self._activity.forget(sandbox_id)
 
     def _ledger(self, rec: SandboxRecord, label: str) -> Ledger:

@@ -36,8 +36,11 @@ class CreateRequest:
     """A new sandbox. ``None`` fields take the manager's defaults.
 
     ``timeout_s``: seconds of inactivity after which it is paused (or killed, per ``on_timeout``); 0
-    never. ``cold_boot``: boot the template's image instead of restoring its snapshot. ``sandbox_id``:
-    choose the id (validated) instead of getting a fresh one.
+    never. ``pause_memory``: that pause keeps memory (else disk only). ``auto_resume``: traffic through
+    :meth:`Sandboxes.route` resumes it while it is paused. ``cold_boot``: boot the template's image
+    instead of restoring its snapshot. ``sandbox_id``: choose the id (validated) instead of getting a
+    fresh one. ``team``: the tenant that owns it (the API's; templates and snapshots made from it belong
+    to the same team).
     """
 
     template: str | None = None
@@ -47,13 +50,22 @@ class CreateRequest:
     env: dict[str, str] = field(default_factory=dict)
     cold_boot: bool = False
     sandbox_id: str | None = None
+    team: str | None = None
+    pause_memory: bool = True
+    auto_resume: bool = False
 
 
 class Address(NamedTuple):
-    """Where to send a sandbox's traffic for one guest port (reachable from this host)."""
+    """Where to send a sandbox's traffic for one guest port (reachable from this host).
+
+    ``since`` is when the sandbox's current run began (created or resumed): connections opened in an
+    earlier run lead to a VM that is gone (paused, rebooted, or another sandbox on a reused address),
+    so a proxy must not reuse them.
+    """
 
     host: str
     port: int
+    since: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +95,7 @@ class Sandboxes(Protocol):
         states: set[SandboxState] | None = None,
         metadata: dict[str, str] | None = None,
         template: str | None = None,
+        team: str | None = None,
     ) -> list[SandboxRecord]:
         """Sandboxes in creation order matching every filter given; destroyed ones only when asked
         for by state."""
@@ -117,8 +130,8 @@ class Sandboxes(Protocol):
         ...
 
     async def snapshot(self, sandbox_id: str, name: str | None = None) -> TemplateRecord:
-        """A template from the sandbox (a running one is paused first and stays paused); a name is made
-        up when none is given."""
+        """A template from the sandbox, which stays as it was (a running one keeps running, as E2B's
+        snapshots do); a name is made up when none is given."""
         ...
 
     async def fork(self, sandbox_id: str, count: int = 1) -> list[SandboxRecord]:
@@ -134,7 +147,8 @@ class Sandboxes(Protocol):
 
     def route(self, sandbox_id: str, port: int) -> AbstractAsyncContextManager[Address]:
         """Where to stream traffic for guest ``port``, for as long as the block runs (a proxy's
-        connection). Counts as activity; cancelled like :meth:`use`."""
+        connection). Counts as activity; cancelled like :meth:`use`. A paused sandbox made with
+        ``auto_resume`` is resumed first."""
         ...
 
     async def exec(self, sandbox_id: str, cmd: Any, **kwargs: Any) -> ExecResult:
@@ -145,7 +159,9 @@ class Sandboxes(Protocol):
         """Run ``cmd`` and yield its events (started, stdout, stderr, exited) as they happen."""
         ...
 
-    async def metrics(self, sandbox_id: str) -> SandboxMetrics: ...
+    async def metrics(self, sandbox_id: str) -> SandboxMetrics:
+        """What the sandbox uses now. Observing is not use: it does not count as activity."""
+        ...
 
     def events(self, *, sandbox_id: str | None = None, after: int = 0, limit: int = 1000) -> list[Event]:
         """The event log (every state change, template change, expiry, recovery), oldest first, after

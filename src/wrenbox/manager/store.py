@@ -75,6 +75,14 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 2: the guest agent's access token, per sandbox
     "ALTER TABLE sandboxes ADD COLUMN access_token TEXT",
+    # 3: tenants (API teams) own sandboxes and the templates made from them; what a timeout does
+    """
+    ALTER TABLE sandboxes ADD COLUMN team TEXT;
+    ALTER TABLE templates ADD COLUMN team TEXT;
+    CREATE INDEX sandboxes_team ON sandboxes(team);
+    ALTER TABLE sandboxes ADD COLUMN pause_memory INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE sandboxes ADD COLUMN auto_resume INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 _SANDBOX_JSON = ("metadata", "env", "resources", "leftovers")
@@ -183,6 +191,7 @@ class Store:
         states: set[SandboxState] | None = None,
         metadata: Mapping[str, str] | None = None,
         template: str | None = None,
+        team: str | None = None,
     ) -> list[SandboxRecord]:
         """Sandboxes in creation order; ``metadata`` matches records having all the given pairs."""
         sql, args = "SELECT * FROM sandboxes", []
@@ -193,6 +202,9 @@ class Store:
         if template is not None:
             where.append("template = ?")
             args.append(template)
+        if team is not None:
+            where.append("team = ?")
+            args.append(team)
         for key, value in (metadata or {}).items():
             where.append("json_extract(metadata, ?) = ?")
             args.extend([f"$.{json.dumps(key)}", value])
@@ -288,7 +300,8 @@ def _sandbox_row(rec: SandboxRecord) -> dict[str, Any]:
 
 def _sandbox_from_row(row: sqlite3.Row) -> SandboxRecord:
     data = _from_row(row, _SANDBOX_JSON)
-    return SandboxRecord(**data | {"state": SandboxState(data["state"])})
+    flags = {k: bool(data[k]) for k in ("pause_memory", "auto_resume")}
+    return SandboxRecord(**data | flags | {"state": SandboxState(data["state"])})
 
 
 def _template_row(rec: TemplateRecord) -> dict[str, Any]:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["app", "main"]
+__all__ = ["app", "console", "err_console", "fail", "load", "main"]
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Self-hosted microVM sandboxes.")
 image_app = typer.Typer(no_args_is_help=True, help="Guest images (kernel, initramfs, root filesystem).")
@@ -48,16 +48,17 @@ def _exit_code(exc: WrenboxError) -> int:
     return 1
 
 
-def _fail(exc: WrenboxError) -> NoReturn:
+def fail(exc: WrenboxError) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
     raise typer.Exit(_exit_code(exc))
 
 
-def _settings() -> Settings:
+def load() -> Settings:
+    """The settings, or exit 2 naming the bad one."""
     try:
         return load_settings()
     except WrenboxError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def _yes_no(ok: bool) -> str:
@@ -78,7 +79,7 @@ def doctor(
     """Probe what this host can do and show which backends wrenbox will use, and why."""
     from wrenbox.service import probe_host, rootfs_backend, vmm_driver
 
-    settings = _settings()
+    settings = load()
     try:
         with console.status("probing the host (the first run tries to boot a KVM guest)…"):
             caps = probe_host(settings, refresh=refresh)
@@ -86,7 +87,7 @@ def doctor(
         driver = vmm_driver(caps).name if caps.vmm.name != "none" else "none"
         disks = rootfs_backend(settings, caps).name
     except WrenboxError as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         typer.echo(json.dumps(caps.model_dump(mode="json") | {"accel": caps.accel}, indent=2))
     else:
@@ -160,9 +161,9 @@ def image_build(
                 out.print(f"  [green]✓[/] {event.step:<12} {event.seconds:6.1f} s{note}", highlight=False)
 
         try:
-            result = build_image(image_config(_settings()), name, force=force, on_step=on_step)
+            result = build_image(image_config(load()), name, force=force, on_step=on_step)
         except WrenboxError as exc:
-            _fail(exc)
+            fail(exc)
     image = result.image
     if as_json:
         typer.echo(image.manifest.model_dump_json(indent=2))
@@ -191,7 +192,7 @@ def template_build(
 ) -> None:
     """Boot an image once, wait for its agent and snapshot it as a template (immutable once built)."""
     out = err_console if as_json else console
-    settings = _settings()
+    settings = load()
     with out.status(f"building template {name}…") as status:
 
         async def build(sandboxes: Sandboxes) -> TemplateRecord:
@@ -224,7 +225,7 @@ def template_list(
     async def templates(sandboxes: Sandboxes) -> list[TemplateRecord]:
         return sandboxes.templates()
 
-    found = _with_manager(_settings(), templates)
+    found = _with_manager(load(), templates)
     if as_json:
         typer.echo(json.dumps([_template_json(t) for t in found], indent=2))
         return
@@ -258,7 +259,7 @@ def _with_manager(settings: Settings, work: Callable[[Sandboxes], Awaitable[T]])
     try:
         return anyio.run(main)
     except WrenboxError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def _template_json(t: TemplateRecord) -> dict[str, object]:
@@ -276,7 +277,7 @@ def demo(
 
     from wrenbox.demo import DemoStep, run_demo
 
-    settings = _settings()
+    settings = load()
 
     def report(step: DemoStep) -> None:
         if as_json:
@@ -293,7 +294,7 @@ def demo(
     try:
         ok = anyio.run(run_demo, settings, report, progress)
     except WrenboxError as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         print(json.dumps({"ok": ok}), flush=True)
     else:

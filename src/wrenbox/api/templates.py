@@ -1,0 +1,96 @@
+"""E2B's template and snapshot endpoints. A snapshot is a template made from a sandbox (E2B's model too):
+its id works wherever a template name does, and ``DELETE /templates/{id}`` deletes it.
+
+Template references arrive percent-encoded as one path segment (``team%2Fsnap%3Adefault``); the routes
+take the rest of the path so an encoded ``/`` does not split them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response
+
+from wrenbox.api.context import Ctx, Team
+from wrenbox.api.wire import cursor_after, make_cursor, template_name
+from wrenbox.errors import NotFound, PermissionDenied
+from wrenbox.records import TemplateRecord, TemplateState
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["templates"])
+
+
+def _visible(team: str, t: TemplateRecord) -> bool:
+    return t.team in (None, team) and t.state is not TemplateState.DELETING
+
+
+@router.get("/templates", summary="Templates this team may use")
+def list_templates(ctx: Ctx, team: Team) -> list[dict[str, Any]]:
+    return [
+        ctx.wire.template(t)
+        for t in ctx.sandboxes.templates()
+        if _visible(team, t) and t.kind not in ("snapshot", "fork")
+    ]
+
+
+@router.get("/templates/aliases/{alias}", summary="Whether a template name is taken")
+def alias(ctx: Ctx, team: Team, alias: str) -> dict[str, Any]:
+    try:
+        t = ctx.sandboxes.template(template_name(alias))
+    except NotFound:
+        raise NotFound(f"template {alias!r} not found") from None
+    if t.team not in (None, team):
+        raise PermissionDenied(f"template {alias!r} belongs to another team")
+    return {"templateID": t.name, "public": t.team is None}
+
+
+@router.get("/templates/{template_id:path}", summary="One template")
+def get_template(ctx: Ctx, team: Team, template_id: str) -> dict[str, Any]:
+    t = ctx.template(team, template_id, ready=False)
+    return ctx.wire.template(t) | {"builds": []}
+
+
+@router.delete("/templates/{template_id:path}", status_code=204, summary="Delete a template or snapshot")
+async def delete_template(ctx: Ctx, team: Team, template_id: str) -> Response:
+    t = ctx.template(team, template_id, ready=False)
+    if t.team is None:
+        raise PermissionDenied(f"template {t.name!r} is the operator's; it cannot be deleted through the API")
+    await ctx.sandboxes.delete_template(t.name)
+    return Response(status_code=204)
+
+
+@router.get("/snapshots", summary="Snapshots of this team's sandboxes")
+def list_snapshots(
+    ctx: Ctx,
+    team: Team,
+    response: Response,
+    sandbox_id: Annotated[str | None, Query(alias="sandboxID")] = None,
+    name: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 100,
+    next_token: Annotated[str | None, Query(alias="nextToken")] = None,
+) -> list[dict[str, Any]]:
+    wanted = None
+    if name is not None:
+        with contextlib.suppress(Exception):
+            wanted = template_name(name)
+        if wanted is None:
+            return []
+    found = [
+        t
+        for t in ctx.sandboxes.templates()
+        if t.kind == "snapshot"
+        and t.team == team
+        and t.state is TemplateState.READY
+        and (sandbox_id is None or t.source == sandbox_id)
+        and (wanted is None or t.name == wanted)
+    ]
+    found.sort(key=lambda t: (t.created_at, t.name), reverse=True)
+    if next_token:
+        mark = cursor_after(next_token)
+        found = [t for t in found if (t.created_at, t.name) < mark]
+    page = found[:limit]
+    if len(found) > limit:
+        response.headers["x-next-token"] = make_cursor(page[-1].created_at, page[-1].name)
+    return [ctx.wire.snapshot(t) for t in page]
