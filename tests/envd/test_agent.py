@@ -43,6 +43,15 @@ async def test_metrics(envd: Any) -> None:
     assert 0 < metrics.disk_used <= metrics.disk_total
 
 
+async def test_warm_up_speaks_the_sdks_encodings(fresh_agent: Any, connect: Any) -> None:
+    client = connect(fresh_agent.url)
+    await client.wait_healthy(timeout=30)
+    await client.init(access_token="warm-token")
+    await client.warm_up()  # JSON Connect stream and unary calls, and /files, all answered 200
+    with pytest.raises(Unauthenticated):
+        await connect(fresh_agent.url).warm_up()
+
+
 async def test_access_token_is_enforced_after_init(fresh_agent: Any, connect: Any) -> None:
     owner = connect(fresh_agent.url)
     await owner.wait_healthy(timeout=30)

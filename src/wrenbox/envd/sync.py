@@ -222,6 +222,7 @@ class EnvdClient(_Bridge):
     init = _blocking(AsyncEnvdClient.init)
     envs = _blocking(AsyncEnvdClient.envs)
     metrics = _blocking(AsyncEnvdClient.metrics)
+    warm_up = _blocking(AsyncEnvdClient.warm_up)
 
 
 async def _new_client(

@@ -82,6 +82,7 @@ class TemplateBuilder:
                         await agent.init()
                         for argv in WARM_UP:
                             await agent.processes.exec(argv, timeout=self.launcher.config.boot_timeout_s)
+                        await agent.warm_up()
                     with step("snapshot"):
                         await vm.snapshot(draft.snapshot_dir)
                 finally:
