@@ -124,6 +124,7 @@ class Server:
             "WRENBOX_NETWORK__TRANSFER_RANGE": str(settings.network.transfer_range),
             "WRENBOX_DEFAULTS__MEMORY_MB": str(settings.defaults.memory_mb),
             "WRENBOX_DEFAULTS__TIMEOUT_S": "0",
+            "WRENBOX_API__TEMPLATES": json.dumps([TEMPLATE]),
         }
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

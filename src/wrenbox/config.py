@@ -52,6 +52,9 @@ class ApiConfig(_Group):
     # resolves to this machine without any DNS set-up.
     domain: str = "localhost"
     metrics_interval_s: float = Field(5.0, gt=0)
+    # Templates ``wrenbox serve`` makes ready before it listens, each from the image of the same name
+    # (built on first start): ``base`` is what E2B's SDK creates when no template is named.
+    templates: tuple[str, ...] = ("base",)
 
 
 class LimitsConfig(_Group):
@@ -66,7 +69,9 @@ class SandboxDefaults(_Group):
     memory_mb: int = Field(512, ge=64)
     timeout_s: int = Field(300, ge=0)
     on_timeout: Literal["pause", "kill"] = "pause"
-    disk_mb: int | None = Field(None, ge=64)  # per-sandbox root disk; None: the template's size
+    # The root disk of templates built without saying; their sandboxes get the same. Sparse on the host
+    # (it costs what is written) and grown into by the guest's filesystem at the template's boot.
+    disk_mb: int = Field(10 * 1024, ge=64)
 
 
 class Settings(BaseSettings):

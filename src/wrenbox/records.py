@@ -131,6 +131,7 @@ class TemplateRecord:
     path: str
     vcpus: int = 1
     memory_mb: int = 512
+    disk_mb: int | None = None  # its root disk (sandboxes from it get the same); None: not known yet
     state: TemplateState = TemplateState.BUILDING
     source: str | None = None  # image name or sandbox id it was made from
     parent: str | None = None  # template whose disk/memory this one builds on, if chained

@@ -79,6 +79,7 @@ def manager_config(settings: Settings) -> ManagerConfig:
         default_timeout_s=settings.defaults.timeout_s,
         default_vcpus=settings.defaults.vcpus,
         default_memory_mb=settings.defaults.memory_mb,
+        default_disk_mb=settings.defaults.disk_mb,
         on_shutdown=settings.on_shutdown,
     )
 
@@ -88,7 +89,6 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
         sandboxes_dir=settings.sandboxes_dir,
         images_dir=settings.images_dir,
         memory_dir=settings.memory_dir,
-        disk_size_mib=settings.defaults.disk_mb,
     )
 
 
@@ -268,12 +268,13 @@ async def serve(
     port = settings.api.port if port is None else port
     with KeyStore(settings.keys_db) as keys:
         async with open_manager(settings) as sandboxes:
-            await ensure_template(sandboxes, settings, settings.defaults.template)
+            for name in dict.fromkeys((settings.defaults.template, *settings.api.templates)):
+                await ensure_template(sandboxes, settings, name, image=name, on_step=log.info)
             app = create_app(
                 sandboxes,
                 keys,
                 domain=settings.api.domain,
-                disk_mb=settings.defaults.disk_mb or 10 * 1024,
+                disk_mb=settings.defaults.disk_mb,
                 metrics_interval_s=settings.api.metrics_interval_s,
             )
             config = uvicorn.Config(
@@ -284,6 +285,7 @@ async def serve(
                 log_level=settings.log_level,
                 timeout_graceful_shutdown=10,
                 access_log=False,
+                log_config=None,  # the process's logging (wrenbox serve sets it up) carries uvicorn's too
             )
             server = uvicorn.Server(config)
             logging.getLogger("uvicorn.error").addFilter(QuietCuts())

@@ -54,6 +54,7 @@ def server_env(settings: Settings) -> dict[str, str]:
         "WRENBOX_DEFAULTS__MEMORY_MB": str(settings.defaults.memory_mb),
         "WRENBOX_LIMITS__MAX_SANDBOXES": "6",
         "WRENBOX_API__METRICS_INTERVAL_S": "1",
+        "WRENBOX_API__TEMPLATES": json.dumps(["minimal", "base"]),
     }
 
 

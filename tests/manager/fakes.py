@@ -145,6 +145,7 @@ class FakeRuntime:
         image: str,
         vcpus: int,
         memory_mb: int,
+        disk_mb: int,
         on_step: Callable[[str], None] | None = None,
     ) -> TemplateRecord:
         for step in ("boot", "snapshot"):
@@ -152,7 +153,7 @@ class FakeRuntime:
             if on_step is not None:
                 on_step(step)
         self.templates.add(name)
-        return self._record(name, source=image, size_bytes=4321)
+        return self._record(name, source=image, size_bytes=4321, disk_mb=disk_mb)
 
     async def delete_template(self, name: str) -> None:
         self.templates.discard(name)

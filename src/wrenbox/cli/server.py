@@ -7,6 +7,7 @@ can read the data dir anyway.
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime
 from typing import Annotated
 
@@ -29,6 +30,30 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+class _Logfmt(logging.Formatter):
+    """One line per record, ``key=value`` pairs (logfmt), that log shippers parse without a schema."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        fields = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": message,
+        }
+        return " ".join(f"{k}={json.dumps(v) if k == 'msg' else v}" for k, v in fields.items())
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Logfmt())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
 @app.command()
 def serve(
     listen: Annotated[
@@ -41,6 +66,7 @@ def serve(
     from wrenbox.service import serve as run
 
     settings = load()
+    configure_logging(settings.log_level)
     try:
         host, port = parse_listen(listen) if listen else (settings.api.host, settings.api.port)
 

@@ -43,6 +43,7 @@ from wrenbox.names import validate_name
 __all__ = [
     "AGENT_PORT",
     "DEFAULT_MODULES",
+    "IMAGE_PACKAGES",
     "BuildResult",
     "ImageConfig",
     "StepEvent",
@@ -60,13 +61,33 @@ _TOP_REVISION = 2
 _REQUIRED_TOOLS = ("apt-get", "apt-cache", "dpkg-deb", "depmod", "debootstrap", "mkfs.ext4", "chroot", "cp")
 
 
+# What a named image holds beyond ``ImageConfig.packages``. ``base`` is E2B's default template: what
+# E2B's own tests and users' code expect to find (bash, coreutils, python3 and ``python``, pip, curl, git
+# with ``git daemon``, ``ps``/``pgrep``, ``ss``, ``tput``, CA certificates, passwordless sudo for ``user``).
+IMAGE_PACKAGES: dict[str, tuple[str, ...]] = {
+    "minimal": (),
+    "base": (
+        "bash",
+        "coreutils",
+        "curl",
+        "git",
+        "iproute2",
+        "ncurses-bin",
+        "procps",
+        "python-is-python3",
+        "python3-pip",
+        "python3-venv",
+    ),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class ImageConfig:
     images_dir: Path
     cache_dir: Path
     suite: str = "bookworm"
     mirror: str = "http://deb.debian.org/debian"
-    packages: tuple[str, ...] = ("python3", "sudo", "e2fsprogs", "ca-certificates")
+    packages: tuple[str, ...] = ("python3", "sudo", "e2fsprogs", "ca-certificates")  # in every image
     kernel_package: str = "linux-image-cloud-amd64"
     modules: tuple[str, ...] = DEFAULT_MODULES
     busybox: Path = Path("/bin/busybox")  # Debian busybox-static
@@ -103,7 +124,7 @@ def build_image(
     steps = _Steps(on_step)
     builds = config.images_dir / ".builds"
     with steps.step("resolve"):
-        inputs = _Inputs.gather(config)
+        inputs = _Inputs.gather(config, name)
     # Publishing is an atomic symlink switch, so an up-to-date image can be recognised without the lock.
     current = current_image(config.images_dir, name)
     if current is not None and not force and current.manifest.build_key == inputs.build_key:
@@ -147,9 +168,10 @@ class _Inputs:
     build_key: str
 
     @classmethod
-    def gather(cls, config: ImageConfig) -> _Inputs:
+    def gather(cls, config: ImageConfig, name: str) -> _Inputs:
         pkg = kernel.resolve_kernel(config.kernel_package)
-        recipe = rootfs.BaseRecipe(config.suite, config.mirror, tuple(sorted(config.packages)))
+        wanted = set(config.packages) | set(IMAGE_PACKAGES.get(name, ()))
+        recipe = rootfs.BaseRecipe(config.suite, config.mirror, tuple(sorted(wanted)))
         packages = guest_packages(wrenbox_dir=config.agent_source)
         busybox = _sha256(config.busybox.read_bytes())
         base_key = _key(recipe.suite, recipe.mirror, recipe.packages, recipe.revision)

@@ -94,7 +94,7 @@ class TemplateCatalog:
     def finish(self, row: TemplateRecord, built: TemplateRecord, *, event: str) -> TemplateRecord:
         """The runtime published ``row``'s files (described by ``built``): the template is ready."""
         row.path, row.size_bytes, row.created_at = built.path, built.size_bytes, built.created_at
-        row.vcpus, row.memory_mb = built.vcpus, built.memory_mb
+        row.vcpus, row.memory_mb, row.disk_mb = built.vcpus, built.memory_mb, built.disk_mb
         row.state = T.READY
         self._store.save_template(row)
         self._store.record_event(event, row.source, template=row.name, template_kind=row.kind)
@@ -107,6 +107,7 @@ class TemplateCatalog:
         image: str,
         vcpus: int,
         memory_mb: int,
+        disk_mb: int,
         on_step: Callable[[str], None] | None = None,
     ) -> TemplateRecord:
         validate_name(name, what="template name")
@@ -116,7 +117,7 @@ class TemplateCatalog:
             row = self.begin(name, kind="base", vcpus=vcpus, memory_mb=memory_mb, source=image)
             try:
                 built = await self._runtime.build_template(
-                    name, image=image, vcpus=vcpus, memory_mb=memory_mb, on_step=on_step
+                    name, image=image, vcpus=vcpus, memory_mb=memory_mb, disk_mb=disk_mb, on_step=on_step
                 )
             except BaseException:  # cancelled too
                 self.abandon(name)

@@ -63,6 +63,7 @@ class ManagerConfig:
     default_timeout_s: int = 300
     default_vcpus: int = 1  # of templates built without saying
     default_memory_mb: int = 512
+    default_disk_mb: int = 10 * 1024  # of templates built without saying (sparse: costs what is used)
     on_shutdown: Literal["pause", "destroy"] = "pause"
 
 
@@ -159,6 +160,7 @@ class SandboxManager(RecoveryMixin):
             template=template.name,
             vcpus=template.vcpus,
             memory_mb=template.memory_mb,
+            disk_mb=template.disk_mb,
             timeout_s=check_timeout(timeout_s),
             on_timeout=request.on_timeout,
             metadata=check_str_map("metadata", request.metadata),
@@ -329,6 +331,7 @@ class SandboxManager(RecoveryMixin):
         image: str = "minimal",
         vcpus: int | None = None,
         memory_mb: int | None = None,
+        disk_mb: int | None = None,
         on_step: Callable[[str], None] | None = None,
     ) -> TemplateRecord:
         return await self._catalog.build(
@@ -336,6 +339,7 @@ class SandboxManager(RecoveryMixin):
             image=image,
             vcpus=self.config.default_vcpus if vcpus is None else vcpus,
             memory_mb=self.config.default_memory_mb if memory_mb is None else memory_mb,
+            disk_mb=self.config.default_disk_mb if disk_mb is None else disk_mb,
             on_step=on_step,
         )
 

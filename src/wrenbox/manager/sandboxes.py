@@ -183,10 +183,12 @@ class Sandboxes(Protocol):
         image: str = "minimal",
         vcpus: int | None = None,
         memory_mb: int | None = None,
+        disk_mb: int | None = None,
         on_step: Callable[[str], None] | None = None,
     ) -> TemplateRecord:
         """Boot image ``image`` once and publish it as template ``name`` (immutable; AlreadyExists if the
-        name is taken). ``on_step`` hears each build step as it starts."""
+        name is taken). Its sandboxes get ``vcpus``, ``memory_mb`` and a root disk of ``disk_mb``
+        (sparse). ``on_step`` hears each build step as it starts."""
         ...
 
     async def delete_template(self, name: str) -> None:

@@ -95,9 +95,11 @@ class Runtime(Protocol):
         image: str,
         vcpus: int,
         memory_mb: int,
+        disk_mb: int,
         on_step: Callable[[str], None] | None = None,
     ) -> TemplateRecord:
-        """Boot image ``image`` once and publish it as template ``name``."""
+        """Boot image ``image`` once, on a root disk of ``disk_mb`` (or the image's size if larger), and
+        publish it as template ``name``."""
         ...
 
     async def delete_template(self, name: str) -> None:

@@ -53,7 +53,6 @@ class RuntimeConfig:
     sandboxes_dir: Path
     images_dir: Path
     memory_dir: Path = Path("/dev/shm/wrenbox")
-    disk_size_mib: int | None = None  # None: as large as the template's disk
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
@@ -88,8 +87,7 @@ class HostRuntime:
         self.files.sandbox_dir(rec.id).mkdir(parents=True, exist_ok=True)
         slot = await self._take_slot(ledger)
         faults.point("create.slot")
-        size = None if self.config.disk_size_mib is None else self.config.disk_size_mib << 20
-        disk = await self.rootfs.create(tpl.rootfs_image(), rec.id, size)
+        disk = await self.rootfs.create(tpl.rootfs_image(), rec.id)  # the template's size
         ledger.hold(R.DISK, disk.model_dump(mode="json"))
         faults.point("create.disk")
         ram = self.files.ram_file(rec.id)
@@ -264,6 +262,7 @@ class HostRuntime:
         image: str,
         vcpus: int,
         memory_mb: int,
+        disk_mb: int,
         on_step: Callable[[str], None] | None = None,
     ) -> TemplateRecord:
         built = await self.builder.build(
@@ -271,6 +270,7 @@ class HostRuntime:
             load_image(self.config.images_dir, image),
             vcpus=vcpus,
             memory_mib=memory_mb,
+            disk_mib=disk_mb,
             on_step=on_step,
         )
         return _template_record(built)
@@ -473,6 +473,7 @@ def _template_record(tpl: Template) -> TemplateRecord:
         path=str(tpl.path),
         vcpus=m.vcpus,
         memory_mb=m.memory_mib,
+        disk_mb=tpl.rootfs_image().size >> 20,
         state=TemplateState.READY,
         source=m.source or m.image,
         parent=m.parent,

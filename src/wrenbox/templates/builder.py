@@ -45,10 +45,12 @@ class TemplateBuilder:
         *,
         vcpus: int,
         memory_mib: int,
+        disk_mib: int = 0,
         on_step: Callable[[str], None] | None = None,
     ) -> Template:
-        """Boot ``image``, wait for its agent, warm it up, snapshot it and publish the result as template
-        ``name``. AlreadyExists if it exists; nothing is left on failure."""
+        """Boot ``image`` on a root disk of ``disk_mib`` (the image's size if that is larger; sparse, and
+        the guest grows its filesystem to it at boot), wait for its agent, warm it up, snapshot it and
+        publish the result as template ``name``. AlreadyExists if it exists; nothing is left on failure."""
         draft_of = self.library.draft(
             name, image, vcpus=vcpus, memory_mib=memory_mib, disk_format=str(self.rootfs.format)
         )
@@ -56,7 +58,9 @@ class TemplateBuilder:
             step = _Stepper(draft.timings, on_step)
             slot = await self.network.take(highest=True)
             try:
-                await self._build(draft, image, slot, step, vcpus=vcpus, memory_mib=memory_mib)
+                await self._build(
+                    draft, image, slot, step, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib
+                )
             finally:
                 with anyio.CancelScope(shield=True):
                     await self.network.give_back(slot)
@@ -66,10 +70,19 @@ class TemplateBuilder:
         return draft.template
 
     async def _build(
-        self, draft: Draft, image: Image, slot: NetworkSlot, step: _Stepper, *, vcpus: int, memory_mib: int
+        self,
+        draft: Draft,
+        image: Image,
+        slot: NetworkSlot,
+        step: _Stepper,
+        *,
+        vcpus: int,
+        memory_mib: int,
+        disk_mib: int,
     ) -> None:
         with step("disk"):
-            disk = await self.rootfs.create(image.rootfs, f"template-build-{secrets.token_hex(4)}")
+            size = max(image.rootfs.stat().st_size, disk_mib << 20)
+            disk = await self.rootfs.create(image.rootfs, f"template-build-{secrets.token_hex(4)}", size)
         try:
             placement = Placement(draft.path / "run", disk.drive(), slot, draft.memory)
             async with agent_client(slot) as agent:
