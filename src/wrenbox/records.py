@@ -95,7 +95,8 @@ class SandboxRecord:
     vcpus: int = 1
     memory_mb: int = 512
     disk_mb: int | None = None
-    timeout_s: int = 0
+    timeout_s: int = 0  # the lifetime it was given (seconds; 0: none), counted again on every resume
+    end_at: float | None = None  # when it times out (unix time) while it runs; None: never
     on_timeout: str = "pause"
     metadata: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)

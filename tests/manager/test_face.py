@@ -4,6 +4,7 @@ or without memory, templates through their one road, the event log."""
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from wrenbox import faults
@@ -22,21 +23,29 @@ pytestmark = pytest.mark.anyio
 # -- route -----------------------------------------------------------------------------------------
 
 
-async def test_route_gives_the_sandbox_address_and_counts_as_activity(
+async def test_route_gives_the_address_counts_as_use_and_ends_with_the_sandbox(
     store: Store, runtime: FakeRuntime
 ) -> None:
     now = [1000.0]
     mgr = SandboxManager(ManagerConfig(), store, runtime, clock=lambda: now[0])
     rec = await mgr.create(CreateRequest(timeout_s=10))
-    async with mgr.route(rec.id, 8080) as address:
-        assert address == Address(rec.host_ip, 8080, 1000.0)  # it has run since it was made
-        now[0] += 60  # a long-lived stream: in use all along
-        assert mgr.get(rec.id).last_active_at == now[0]
-        await mgr.expire(rec.id, "pause")
-        assert mgr.get(rec.id).state is S.RUNNING
-    now[0] += 5
-    await mgr.expire(rec.id, "pause")  # idle 5 s of 10 since the stream ended
-    assert mgr.get(rec.id).state is S.RUNNING
+    assert mgr.get(rec.id).end_at == 1010.0
+    with pytest.raises(NotRunning):
+        async with mgr.route(rec.id, 8080) as address:
+            assert address == Address(rec.host_ip, 8080, 1000.0)  # it has run since it was made
+            now[0] += 5
+            assert mgr.get(rec.id).last_active_at == now[0]  # in use while the stream is open
+            await mgr.expire(rec.id, "pause")  # before its end: nothing happens
+            assert mgr.get(rec.id).state is S.RUNNING
+            now[0] += 5
+            # At its end it is paused even with a stream open (E2B's lifetimes: use does not extend
+            # them), and the stream is cut.
+            await mgr.expire(rec.id, "pause")
+            assert mgr.get(rec.id).state is S.PAUSED
+            await anyio.lowlevel.checkpoint()
+    with pytest.raises(NotRunning):
+        async with mgr.route(rec.id, 8080):
+            pass
 
 
 async def test_route_is_cut_when_the_sandbox_pauses(mgr: SandboxManager) -> None:

@@ -294,18 +294,25 @@ async def test_fork_is_all_or_nothing(mgr: SandboxManager, store: Store, runtime
     assert [t.name for t in store.list_templates()] == ["minimal"]
 
 
-async def test_expire_pauses_only_if_still_idle(store: Store, runtime: FakeRuntime, tmp_path: Path) -> None:
+async def test_expire_acts_only_at_the_end(store: Store, runtime: FakeRuntime) -> None:
     now = [1000.0]
     mgr = SandboxManager(ManagerConfig(), store, runtime, clock=lambda: now[0])
     rec = await mgr.create(CreateRequest(timeout_s=3))
+    assert mgr.get(rec.id).end_at == 1003.0
     now[0] += 2
-    await mgr.exec(rec.id, "true")  # activity at t=1002
-    now[0] += 2
-    await mgr.expire(rec.id, "pause")  # idle only 2 s: nothing happens
+    await mgr.exec(rec.id, "true")  # use does not extend a lifetime (E2B's rule)
+    await mgr.expire(rec.id, "pause")  # before the end: nothing happens
     assert mgr.get(rec.id).state is S.RUNNING
-    now[0] += 2
+    mgr.set_timeout(rec.id, 2)  # now 1002 + 2
+    now[0] += 1.5
+    await mgr.expire(rec.id, "pause")
+    assert mgr.get(rec.id).state is S.RUNNING
+    now[0] += 0.5
     await mgr.expire(rec.id, "pause")
     assert mgr.get(rec.id).state is S.PAUSED
+    assert mgr.get(rec.id).end_at == 1004.0  # kept while paused (E2B reports it too)
+    await mgr.resume(rec.id)
+    assert mgr.get(rec.id).end_at == now[0] + 3  # its timeout again, from the resume
     other = await mgr.create(CreateRequest(timeout_s=1, on_timeout="kill"))
     now[0] += 5
     await mgr.expire(other.id, "kill")
@@ -314,8 +321,7 @@ async def test_expire_pauses_only_if_still_idle(store: Store, runtime: FakeRunti
 
 async def test_failed_auto_pause_counts_and_keeps_the_sandbox(mgr: SandboxManager, store: Store) -> None:
     rec = await mgr.create(CreateRequest(timeout_s=1))
-    mgr._activity.touch(rec.id, 0.0)
-    store.save_sandbox(mgr.get(rec.id).replace(last_active_at=0.0))
+    mgr.set_timeout(rec.id, 0)  # its end is now
     with faults.armed("pause.stop"), pytest.raises(faults.InjectedFault):
         await mgr.expire(rec.id, "pause")
     got = mgr.get(rec.id)

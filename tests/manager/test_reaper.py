@@ -27,14 +27,16 @@ class FakeManager:
         self.in_flight = 0
         self.max_in_flight = 0
 
-    def add(self, sid: str, timeout_s: int, idle_s: float, on_timeout: str = "pause") -> None:
+    def add(self, sid: str, timeout_s: int, age_s: float, on_timeout: str = "pause") -> None:
+        """A sandbox that started ``age_s`` ago to run ``timeout_s`` (0: for ever)."""
+        started = self.clock.now - age_s
         self.records[sid] = SandboxRecord(
             id=sid,
             template="t",
             state=SandboxState.RUNNING,
             timeout_s=timeout_s,
             on_timeout=on_timeout,
-            last_active_at=self.clock.now - idle_s,
+            end_at=started + timeout_s if timeout_s > 0 else None,
         )
 
     def list_running(self) -> list[SandboxRecord]:
@@ -65,11 +67,11 @@ def mgr(clock: FakeClock) -> FakeManager:
 
 
 @pytest.mark.anyio
-async def test_only_idle_sandboxes_with_a_timeout_expire(mgr: FakeManager, clock: FakeClock) -> None:
-    mgr.add("idle0001", timeout_s=3, idle_s=5)
-    mgr.add("busy0001", timeout_s=3, idle_s=1)
-    mgr.add("never001", timeout_s=0, idle_s=10_000)
-    mgr.add("kill0001", timeout_s=3, idle_s=4, on_timeout="kill")
+async def test_only_sandboxes_past_their_end_expire(mgr: FakeManager, clock: FakeClock) -> None:
+    mgr.add("idle0001", timeout_s=3, age_s=5)
+    mgr.add("young001", timeout_s=3, age_s=1)
+    mgr.add("never001", timeout_s=0, age_s=10_000)
+    mgr.add("kill0001", timeout_s=3, age_s=4, on_timeout="kill")
     await Reaper(mgr, clock=clock).sweep()
     assert sorted(mgr.expired) == [("idle0001", "pause"), ("kill0001", "kill")]
 
@@ -77,7 +79,7 @@ async def test_only_idle_sandboxes_with_a_timeout_expire(mgr: FakeManager, clock
 @pytest.mark.anyio
 async def test_failed_pause_backs_off_and_is_never_a_destroy(mgr: FakeManager, clock: FakeClock) -> None:
     reaper = Reaper(mgr, ReaperConfig(backoff_initial_s=2, backoff_max_s=5), clock=clock)
-    mgr.add("flaky001", timeout_s=3, idle_s=5)
+    mgr.add("flaky001", timeout_s=3, age_s=5)
     mgr.fail.add("flaky001")
     await reaper.sweep()
     assert reaper.failures("flaky001") == 1
@@ -98,13 +100,13 @@ async def test_failed_pause_backs_off_and_is_never_a_destroy(mgr: FakeManager, c
 
 
 @pytest.mark.anyio
-async def test_activity_resets_the_backoff(mgr: FakeManager, clock: FakeClock) -> None:
+async def test_more_time_resets_the_backoff(mgr: FakeManager, clock: FakeClock) -> None:
     reaper = Reaper(mgr, clock=clock)
-    mgr.add("flaky001", timeout_s=3, idle_s=5)
+    mgr.add("flaky001", timeout_s=3, age_s=5)
     mgr.fail.add("flaky001")
     await reaper.sweep()
     assert reaper.failures("flaky001") == 1
-    mgr.records["flaky001"].last_active_at = clock.now  # someone used it
+    mgr.records["flaky001"].end_at = clock.now + 60  # someone gave it more time
     await reaper.sweep()
     assert reaper.failures("flaky001") == 0
 
@@ -112,7 +114,7 @@ async def test_activity_resets_the_backoff(mgr: FakeManager, clock: FakeClock) -
 @pytest.mark.anyio
 async def test_expiries_run_concurrently_but_bounded(mgr: FakeManager, clock: FakeClock) -> None:
     for i in range(5):
-        mgr.add(f"slow{i:04d}", timeout_s=1, idle_s=2)
+        mgr.add(f"slow{i:04d}", timeout_s=1, age_s=2)
         mgr.slow.add(f"slow{i:04d}")
     with anyio.fail_after(5):
         await Reaper(mgr, ReaperConfig(concurrency=2), clock=clock).sweep()

@@ -103,27 +103,33 @@ async def test_list_and_get_filter_on_state_and_metadata(manager: SandboxManager
 
 async def test_ping_and_set_timeout(host: Host, manager: SandboxManager) -> None:
     sb = await manager.create(CreateRequest(timeout_s=60))
+    end = manager.get(sb.id).end_at
+    assert end is not None
+    assert abs(end - (time.time() + 60)) < 5
     before = manager.get(sb.id).last_active_at
     await anyio.sleep(0.05)
     manager.ping(sb.id)
     assert manager.get(sb.id).last_active_at > before
+    assert manager.get(sb.id).end_at >= end  # no sooner than its timeout from now
 
-    updated = manager.set_timeout(sb.id, 7)
-    assert updated.timeout_s == 7
-    assert host.store.get_sandbox(sb.id).timeout_s == 7  # persisted, not only in memory
+    updated = manager.set_timeout(sb.id, 7)  # sooner
+    assert abs(updated.end_at - (time.time() + 7)) < 2
+    assert host.store.get_sandbox(sb.id).end_at == updated.end_at  # persisted, not only in memory
     with pytest.raises(InvalidArgument):
         manager.set_timeout(sb.id, -1)
     with pytest.raises(InvalidArgument):
         manager.set_timeout(sb.id, "10")  # type: ignore[arg-type]
-    assert host.store.get_sandbox(sb.id).timeout_s == 7
+    assert host.store.get_sandbox(sb.id).end_at == updated.end_at
+    assert (await manager.connect(sb.id, timeout_s=1)).end_at == updated.end_at  # never shortens
+    longer = await manager.connect(sb.id, timeout_s=600)
+    assert longer.end_at > updated.end_at + 500
 
     await manager.pause(sb.id)
     with pytest.raises(NotRunning):
         manager.ping(sb.id)
-    assert manager.set_timeout(sb.id, 30).timeout_s == 30  # a paused sandbox keeps its timeout for later
     resumed = await manager.connect(sb.id, timeout_s=45)  # connecting to a paused sandbox resumes it
-    assert (resumed.state, resumed.timeout_s) == (S.RUNNING, 45)
-    assert (await manager.connect(sb.id, timeout_s=50)).timeout_s == 50
+    assert resumed.state is S.RUNNING
+    assert abs(resumed.end_at - (time.time() + 45)) < 5
     await manager.destroy(sb.id)
     with pytest.raises(NotFound):
         manager.ping(sb.id)

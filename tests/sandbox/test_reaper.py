@@ -1,5 +1,5 @@
-"""The inactivity reaper on real VMs: a sandbox idle past its timeout is paused (or killed) by a running
-Reaper and resumes intact; any use (exec, file operations, ping) postpones it."""
+"""The reaper on real VMs: a sandbox at the end of its lifetime is paused (or killed) by a running Reaper,
+even in use (a command in flight is cut), and resumes intact; ``set_timeout`` and ``ping`` move the end."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 from wrenbox import faults
+from wrenbox.errors import NotRunning
 from wrenbox.manager import CreateRequest, SandboxManager
 from wrenbox.manager.reaper import Reaper, ReaperConfig
 from wrenbox.records import SandboxState
@@ -44,35 +45,35 @@ def in_state(mgr: SandboxManager, sandbox_id: str, state: S) -> Callable[[], boo
     return lambda: mgr.get(sandbox_id).state is state
 
 
-async def test_idle_sandboxes_are_paused_or_killed_and_activity_postpones_it(manager: SandboxManager) -> None:
+async def test_sandboxes_end_on_time_in_use_or_not_unless_given_more(manager: SandboxManager) -> None:
+    forever = await manager.create(CreateRequest(timeout_s=0))  # no timeout: never reaped
+    start = time.monotonic()  # the others end TIMEOUT_S after their creation, which follows
     keep = await manager.create(CreateRequest(timeout_s=TIMEOUT_S))
     kill = await manager.create(CreateRequest(timeout_s=TIMEOUT_S, on_timeout="kill"))
-    forever = await manager.create(CreateRequest(timeout_s=0))  # no timeout: never reaped
+    later = await manager.create(CreateRequest(timeout_s=TIMEOUT_S))
+    manager.set_timeout(later.id, TIMEOUT_S + 4)
     contents = Contents.random(1 << 20)
     await contents.write(manager, keep.id)
     await start_counter(manager, keep.id)
     before = await counter(manager, keep.id)
+    cut: list[BaseException] = []
 
-    async with reaping(manager):
-        # Used every second in every way, once by a command that runs longer than the timeout (a
-        # request in flight is use): the sandbox stays up all along.
-        uses = {
-            "exec": lambda: manager.exec(keep.id, "true"),
-            "file stat": lambda: _stat(manager, keep.id),
-            "ping": lambda: _ping(manager, keep.id),
-            "long exec": lambda: manager.exec(keep.id, f"sleep {TIMEOUT_S + 1.5}"),
-            "exec again": lambda: manager.exec(keep.id, "true"),
-        }
-        for name, use in uses.items():
-            await anyio.sleep(1.0)
-            assert manager.get(keep.id).state is S.RUNNING, f"paused before the {name}"
-            await use()
-            last_used = time.monotonic()
-        assert manager.get(kill.id).state is S.DESTROYED  # idle all along: killed
+    async def long_command() -> None:
+        try:
+            await manager.exec(keep.id, f"sleep {TIMEOUT_S + 20}", timeout=TIMEOUT_S + 30)
+        except NotRunning as exc:
+            cut.append(exc)
 
-        # Idle now: paused once the timeout has passed (the reaper looks every 0.25 s).
-        idle = await wait_until(in_state(manager, keep.id, S.PAUSED), within=TIMEOUT_S + 10) - last_used
-        assert TIMEOUT_S - 0.2 < idle < TIMEOUT_S + 5
+    async with reaping(manager), anyio.create_task_group() as tg:
+        tg.start_soon(long_command)  # in use all along: E2B's lifetimes do not care
+        ended = await wait_until(in_state(manager, keep.id, S.PAUSED), within=10) - start
+        assert TIMEOUT_S - 0.2 < ended < TIMEOUT_S + 5
+        await wait_until(lambda: bool(cut), within=10)  # the command's stream was cut by the pause
+        await wait_until(in_state(manager, kill.id, S.DESTROYED), within=10)
+        assert manager.get(later.id).state is S.RUNNING
+        manager.ping(later.id)  # no sooner than its timeout from now: unchanged, it already has more
+        moved = await wait_until(in_state(manager, later.id, S.PAUSED), within=15) - start
+        assert TIMEOUT_S + 4 - 0.2 < moved < TIMEOUT_S + 12
         assert manager.get(forever.id).state is S.RUNNING
 
     paused = manager.get(keep.id)
@@ -80,18 +81,12 @@ async def test_idle_sandboxes_are_paused_or_killed_and_activity_postpones_it(man
     assert [e["kind"] for e in manager.events(sandbox_id=keep.id)].count("expired") == 1
     resumed = await manager.resume(keep.id)
     assert resumed.timeout_s == TIMEOUT_S
+    assert resumed.end_at is not None
+    assert resumed.end_at > time.time() + TIMEOUT_S - 1  # a whole lifetime again, from the resume
+    manager.set_timeout(keep.id, None)  # and then no end at all
     assert await contents.check(manager, keep.id) == []
     assert "counter" in await process_tags(manager, keep.id)
     assert await counter(manager, keep.id) > before
-
-
-async def _stat(mgr: SandboxManager, sandbox_id: str) -> None:
-    async with mgr.use(sandbox_id) as envd:
-        await envd.files.stat("/home/user")
-
-
-async def _ping(mgr: SandboxManager, sandbox_id: str) -> None:
-    mgr.ping(sandbox_id)
 
 
 async def test_a_failed_auto_pause_is_retried_and_the_sandbox_kept(manager: SandboxManager) -> None:

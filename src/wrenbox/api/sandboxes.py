@@ -5,7 +5,6 @@ Status codes are E2B's, exactly: the SDK treats any other 2xx as "no body" and f
 
 from __future__ import annotations
 
-import time
 import urllib.parse
 from datetime import datetime
 from typing import Annotated, Any
@@ -22,7 +21,6 @@ from wrenbox.api.wire import (
     SnapshotBody,
     TimeoutBody,
     cursor_after,
-    end_at,
     make_cursor,
     public_state,
     rfc3339,
@@ -30,7 +28,7 @@ from wrenbox.api.wire import (
 )
 from wrenbox.errors import Conflict, InvalidArgument, NotRunning
 from wrenbox.manager import CreateRequest
-from wrenbox.records import SandboxRecord, SandboxState
+from wrenbox.records import SandboxState
 
 __all__ = ["router"]
 
@@ -163,23 +161,22 @@ async def kill(ctx: Ctx, team: Team, sandbox_id: str) -> Response:
 )
 def set_timeout(ctx: Ctx, team: Team, sandbox_id: str, body: TimeoutBody) -> Response:
     rec = ctx.sandbox(team, sandbox_id)
-    # E2B's 0 means "now"; wrenbox's means "never". The earliest the reaper acts on is one second.
-    ctx.sandboxes.set_timeout(rec.id, max(body.timeout, 1))
+    ctx.sandboxes.set_timeout(rec.id, body.timeout)  # 0: now
     return _NO_CONTENT
 
 
 @router.post("/sandboxes/{sandbox_id}/refreshes", status_code=204, summary="Keep a sandbox alive")
-def refresh(
+async def refresh(
     ctx: Ctx, team: Team, sandbox_id: str, body: Annotated[dict[str, Any] | None, Body()] = None
 ) -> Response:
     rec = ctx.sandbox(team, sandbox_id)
     duration = (body or {}).get("duration")
-    if duration is not None:
-        if not isinstance(duration, int) or isinstance(duration, bool) or not 0 <= duration <= 3600:
-            raise InvalidArgument("duration must be 0 to 3600 seconds")
-        _extend(ctx, rec, duration)
-    else:
+    if duration is None:
         ctx.sandboxes.ping(rec.id)
+    elif not isinstance(duration, int) or isinstance(duration, bool) or not 0 <= duration <= 3600:
+        raise InvalidArgument("duration must be 0 to 3600 seconds")
+    elif rec.state is S.RUNNING:
+        await ctx.sandboxes.connect(rec.id, duration)  # more time, never less
     return _NO_CONTENT
 
 
@@ -194,14 +191,6 @@ async def pause(
     return _NO_CONTENT
 
 
-def _extend(ctx: Ctx, rec: SandboxRecord, timeout_s: int) -> None:
-    """Connect's rule: the sandbox lives at least ``timeout_s`` more seconds, never less than it had."""
-    now = ctx.sandboxes.get(rec.id)
-    if rec.timeout_s > 0 and end_at(now) - time.time() >= timeout_s:
-        return
-    ctx.sandboxes.set_timeout(rec.id, max(timeout_s, 1))
-
-
 async def _connect(ctx: Ctx, team: str, sandbox_id: str, body: ConnectBody) -> JSONResponse:
     rec = ctx.sandbox(team, sandbox_id)
     if rec.state in (S.PAUSING, S.PAUSED):  # a pause under way is waited for, then undone
@@ -209,10 +198,7 @@ async def _connect(ctx: Ctx, team: str, sandbox_id: str, body: ConnectBody) -> J
         return _created(ctx.wire.sandbox(resumed))
     if rec.state is not S.RUNNING:
         raise Conflict(f"sandbox {rec.id} is {rec.state.value}; connect again when that has finished")
-    if body.timeout is not None:
-        _extend(ctx, rec, body.timeout)
-    ctx.sandboxes.ping(rec.id)
-    return JSONResponse(ctx.wire.sandbox(ctx.sandboxes.get(rec.id)), status_code=200)
+    return JSONResponse(ctx.wire.sandbox(await ctx.sandboxes.connect(rec.id, body.timeout)), status_code=200)
 
 
 @router.post("/sandboxes/{sandbox_id}/connect", summary="Connect (resume if paused) (SDK 2.45)")

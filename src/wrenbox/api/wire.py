@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -211,8 +212,10 @@ class Wire:
 
 
 def end_at(rec: SandboxRecord) -> float:
-    """When the sandbox times out if nothing uses it (wrenbox counts use as keeping it alive; without a
-    timeout, a day from now, which E2B's clients render like any other time)."""
-    if rec.timeout_s <= 0:
-        return rec.last_active_at + 86_400
-    return rec.last_active_at + rec.timeout_s
+    """When the sandbox times out. A paused one keeps the end it had (E2B's too); one without an end
+    shows a day from now, which E2B's clients render like any other time."""
+    if rec.end_at is not None:
+        return rec.end_at
+    if rec.timeout_s > 0:
+        return rec.state_changed_at + rec.timeout_s
+    return time.time() + 86_400

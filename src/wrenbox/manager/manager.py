@@ -129,21 +129,26 @@ class SandboxManager(RecoveryMixin):
     # -- activity ------------------------------------------------------------------------------------
 
     def touch(self, sandbox_id: str) -> None:
-        """Note that the sandbox is in use now (kept in memory; get/list and the reaper see it)."""
+        """Note that the sandbox is in use now (kept in memory; get and list report it)."""
         self._activity.touch(sandbox_id)
 
     def ping(self, sandbox_id: str) -> None:
-        self._running(sandbox_id)
+        rec = self._running(sandbox_id)
         self.touch(sandbox_id)
+        if rec.timeout_s > 0:
+            self._set_end(rec, max(rec.end_at or 0.0, self.clock() + rec.timeout_s))
 
-    def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
-        check_timeout(timeout_s)
+    def set_timeout(self, sandbox_id: str, timeout_s: int | None) -> SandboxRecord:
         rec = self.get(sandbox_id)
         if rec.state is S.DESTROYED:
             raise NotFound(f"sandbox {sandbox_id} was destroyed")
-        rec.timeout_s = timeout_s
-        rec.last_active_at = self.clock()
-        self._activity.touch(sandbox_id, rec.last_active_at)
+        if timeout_s is None:
+            return self._set_end(rec, None)
+        check_timeout(timeout_s)
+        return self._set_end(rec, self.clock() + timeout_s)
+
+    def _set_end(self, rec: SandboxRecord, end_at: float | None) -> SandboxRecord:
+        rec.end_at = end_at
         self._store.save_sandbox(rec)
         return rec
 
@@ -182,7 +187,9 @@ class SandboxManager(RecoveryMixin):
                 raise
             self.touch(rec.id)
             self._running_since[rec.id] = self.clock()
-            return self._move(rec, S.RUNNING, host_ip=host_ip, last_active_at=self.clock())
+            return self._move(
+                rec, S.RUNNING, host_ip=host_ip, last_active_at=self.clock(), end_at=self._deadline(rec)
+            )
 
     async def destroy(self, sandbox_id: str) -> None:
         async with self._lock(sandbox_id):
@@ -218,7 +225,9 @@ class SandboxManager(RecoveryMixin):
                 raise
             self.touch(sandbox_id)
             self._running_since[sandbox_id] = self.clock()
-            return self._move(rec, S.RUNNING, host_ip=host_ip, last_active_at=self.clock())
+            return self._move(
+                rec, S.RUNNING, host_ip=host_ip, last_active_at=self.clock(), end_at=self._deadline(rec)
+            )
 
     async def connect(self, sandbox_id: str, timeout_s: int | None = None) -> SandboxRecord:
         rec = self.get(sandbox_id)
@@ -226,9 +235,10 @@ class SandboxManager(RecoveryMixin):
             return await self.resume(sandbox_id, timeout_s)
         if rec.state is not S.RUNNING:
             raise NotRunning(f"sandbox {sandbox_id} is {rec.state.value}")
-        if timeout_s is not None:
-            return self.set_timeout(sandbox_id, timeout_s)
         self.touch(sandbox_id)
+        if timeout_s is not None and rec.end_at is not None:
+            check_timeout(timeout_s)
+            return self._set_end(rec, max(rec.end_at, self.clock() + timeout_s))  # only ever later
         return rec
 
     async def snapshot(self, sandbox_id: str, name: str | None = None) -> TemplateRecord:
@@ -349,13 +359,14 @@ class SandboxManager(RecoveryMixin):
     # -- called by the reaper and the service --------------------------------------------------------
 
     async def expire(self, sandbox_id: str, action: str) -> None:
-        """Called by the reaper: pause (or kill) a sandbox that is still idle past its timeout."""
+        """Called by the reaper: pause (or kill) a sandbox that is still past its end."""
         async with self._lock(sandbox_id):
             rec = self.get(sandbox_id)
-            idle = self.clock() - rec.last_active_at
-            if rec.state is not S.RUNNING or rec.timeout_s <= 0 or idle < rec.timeout_s:
-                return  # used, paused or destroyed since the reaper looked
-            self._store.record_event("expired", sandbox_id, action=action, idle_s=round(idle, 1))
+            now = self.clock()
+            if rec.state is not S.RUNNING or rec.end_at is None or now < rec.end_at:
+                return  # given more time, paused or destroyed since the reaper looked
+            late = round(now - rec.end_at, 1)
+            self._store.record_event("expired", sandbox_id, action=action, late_s=late)
             if action == "kill":
                 await self._destroy_locked(rec)
                 return
@@ -448,6 +459,10 @@ class SandboxManager(RecoveryMixin):
         return {k: v for k, v in rec.resources.items() if k not in PERSISTENT}
 
     # -- internals -----------------------------------------------------------------------------------
+
+    def _deadline(self, rec: SandboxRecord) -> float | None:
+        """When a sandbox starting to run now times out: its timeout from now."""
+        return None if rec.timeout_s <= 0 else self.clock() + rec.timeout_s
 
     def _lock(self, sandbox_id: str) -> anyio.Lock:
         return self._locks.setdefault(sandbox_id, anyio.Lock())

@@ -1,9 +1,9 @@
-"""The inactivity reaper: pauses (or kills) sandboxes nobody has used for their ``timeout``.
+"""The reaper: pauses (or kills) running sandboxes past their end (``end_at``), within a second.
 
-Activity is any use of a sandbox through wrenbox (exec, files, pty, proxy, ping); the manager stamps
-``last_active_at`` and the reaper only reads it. A sandbox whose auto-pause fails is kept running and
-retried with exponential backoff; it is never destroyed because a pause failed. Expired sandboxes are
-handled concurrently (bounded), so one slow pause does not hold up the others.
+A sandbox's end is its timeout counted from its start, moved only by ``set_timeout``, ``connect`` and
+``ping`` (E2B's lifetimes); the manager keeps it and the reaper only reads it. A sandbox whose auto-pause
+fails is kept running and retried with exponential backoff; it is never destroyed because a pause failed.
+Expired sandboxes are handled concurrently (bounded), so one slow pause does not hold up the others.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Reapable(Protocol):
     def list_running(self) -> list[SandboxRecord]: ...
 
     async def expire(self, sandbox_id: str, action: str) -> None:
-        """Pause or kill ``sandbox_id`` because it timed out; must re-check that it still has."""
+        """Pause or kill ``sandbox_id`` because it reached its end; must re-check that it still has."""
         ...
 
 
@@ -63,10 +63,10 @@ class Reaper:
         now = self.clock()
         out = []
         for rec in self.target.list_running():
-            if rec.state is not SandboxState.RUNNING or rec.timeout_s <= 0 or rec.id in self._busy:
+            if rec.state is not SandboxState.RUNNING or rec.end_at is None or rec.id in self._busy:
                 continue
-            if now - rec.last_active_at < rec.timeout_s:
-                self._forget(rec.id)  # used again since the last failure: start afresh
+            if now < rec.end_at:
+                self._forget(rec.id)  # given more time since the last failure: start afresh
                 continue
             if self._retry_at.get(rec.id, 0.0) > now:
                 continue

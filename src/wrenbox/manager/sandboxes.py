@@ -35,12 +35,13 @@ _MAX_MAP_LEN = 1024
 class CreateRequest:
     """A new sandbox. ``None`` fields take the manager's defaults.
 
-    ``timeout_s``: seconds of inactivity after which it is paused (or killed, per ``on_timeout``); 0
-    never. ``pause_memory``: that pause keeps memory (else disk only). ``auto_resume``: traffic through
-    :meth:`Sandboxes.route` resumes it while it is paused. ``cold_boot``: boot the template's image
-    instead of restoring its snapshot. ``sandbox_id``: choose the id (validated) instead of getting a
-    fresh one. ``team``: the tenant that owns it (the API's; templates and snapshots made from it belong
-    to the same team).
+    ``timeout_s``: seconds it runs before it is paused (or killed, per ``on_timeout``), counted from
+    its creation and again from each resume, movable with ``set_timeout`` (E2B's lifetimes: using a
+    sandbox does not extend them); 0 never. ``pause_memory``: that pause keeps memory (else disk
+    only). ``auto_resume``: traffic through :meth:`Sandboxes.route` resumes it while it is paused.
+    ``cold_boot``: boot the template's image instead of restoring its snapshot. ``sandbox_id``: choose
+    the id (validated) instead of getting a fresh one. ``team``: the tenant that owns it (the API's;
+    templates and snapshots made from it belong to the same team).
     """
 
     template: str | None = None
@@ -113,20 +114,23 @@ class Sandboxes(Protocol):
     async def resume(
         self, sandbox_id: str, timeout_s: int | None = None, *, memory: bool = True
     ) -> SandboxRecord:
-        """Bring a paused sandbox back; ``memory=False`` boots it from its disk even if its memory was
-        kept. A running sandbox is returned as it is."""
+        """Bring a paused sandbox back, to time out ``timeout_s`` (default: its own timeout) from now;
+        ``memory=False`` boots it from its disk even if its memory was kept. A running sandbox is
+        returned as it is."""
         ...
 
     async def connect(self, sandbox_id: str, timeout_s: int | None = None) -> SandboxRecord:
-        """The sandbox, running: resumed first if it is paused (E2B's ``connect``)."""
+        """The sandbox, running: resumed first if it is paused (E2B's ``connect``). ``timeout_s`` only
+        ever gives a running sandbox more time, never less."""
         ...
 
-    def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
-        """A new inactivity timeout, counted from now."""
+    def set_timeout(self, sandbox_id: str, timeout_s: int | None) -> SandboxRecord:
+        """Time out ``timeout_s`` seconds from now (sooner or later than before; 0: now), or never
+        (None)."""
         ...
 
     def ping(self, sandbox_id: str) -> None:
-        """Note that a running sandbox is in use (keeps it from timing out)."""
+        """Keep a running sandbox alive: it times out no sooner than its timeout from now."""
         ...
 
     async def snapshot(self, sandbox_id: str, name: str | None = None) -> TemplateRecord:

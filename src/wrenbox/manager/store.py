@@ -83,6 +83,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE sandboxes ADD COLUMN pause_memory INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE sandboxes ADD COLUMN auto_resume INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE templates ADD COLUMN disk_mb INTEGER;
+    ALTER TABLE sandboxes ADD COLUMN end_at REAL;
     """,
 )
 
