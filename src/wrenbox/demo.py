@@ -1,8 +1,12 @@
 """``wrenbox demo``: the whole lifecycle once, in-process, timing each step.
 
-create → exec (and a background counter) → write a file → pause → resume → verify (the file, and that
-the counter process survived and kept counting) → snapshot into a template → create from it (the file is
-there) → fork that sandbox (the file is there too) → destroy everything.
+create → exec (and a background counter) → write a file → pause → resume → verify → snapshot into a
+template → create from it (the file is there) → fork that sandbox (the file is there too) → destroy
+everything, and check that nothing is left.
+
+``verify`` proves what it says: the file is read back from the guest's disk after its page cache is
+dropped (not from memory the snapshot kept), the counter is the same process (same PID) and has kept
+counting since the resume.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ class _Demo:
             result = await mgr.exec(sb.id, "echo hello from $(hostname)")
             _check(result.exit_code == 0 and b"hello" in result.stdout, f"exec said {result!r}")
             async with mgr.use(sb.id) as envd:
-                await envd.processes.start(COUNTER, tag="counter")
+                counter_pid = await envd.processes.start(COUNTER, tag="counter")
         async with self.step("write_file"), mgr.use(sb.id) as envd:
             await envd.files.upload(DEMO_FILE, content)
         before = await self._counter(sb.id)
@@ -103,13 +107,20 @@ class _Demo:
         async with self.step("resume"):
             await mgr.resume(sb.id)
         async with self.step("verify"):
-            await self._check_file(sb.id, content)
+            await self._check_file(sb.id, content, from_disk=True)
             async with mgr.use(sb.id) as envd:
-                tags = [p.tag for p in await envd.processes.list()]
-            _check("counter" in tags, f"the counter process is gone (processes: {tags})")
+                pids = {p.tag: p.pid for p in await envd.processes.list()}
+            _check(
+                pids.get("counter") == counter_pid,
+                f"the counter (pid {counter_pid}) is not the process it was: {pids}",
+            )
+            resumed = await self._counter(sb.id)
             await anyio.sleep(0.5)
             after = await self._counter(sb.id)
-            _check(after > before, f"the counter did not keep counting ({before} -> {after})")
+            _check(
+                before <= resumed < after,
+                f"the counter did not go on counting ({before}, {resumed}, {after})",
+            )
         self.template = f"demo-{sb.id[:8]}"
         async with self.step("snapshot"):
             await mgr.snapshot(sb.id, self.template)
@@ -122,7 +133,12 @@ class _Demo:
             self.sandboxes += [f.id for f in forks]
             await self._check_file(forks[0].id, content)
         async with self.step("destroy"):
+            made = list(self.sandboxes)
             await self.cleanup()
+            left = [r.id for r in mgr.list() if r.id in made]
+            _check(not left, f"sandboxes still there after destroy: {left}")
+            names = [t.name for t in mgr.templates()]
+            _check(f"demo-{sb.id[:8]}" not in names, "the demo's template is still there after destroy")
 
     async def cleanup(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -133,7 +149,12 @@ class _Demo:
                 await self.mgr.delete_template(self.template)
                 self.template = None
 
-    async def _check_file(self, sandbox_id: str, content: bytes) -> None:
+    async def _check_file(self, sandbox_id: str, content: bytes, *, from_disk: bool = False) -> None:
+        if from_disk:  # drop the page cache, so the read goes to the disk
+            dropped = await self.mgr.exec(
+                sandbox_id, "sync && echo 3 > /proc/sys/vm/drop_caches", user="root"
+            )
+            _check(dropped.exit_code == 0, f"could not drop the guest's caches: {dropped.stderr!r}")
         result = await self.mgr.exec(sandbox_id, f"sha256sum {DEMO_FILE}")
         want = hashlib.sha256(content).hexdigest()
         _check(result.stdout.decode().split()[:1] == [want], f"{DEMO_FILE} differs: {result.stdout!r}")

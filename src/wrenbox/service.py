@@ -282,6 +282,7 @@ async def serve(
                 host=host,
                 port=port,
                 lifespan="on",
+                http=app.http_protocol,
                 log_level=settings.log_level,
                 timeout_graceful_shutdown=10,
                 access_log=False,

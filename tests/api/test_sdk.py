@@ -175,6 +175,15 @@ def test_list_filters_and_pages(e2b_env: Server) -> None:
     one = Sandbox.list(query=SandboxQuery(metadata={"tag": tag, "n": "2"})).next_items()
     assert [s.sandbox_id for s in one] == [made[2].sandbox_id]
 
+    # startedAfter is inclusive, to the microsecond shown: a sandbox's own startedAt finds it.
+    for sb in made:
+        started = sb.get_info().started_at
+        found = Sandbox.list(query=SandboxQuery(metadata={"tag": tag}, started_after=started)).next_items()
+        assert sb.sandbox_id in [s.sandbox_id for s in found]
+        later = started + timedelta(microseconds=1)
+        found = Sandbox.list(query=SandboxQuery(metadata={"tag": tag}, started_after=later)).next_items()
+        assert sb.sandbox_id not in [s.sandbox_id for s in found]
+
 
 def test_signed_file_urls_need_no_headers(e2b_env: Server) -> None:
     sb = Sandbox.create(TEMPLATE)

@@ -117,3 +117,24 @@ def test_file_metadata_is_replaced_by_each_write(sandbox: Sandbox, workdir: Path
     sandbox.files.write(path, "three")
     assert not sandbox.files.get_info(path).metadata
     assert sandbox.files.read(path) == "three"
+
+
+@pytest.mark.root
+def test_writing_a_new_file_is_one_create_and_one_write_for_watchers(sandbox: Sandbox, workdir: Path) -> None:
+    workdir.chmod(0o777)
+    handle = sandbox.files.watch_dir(str(workdir))
+    try:
+        # As another user, so the agent hands the file over (a chmod event between the others).
+        sandbox.files.write(str(workdir / "new.txt"), "content", user="nobody")
+        events: list[FilesystemEventType] = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and FilesystemEventType.WRITE not in events:
+            events += [e.type for e in handle.get_new_events() if e.name == "new.txt"]
+            time.sleep(0.05)
+        time.sleep(0.2)
+        events += [e.type for e in handle.get_new_events() if e.name == "new.txt"]
+    finally:
+        handle.stop()
+    # As envd's: create, (chmod when the owner changes), write; no write for truncating an empty file.
+    assert events[0] == FilesystemEventType.CREATE
+    assert events.count(FilesystemEventType.WRITE) == 1

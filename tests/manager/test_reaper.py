@@ -24,6 +24,7 @@ class FakeManager:
         self.expired: list[tuple[str, str]] = []
         self.fail: set[str] = set()
         self.slow: set[str] = set()
+        self.stall: dict[str, float] = {}
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -48,6 +49,7 @@ class FakeManager:
         try:
             if sandbox_id in self.slow:
                 await anyio.sleep(0.05)
+            await anyio.sleep(self.stall.get(sandbox_id, 0))
             if sandbox_id in self.fail:
                 raise RuntimeError("qmp timeout")
             self.expired.append((sandbox_id, action))
@@ -120,3 +122,19 @@ async def test_expiries_run_concurrently_but_bounded(mgr: FakeManager, clock: Fa
         await Reaper(mgr, ReaperConfig(concurrency=2), clock=clock).sweep()
     assert len(mgr.expired) == 5
     assert mgr.max_in_flight == 2
+
+
+@pytest.mark.anyio
+async def test_a_slow_expiry_does_not_hold_up_the_next(mgr: FakeManager, clock: FakeClock) -> None:
+    mgr.add("slow0001", timeout_s=1, age_s=2)
+    mgr.stall["slow0001"] = 3.0  # a pause that takes its time
+    reaper = Reaper(mgr, ReaperConfig(interval_s=0.05), clock=clock)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reaper.run)
+        await anyio.sleep(0.2)
+        mgr.add("next0001", timeout_s=1, age_s=2)
+        with anyio.fail_after(1):
+            while ("next0001", "pause") not in mgr.expired:  # noqa: ASYNC110 (polling the fake)
+                await anyio.sleep(0.02)
+        assert ("slow0001", "pause") not in mgr.expired  # still going
+        tg.cancel_scope.cancel()

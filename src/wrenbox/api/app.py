@@ -86,6 +86,9 @@ class FrontDoor:
         self.rest = rest
         self.proxy = proxy
         self.telemetry = telemetry
+        # uvicorn's protocol class for this app (``uvicorn.Config(http=...)``): it lets the proxy reset
+        # the connection of a stream it cuts.
+        self.http_protocol = proxy.http_protocol()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):

@@ -17,8 +17,12 @@ buffered or re-encoded.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
+import socket
+import struct
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +30,7 @@ from typing import Any
 import anyio
 import httpx
 from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from wrenbox.errors import NotFound, NotRunning
 from wrenbox.guest.auth import file_signature
@@ -61,7 +66,10 @@ class CutStream(Exception):
     """The sandbox paused or stopped under a response already under way: drop the connection.
 
     Raising out of the ASGI app is how a server is told to close the connection mid-body; the server
-    then logs an error, which :class:`QuietCuts` turns into one informational line.
+    then logs an error, which :class:`QuietCuts` turns into one informational line. The connection is
+    reset (RST), not closed in order (FIN): E2B's SDK reads a reset as "the connection died", asks
+    ``/health`` and, on 502, reports that the sandbox was killed; an orderly close mid-body reads as a
+    protocol error it does not look into.
     """
 
 
@@ -91,6 +99,35 @@ class SandboxProxy:
         # Keep-alive connections per sandbox and per run of it (Address.since): a pooled connection
         # must never outlive the VM it was opened to, or reach another sandbox on a reused address.
         self._pools: dict[str, tuple[float, httpx.AsyncClient]] = {}
+        # The server's client connections by peer address (see http_protocol), to reset one on a cut.
+        self._clients: dict[tuple[str, int], asyncio.Transport] = {}
+
+    def http_protocol(self) -> type[H11Protocol]:
+        """uvicorn's HTTP/1.1 protocol, telling this proxy which connection a request came on."""
+        clients = self._clients
+
+        class Protocol(H11Protocol):
+            def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+                super().connection_made(transport)
+                peer = transport.get_extra_info("peername")
+                if peer:
+                    clients[(peer[0], peer[1])] = transport
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                peer = self.transport.get_extra_info("peername")
+                if peer:
+                    clients.pop((peer[0], peer[1]), None)
+                super().connection_lost(exc)
+
+        return Protocol
+
+    def _reset_on_close(self, scope: Scope) -> None:
+        client = scope.get("client")
+        transport = self._clients.get((client[0], client[1])) if client else None
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     async def aclose(self) -> None:
         pools, self._pools = self._pools, {}
@@ -193,6 +230,7 @@ class SandboxProxy:
                 await self._forward(client, scope, receive, send_tracked, base)
         except (NotFound, NotRunning) as exc:
             if started:
+                self._reset_on_close(scope)
                 raise CutStream(str(exc)) from exc
             await _error(send, 502, NOT_FOUND, target.sandbox_id)
         except httpx.ConnectError:
@@ -201,6 +239,7 @@ class SandboxProxy:
             await _error(send, 502, PORT_CLOSED, target.sandbox_id)
         except Exception as exc:
             if started:
+                self._reset_on_close(scope)
                 raise CutStream(str(exc)) from exc
             if _invalid(exc):
                 await _error(send, 400, str(exc), target.sandbox_id)

@@ -6,7 +6,7 @@ Status codes are E2B's, exactly: the SDK treats any other 2xx as "no body" and f
 from __future__ import annotations
 
 import urllib.parse
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Response
@@ -129,8 +129,9 @@ def list_v2(
     if started_after is not None:
         if started_after.tzinfo is None:
             raise InvalidArgument("startedAfter needs a time zone offset (e.g. +00:00 or Z)")
-        after = started_after.timestamp()
-        recs = [r for r in recs if r.created_at >= after]
+        # Compared as the datetimes E2B was shown (rounded to microseconds), not as floats: a
+        # sandbox's own startedAt must match it.
+        recs = [r for r in recs if datetime.fromtimestamp(r.created_at, UTC) >= started_after]
     descending = order == "desc"
     recs.sort(key=lambda r: (r.created_at, r.id), reverse=descending)
     if next_token:

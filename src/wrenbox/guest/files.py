@@ -103,12 +103,14 @@ def _open_for_reading(path: str) -> int:
     return fd
 
 
-def _require_regular(fd: int, path: str) -> None:
-    mode = os.fstat(fd).st_mode & 0o170000
+def _require_regular(fd: int, path: str) -> os.stat_result:
+    st = os.fstat(fd)
+    mode = st.st_mode & 0o170000
     if mode == 0o040000:
         raise InvalidArgument(f"path {safe_text(path)!r} is a directory")
     if mode != 0o100000:
         raise InvalidArgument(f"path {safe_text(path)!r} is not a regular file")
+    return st
 
 
 async def _file_chunks(fd: int, gzip: bool, limit: int | None) -> AsyncIterator[bytes]:
@@ -222,8 +224,10 @@ class _TargetFile:
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO must not hang us
             self._fd = os.open(self.path, flags, 0o666)
-            _require_regular(self._fd, self.path)
-            os.ftruncate(self._fd, 0)
+            if _require_regular(self._fd, self.path).st_size:
+                # Only a file with content: truncating an empty one is still a modification event
+                # for watchers, and envd's writes report a new file as create, chmod, write only.
+                os.ftruncate(self._fd, 0)
             os.set_blocking(self._fd, True)
         except BaseException as err:
             self.__exit__()

@@ -35,7 +35,7 @@ class Reapable(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ReaperConfig:
-    interval_s: float = 1.0
+    interval_s: float = 0.5
     concurrency: int = 2
     backoff_initial_s: float = 2.0
     backoff_max_s: float = 300.0
@@ -81,9 +81,14 @@ class Reaper:
                 tg.start_soon(self._expire, rec)
 
     async def run(self) -> None:
-        while True:
-            await self.sweep()
-            await anyio.sleep(self.config.interval_s)
+        """Look every ``interval_s``; expirations run in the background, so a slow pause never
+        delays noticing the next sandbox's end."""
+        async with anyio.create_task_group() as tg:
+            while True:
+                for rec in self.due():
+                    self._busy.add(rec.id)
+                    tg.start_soon(self._expire, rec)
+                await anyio.sleep(self.config.interval_s)
 
     async def _expire(self, rec: SandboxRecord) -> None:
         try:
