@@ -55,6 +55,9 @@ class ApiConfig(_Group):
     # Templates ``wrenbox serve`` makes ready before it listens, each from the image of the same name
     # (built on first start): ``base`` is what E2B's SDK creates when no template is named.
     templates: tuple[str, ...] = ("base",)
+    # Per team (API key's team): live sandboxes, and creates/resumes/forks in flight; over, 429.
+    team_max_sandboxes: int = Field(20, ge=1)
+    team_max_concurrent_starts: int = Field(4, ge=1)
 
 
 class LimitsConfig(_Group):

@@ -112,6 +112,9 @@ class SandboxRecord:
     team: str | None = None  # who owns it (the API's tenant); None: made in-process, no tenant
     pause_memory: bool = True  # a timeout's pause keeps memory (False: disk only, boots on resume)
     auto_resume: bool = False  # traffic through the proxy resumes it when paused
+    # Its outbound traffic rules: {"allow": [CIDR...], "deny": [CIDR...]} (allow wins over deny; the
+    # host's default-deny ranges apply after both). Kept across pauses, applied to every slot it gets.
+    egress: dict[str, list[str]] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> SandboxRecord:
         return dataclasses.replace(self, **changes)

@@ -276,6 +276,8 @@ async def serve(
                 domain=settings.api.domain,
                 disk_mb=settings.defaults.disk_mb,
                 metrics_interval_s=settings.api.metrics_interval_s,
+                team_max_running=settings.api.team_max_sandboxes,
+                team_max_starting=settings.api.team_max_concurrent_starts,
             )
             config = uvicorn.Config(
                 app,
@@ -285,6 +287,10 @@ async def serve(
                 http=app.http_protocol,
                 log_level=settings.log_level,
                 timeout_graceful_shutdown=10,
+                # Longer than clients keep idle connections (hyper, under E2B's SDK: 90 s), so the
+                # client closes first: a server closing a connection just as a request goes out on it
+                # resets that request (uvicorn's default of 5 s did, to a caller that slept 5 s).
+                timeout_keep_alive=120,
                 access_log=False,
                 log_config=None,  # the process's logging (wrenbox serve sets it up) carries uvicorn's too
             )

@@ -52,7 +52,8 @@ def server_env(settings: Settings) -> dict[str, str]:
         "WRENBOX_NETWORK__HOST_RANGE": str(net.host_range),
         "WRENBOX_NETWORK__TRANSFER_RANGE": str(net.transfer_range),
         "WRENBOX_DEFAULTS__MEMORY_MB": str(settings.defaults.memory_mb),
-        "WRENBOX_LIMITS__MAX_SANDBOXES": "6",
+        "WRENBOX_LIMITS__MAX_SANDBOXES": "8",
+        "WRENBOX_API__TEAM_MAX_SANDBOXES": "4",
         "WRENBOX_API__METRICS_INTERVAL_S": "1",
         "WRENBOX_API__TEMPLATES": json.dumps(["minimal", "base"]),
     }

@@ -3,6 +3,9 @@ authentication, and that a refused request changes nothing."""
 
 from __future__ import annotations
 
+import socket
+import time
+
 import pytest
 
 from .conftest import TEMPLATE, Server
@@ -149,3 +152,52 @@ def test_health_metrics_and_openapi_need_no_key(server: Server) -> None:
         assert "wrenbox_api_request_seconds_bucket" in metrics.text
         spec = http.get("/openapi.json").json()
         assert {"/v2/sandboxes", "/sandboxes/{sandbox_id}/pause", "/snapshots"} <= set(spec["paths"])
+
+
+def test_a_team_over_its_limit_gets_429_and_others_go_on(server: Server) -> None:
+    made: list[str] = []
+    with server.http("limited") as limited, server.http("bystander") as bystander:
+        try:
+            for _ in range(4):
+                r = limited.post("/v2/sandboxes", json={"templateID": TEMPLATE})
+                assert r.status_code == 201, r.text
+                made.append(r.json()["sandboxID"])
+            over = limited.post("/v2/sandboxes", json={"templateID": TEMPLATE})
+            assert error_of(over)[0] == 429
+            assert int(over.headers["retry-after"]) >= 1
+            assert len(limited.get("/v2/sandboxes").json()) == 4  # nothing was made
+            assert error_of(limited.post(f"/sandboxes/{made[0]}/fork", json={}))[0] == 429
+            other = bystander.post("/v2/sandboxes", json={"templateID": TEMPLATE})
+            assert other.status_code == 201  # another team is not held up
+            made.append(other.json()["sandboxID"])
+            assert limited.post(f"/sandboxes/{made[0]}/pause", json={}).status_code == 204
+            again = limited.post("/v2/sandboxes", json={"templateID": TEMPLATE})  # room again
+            assert again.status_code == 201
+            made.append(again.json()["sandboxID"])
+        finally:
+            for sid in made:
+                for http in (limited, bystander):
+                    http.delete(f"/sandboxes/{sid}")
+
+
+def test_an_idle_keep_alive_connection_is_not_closed_under_a_client(server: Server) -> None:
+    """A client that waits a few seconds between calls reuses its connection: the server must not be
+    closing it at that moment (uvicorn's default 5 s keep-alive reset E2B's SDK after a 5 s sleep)."""
+    request = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode()
+    body = b'{"status":"ok"}'
+
+    def answer(sock: socket.socket) -> bytes:
+        got = b""
+        while not got.endswith(body):
+            chunk = sock.recv(4096)
+            if not chunk:
+                return got  # closed by the server
+            got += chunk
+        return got
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request)
+        assert answer(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(6)
+        sock.sendall(request)
+        assert answer(sock).startswith(b"HTTP/1.1 200")  # nothing if the server had closed it

@@ -77,6 +77,8 @@ class FakeRuntime:
         self.revertible_ids: set[str] = set()  # sandboxes whose disk can go back to their snapshot
         self.pauses: list[tuple[str, bool]] = []  # (sandbox, with memory)
         self.resumes: list[tuple[str, bool]] = []
+        self.egress: dict[str, dict[str, list[str]]] = {}  # what each running sandbox's slot enforces
+        self.failing_egress = False
         self._ips = 0
 
     def _acquire(self, ledger: Ledger, key: str, op: str) -> None:
@@ -118,6 +120,11 @@ class FakeRuntime:
         faults.point("resume.ready")
         self.resumes.append((rec.id, memory))
         return self._ip()
+
+    async def set_egress(self, rec: SandboxRecord) -> None:
+        if self.failing_egress:
+            raise RuntimeError("nft failed")
+        self.egress[rec.id] = rec.egress
 
     async def snapshot(self, rec: SandboxRecord, name: str, ledger: Ledger) -> TemplateRecord:
         faults.point("snapshot.write")

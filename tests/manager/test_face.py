@@ -9,7 +9,7 @@ import pytest
 
 from wrenbox import faults
 from wrenbox.errors import AlreadyExists, InUse, InvalidArgument, NotFound, NotRunning
-from wrenbox.manager import Address, CreateRequest, ManagerConfig, SandboxManager
+from wrenbox.manager import Address, CreateRequest, Egress, ManagerConfig, SandboxManager
 from wrenbox.manager.store import Store
 from wrenbox.records import SandboxState, TemplateRecord, TemplateState
 
@@ -229,3 +229,26 @@ async def test_events_page_through_the_log(mgr: SandboxManager) -> None:
     assert [e["kind"] for e in mgr.events(sandbox_id=rec.id, after=mine[1]["seq"], limit=1)] == ["pausing"]
     with pytest.raises(InvalidArgument):
         mgr.events(limit=0)
+
+
+# -- egress ----------------------------------------------------------------------------------------
+
+
+async def test_egress_rules_are_kept_applied_and_validated(mgr: SandboxManager, runtime: FakeRuntime) -> None:
+    rec = await mgr.create(CreateRequest(egress=Egress(deny=("0.0.0.0/0",))))
+    assert mgr.get(rec.id).egress == {"allow": [], "deny": ["0.0.0.0/0"]}
+    changed = await mgr.set_egress(rec.id, Egress(allow=("198.51.100.7",), deny=("0.0.0.0/0",)))
+    assert runtime.egress[rec.id] == changed.egress == {"allow": ["198.51.100.7"], "deny": ["0.0.0.0/0"]}
+    await mgr.pause(rec.id)
+    await mgr.set_egress(rec.id, Egress())  # kept for the resume
+    assert mgr.get(rec.id).egress == {"allow": [], "deny": []}
+    runtime.failing_egress = True
+    await mgr.resume(rec.id)
+    with pytest.raises(RuntimeError):
+        await mgr.set_egress(rec.id, Egress(deny=("10.0.0.0/8",)))
+    assert mgr.get(rec.id).egress == {"allow": [], "deny": []}  # a failed change changes nothing
+    for bad in (("example.com",), ("300.1.1.1",), ("::1",), "1.2.3.4"):
+        with pytest.raises(InvalidArgument):
+            Egress(allow=bad)  # type: ignore[arg-type]
+    (child,) = await mgr.fork(rec.id)
+    assert child.egress == mgr.get(rec.id).egress

@@ -14,6 +14,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from wrenbox.api.keys import KeyStore
+from wrenbox.api.limits import TeamLimits
 from wrenbox.api.sampler import MetricsSampler
 from wrenbox.api.wire import Wire, public_state, template_name
 from wrenbox.errors import NotFound
@@ -29,6 +30,7 @@ class ApiContext:
     keys: KeyStore
     wire: Wire
     sampler: MetricsSampler
+    limits: TeamLimits
 
     def sandbox(self, team: str, sandbox_id: str) -> SandboxRecord:
         """The team's sandbox ``sandbox_id`` (E2B also accepts ``<id>-<clientID>``), live or paused."""

@@ -16,6 +16,7 @@ from wrenbox.api.context import Ctx, Team
 from wrenbox.api.wire import (
     ConnectBody,
     ForkBody,
+    NetworkOpts,
     NewSandbox,
     PauseBody,
     SnapshotBody,
@@ -45,18 +46,20 @@ def _created(body: Any) -> JSONResponse:
 
 async def _create(ctx: Ctx, team: str, body: NewSandbox) -> JSONResponse:
     template = ctx.template(team, body.template_id)
-    rec = await ctx.sandboxes.create(
-        CreateRequest(
-            template=template.name,
-            timeout_s=body.timeout,
-            on_timeout="pause" if body.auto_pause else "kill",
-            pause_memory=body.auto_pause_memory,
-            auto_resume=body.auto_resume is not None and body.auto_resume.enabled,
-            metadata=body.metadata or {},
-            env=body.env_vars or {},
-            team=team,
+    with ctx.limits.start(team):
+        rec = await ctx.sandboxes.create(
+            CreateRequest(
+                template=template.name,
+                timeout_s=body.timeout,
+                on_timeout="pause" if body.auto_pause else "kill",
+                pause_memory=body.auto_pause_memory,
+                auto_resume=body.auto_resume is not None and body.auto_resume.enabled,
+                metadata=body.metadata or {},
+                env=body.env_vars or {},
+                team=team,
+                egress=body.egress(),
+            )
         )
-    )
     return _created(ctx.wire.sandbox(rec))
 
 
@@ -181,6 +184,13 @@ async def refresh(
     return _NO_CONTENT
 
 
+@router.put("/sandboxes/{sandbox_id}/network", status_code=204, summary="Replace the outbound rules")
+async def update_network(ctx: Ctx, team: Team, sandbox_id: str, body: NetworkOpts) -> Response:
+    rec = ctx.sandbox(team, sandbox_id)
+    await ctx.sandboxes.set_egress(rec.id, body.egress(body.allow_internet_access))
+    return _NO_CONTENT
+
+
 @router.post("/sandboxes/{sandbox_id}/pause", status_code=204, summary="Pause (with memory, or disk only)")
 async def pause(
     ctx: Ctx, team: Team, sandbox_id: str, body: Annotated[PauseBody | None, Body()] = None
@@ -195,7 +205,8 @@ async def pause(
 async def _connect(ctx: Ctx, team: str, sandbox_id: str, body: ConnectBody) -> JSONResponse:
     rec = ctx.sandbox(team, sandbox_id)
     if rec.state in (S.PAUSING, S.PAUSED):  # a pause under way is waited for, then undone
-        resumed = await ctx.sandboxes.resume(rec.id, body.timeout, memory=body.memory)
+        with ctx.limits.start(team):
+            resumed = await ctx.sandboxes.resume(rec.id, body.timeout, memory=body.memory)
         return _created(ctx.wire.sandbox(resumed))
     if rec.state is not S.RUNNING:
         raise Conflict(f"sandbox {rec.id} is {rec.state.value}; connect again when that has finished")
@@ -224,7 +235,9 @@ async def resume(
     if rec.state is not S.PAUSED:
         raise Conflict(f"sandbox {rec.id} is not paused")
     body = body or ConnectBody()
-    return _created(ctx.wire.sandbox(await ctx.sandboxes.resume(rec.id, body.timeout, memory=body.memory)))
+    with ctx.limits.start(team):
+        resumed = await ctx.sandboxes.resume(rec.id, body.timeout, memory=body.memory)
+    return _created(ctx.wire.sandbox(resumed))
 
 
 @router.post("/sandboxes/{sandbox_id}/fork", status_code=201, summary="Fork a running sandbox")
@@ -235,7 +248,8 @@ async def fork(
     body = body or ForkBody()
     if rec.state is not S.RUNNING:
         raise NotRunning(f"sandbox {rec.id} is {public_state(rec.state)}; only running sandboxes fork")
-    children = await ctx.sandboxes.fork(rec.id, body.count)
+    with ctx.limits.start(team, body.count):
+        children = await ctx.sandboxes.fork(rec.id, body.count)
     if body.timeout is not None:
         children = [ctx.sandboxes.set_timeout(c.id, body.timeout) for c in children]
     return _created([{"sandbox": ctx.wire.sandbox(c)} for c in children])

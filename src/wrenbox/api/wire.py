@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from wrenbox.errors import InvalidArgument
+from wrenbox.manager import Egress
 from wrenbox.names import validate_name
 from wrenbox.records import SandboxRecord, SandboxState, TemplateRecord
 
@@ -24,6 +25,7 @@ __all__ = [
     "ENVD_VERSION",
     "ConnectBody",
     "ForkBody",
+    "NetworkOpts",
     "NewSandbox",
     "PauseBody",
     "SnapshotBody",
@@ -39,6 +41,7 @@ __all__ = [
 # What the guest agent implements, as E2B's SDK gates features on it (see e2b-api.md §6): octet-stream and
 # gzip uploads, X-Metadata-* file metadata, close-stdin, watch entry info and the network-mount flag.
 ENVD_VERSION = "0.6.4"
+ALL_TRAFFIC = "0.0.0.0/0"
 CLIENT_ID = "wrenbox"
 DEFAULT_TAG = "default"
 
@@ -55,6 +58,22 @@ class AutoResume(_Body):
     enabled: StrictBool = False
 
 
+class NetworkOpts(_Body):
+    """E2B's ``network`` (create) and ``SandboxNetworkUpdateConfig`` (``PUT .../network``). wrenbox
+    filters by address: ``allowOut``/``denyOut`` entries are IPv4 addresses or CIDRs."""
+
+    allow_out: list[str] | None = Field(None, alias="allowOut", max_length=1024)
+    deny_out: list[str] | None = Field(None, alias="denyOut", max_length=1024)
+    allow_internet_access: StrictBool | None = None
+
+    def egress(self, allow_internet_access: bool | None) -> Egress:
+        """E2B's rules: no internet access denies everything not allowed; allow wins over deny."""
+        deny = list(self.deny_out or [])
+        if allow_internet_access is False:
+            deny = [ALL_TRAFFIC]
+        return Egress(allow=tuple(self.allow_out or ()), deny=tuple(deny))
+
+
 class NewSandbox(_Body):
     """``POST /sandboxes`` (SDK 2.45) and ``POST /v2/sandboxes`` (2.63)."""
 
@@ -67,6 +86,12 @@ class NewSandbox(_Body):
     auto_pause: StrictBool = Field(False, alias="autoPause")
     auto_pause_memory: StrictBool = Field(True, alias="autoPauseMemory")
     auto_resume: AutoResume | None = Field(None, alias="autoResume")
+    network: NetworkOpts | None = None
+
+    def egress(self) -> Egress | None:
+        if self.network is None and self.allow_internet_access is None:
+            return None
+        return (self.network or NetworkOpts()).egress(self.allow_internet_access)
 
 
 class ConnectBody(_Body):
@@ -176,7 +201,8 @@ class Wire:
         return self.listed(rec) | {
             "envdAccessToken": rec.access_token,
             "domain": self.domain,
-            "allowInternetAccess": None,
+            "allowInternetAccess": ALL_TRAFFIC not in rec.egress.get("deny", []) if rec.egress else None,
+            "network": {"allowOut": rec.egress.get("allow", []), "denyOut": rec.egress.get("deny", [])},
             "lifecycle": {
                 "onTimeout": "kill" if rec.on_timeout == "kill" else "pause",
                 "autoResume": rec.auto_resume,

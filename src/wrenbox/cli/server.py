@@ -52,6 +52,12 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # One line per proxied request is noise at info.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
+    # The QMP library logs each refused connect while QEMU starts up as an error; the driver retries
+    # and raises a wrenbox error of its own if QEMU never answers.
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 @app.command()

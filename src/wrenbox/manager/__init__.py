@@ -6,13 +6,21 @@ Callers use :class:`Sandboxes` (the face) and nothing else; :class:`SandboxManag
 - :mod:`.manager` — :class:`SandboxManager`: policy, one lock per sandbox, admission, activity.
 - :mod:`.catalog` — template rows: the one road templates take into and out of the store.
 - :mod:`.recovery` — settling what a crash interrupted, at start.
-- :mod:`.reaper` — pausing (or killing) sandboxes nobody used for their timeout.
+- :mod:`.reaper` — pausing (or killing) sandboxes at their end.
 - :mod:`.store` — SQLite: sandboxes, templates, events.
 
 It reaches the host only through :class:`wrenbox.runtime.base.Runtime`.
 """
 
 from wrenbox.manager.manager import ManagerConfig, SandboxManager
-from wrenbox.manager.sandboxes import Address, CreateRequest, Sandboxes, SandboxMetrics
+from wrenbox.manager.sandboxes import Address, CreateRequest, Egress, Sandboxes, SandboxMetrics
 
-__all__ = ["Address", "CreateRequest", "ManagerConfig", "SandboxManager", "SandboxMetrics", "Sandboxes"]
+__all__ = [
+    "Address",
+    "CreateRequest",
+    "Egress",
+    "ManagerConfig",
+    "SandboxManager",
+    "SandboxMetrics",
+    "Sandboxes",
+]

@@ -35,6 +35,7 @@ from wrenbox.manager.recovery import RecoveryMixin
 from wrenbox.manager.sandboxes import (
     Address,
     CreateRequest,
+    Egress,
     SandboxMetrics,
     check_port,
     check_str_map,
@@ -147,6 +148,24 @@ class SandboxManager(RecoveryMixin):
         check_timeout(timeout_s)
         return self._set_end(rec, self.clock() + timeout_s)
 
+    async def set_egress(self, sandbox_id: str, egress: Egress) -> SandboxRecord:
+        async with self._lock(sandbox_id):
+            rec = self.get(sandbox_id)
+            if rec.state is S.DESTROYED:
+                raise NotFound(f"sandbox {sandbox_id} was destroyed")
+            previous = rec.egress
+            rec.egress = egress.to_record()
+            self._store.save_sandbox(rec)
+            if rec.state is S.RUNNING:
+                try:
+                    await self._runtime.set_egress(rec)
+                except BaseException:
+                    rec.egress = previous
+                    self._store.save_sandbox(rec)
+                    raise
+            self._store.record_event("egress", sandbox_id, **rec.egress)
+            return rec
+
     def _set_end(self, rec: SandboxRecord, end_at: float | None) -> SandboxRecord:
         rec.end_at = end_at
         self._store.save_sandbox(rec)
@@ -172,6 +191,7 @@ class SandboxManager(RecoveryMixin):
             env=check_str_map("env", request.env),
             team=request.team,
             pause_memory=bool(request.pause_memory),
+            egress=request.egress.to_record() if request.egress is not None else {},
             auto_resume=bool(request.auto_resume),
             created_at=now,
             last_active_at=now,
@@ -271,6 +291,7 @@ class SandboxManager(RecoveryMixin):
             team=base.team,
             pause_memory=base.pause_memory,
             auto_resume=base.auto_resume,
+            egress=Egress(**{k: tuple(v) for k, v in base.egress.items()}) if base.egress else None,
         )
         children: list[SandboxRecord] = []
         try:

@@ -13,6 +13,7 @@ sandbox in the wrong state, ``Unavailable`` when a limit is reached (retry later
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -25,9 +26,10 @@ if TYPE_CHECKING:
     from wrenbox.envd import AsyncEnvdClient, ExecResult, Metrics
     from wrenbox.manager.store import Event
 
-__all__ = ["Address", "CreateRequest", "SandboxMetrics", "Sandboxes"]
+__all__ = ["Address", "CreateRequest", "Egress", "SandboxMetrics", "Sandboxes"]
 
 _MAX_MAP_ITEMS = 64
+_MAX_EGRESS = 1024
 _MAX_MAP_LEN = 1024
 
 
@@ -39,6 +41,7 @@ class CreateRequest:
     its creation and again from each resume, movable with ``set_timeout`` (E2B's lifetimes: using a
     sandbox does not extend them); 0 never. ``pause_memory``: that pause keeps memory (else disk
     only). ``auto_resume``: traffic through :meth:`Sandboxes.route` resumes it while it is paused.
+    ``egress``: its outbound rules (see :class:`Egress`; default: the host's).
     ``cold_boot``: boot the template's image instead of restoring its snapshot. ``sandbox_id``: choose
     the id (validated) instead of getting a fresh one. ``team``: the tenant that owns it (the API's;
     templates and snapshots made from it belong to the same team).
@@ -54,6 +57,26 @@ class CreateRequest:
     team: str | None = None
     pause_memory: bool = True
     auto_resume: bool = False
+    egress: Egress | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Egress:
+    """Where a sandbox may open connections: IPv4 addresses or CIDRs. ``allow`` wins over ``deny``; the
+    host's default-deny ranges (private and metadata space) apply after both, unless allowed."""
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for what, values in (("allow", self.allow), ("deny", self.deny)):
+            if isinstance(values, str) or len(values) > _MAX_EGRESS:
+                raise InvalidArgument(f"egress {what} is a list of at most {_MAX_EGRESS} addresses")
+            for value in values:
+                _check_cidr(what, value)
+
+    def to_record(self) -> dict[str, list[str]]:
+        return {"allow": list(self.allow), "deny": list(self.deny)}
 
 
 class Address(NamedTuple):
@@ -127,6 +150,11 @@ class Sandboxes(Protocol):
     def set_timeout(self, sandbox_id: str, timeout_s: int | None) -> SandboxRecord:
         """Time out ``timeout_s`` seconds from now (sooner or later than before; 0: now), or never
         (None)."""
+        ...
+
+    async def set_egress(self, sandbox_id: str, egress: Egress) -> SandboxRecord:
+        """Replace the sandbox's outbound rules; a running sandbox's take effect at once (connections
+        already open are not cut), a paused one's when it resumes."""
         ...
 
     def ping(self, sandbox_id: str) -> None:
@@ -210,6 +238,15 @@ def check_str_map(what: str, value: object) -> dict[str, str]:
         if len(k) > _MAX_MAP_LEN or len(v) > _MAX_MAP_LEN or "\0" in k + v:
             raise InvalidArgument(f"{what} entry {k[:40]!r} is too long or contains NUL")
     return dict(value)
+
+
+def _check_cidr(what: str, value: object) -> None:
+    try:
+        ipaddress.IPv4Network(value, strict=False)  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        raise InvalidArgument(
+            f"egress {what}: {value!r} is not an IPv4 address or CIDR (host names are not filtered)"
+        ) from None
 
 
 def check_timeout(timeout_s: object) -> int:

@@ -84,10 +84,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE sandboxes ADD COLUMN auto_resume INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE templates ADD COLUMN disk_mb INTEGER;
     ALTER TABLE sandboxes ADD COLUMN end_at REAL;
+    ALTER TABLE sandboxes ADD COLUMN egress TEXT NOT NULL DEFAULT '{}';
     """,
 )
 
-_SANDBOX_JSON = ("metadata", "env", "resources", "leftovers")
+_SANDBOX_JSON = ("metadata", "env", "resources", "leftovers", "egress")
 _TEMPLATE_JSON = ("manifest",)
 
 

@@ -66,6 +66,10 @@ class Runtime(Protocol):
         without memory or ``memory`` is false); returns its new host IP."""
         ...
 
+    async def set_egress(self, rec: SandboxRecord) -> None:
+        """Apply ``rec.egress`` to the running sandbox's network slot."""
+        ...
+
     async def snapshot(self, rec: SandboxRecord, name: str, ledger: Ledger) -> TemplateRecord:
         """Publish sandbox ``rec`` as template ``name``; a running VM keeps running."""
         ...

@@ -30,7 +30,7 @@ from wrenbox.launch import Launcher, Placement, agent_client
 from wrenbox.ledger import Ledger
 from wrenbox.memory.process import MemoryConfig
 from wrenbox.memory.writer import SnapshotWriter
-from wrenbox.network import Network, NetworkSlot
+from wrenbox.network import EgressPolicy, Network, NetworkSlot
 from wrenbox.pids import ProcessRef
 from wrenbox.records import SandboxRecord, TemplateRecord, TemplateState
 from wrenbox.rootfs import Disk, RootfsBackend
@@ -85,7 +85,7 @@ class HostRuntime:
         tpl = self.templates.get(template.name)
         rec.access_token = rec.access_token or secrets.token_urlsafe(24)
         self.files.sandbox_dir(rec.id).mkdir(parents=True, exist_ok=True)
-        slot = await self._take_slot(ledger)
+        slot = await self._take_slot(rec, ledger)
         faults.point("create.slot")
         disk = await self.rootfs.create(tpl.rootfs_image(), rec.id)  # the template's size
         ledger.hold(R.DISK, disk.model_dump(mode="json"))
@@ -166,7 +166,7 @@ class HostRuntime:
         await self.rootfs.checkpoint(disk)
         ledger.hold(R.CHECKPOINT, {"snapshot": meta.token})
         faults.point("resume.disk")
-        slot = await self._take_slot(ledger)
+        slot = await self._take_slot(rec, ledger)
         faults.point("resume.slot")
         ram = self.files.ram_file(rec.id)
         ledger.hold(R.MEMORY, str(ram))
@@ -372,11 +372,14 @@ class HostRuntime:
         meta = self.files.pause_meta(sandbox_id)
         return None if meta is None else meta.token
 
-    async def _take_slot(self, ledger: Ledger) -> NetworkSlot:
+    async def _take_slot(self, rec: SandboxRecord, ledger: Ledger) -> NetworkSlot:
         slot = self.network.reserve()
         ledger.hold(R.SLOT, slot.to_dict())  # written down before it exists: a crash leaves a known slot
-        await self.network.create(slot)
+        await self.network.create(slot, _egress(rec))
         return slot
+
+    async def set_egress(self, rec: SandboxRecord) -> None:
+        await self.network.set_egress(NetworkSlot.from_dict(rec.resources[R.SLOT]), _egress(rec))
 
     def _adopted(self, rec: SandboxRecord, vm: Vm, ledger: Ledger) -> None:
         self._vms[rec.id] = vm
@@ -463,6 +466,10 @@ class HostRuntime:
         copy = self.files.copy_paused_state
         await anyio.to_thread.run_sync(copy, rec.id, draft.snapshot_dir, draft.memory)
         draft.rootfs_image = await self.rootfs.flatten(self._disk(rec), draft.rootfs)
+
+
+def _egress(rec: SandboxRecord) -> EgressPolicy:
+    return EgressPolicy(allow=tuple(rec.egress.get("allow", ())), deny=tuple(rec.egress.get("deny", ())))
 
 
 def _template_record(tpl: Template) -> TemplateRecord:
