@@ -3,11 +3,14 @@ real VMs, through the REST API and the sandbox proxy on one port."""
 
 from __future__ import annotations
 
+import pathlib
 import time
 from datetime import UTC, datetime, timedelta
 
+import anyio
 import httpx
 import pytest
+import websockets
 from e2b import Sandbox, SandboxQuery, SandboxState
 from e2b.exceptions import NotFoundException, SandboxException
 
@@ -260,3 +263,34 @@ def test_restart_keeps_every_sandbox_where_it_was(e2b_env: Server) -> None:
     assert running.files.read("/tmp/through-restart") == "still here"
     Sandbox.connect(paused.sandbox_id)
     assert paused.commands.run("echo back").stdout == "back\n"
+
+
+@pytest.mark.anyio
+async def test_websockets_pass_through_the_proxy(e2b_env: Server) -> None:
+    sb = Sandbox.create(TEMPLATE)
+    sb.files.write("/tmp/ws_echo.py", (pathlib.Path(__file__).parent / "ws_echo.py").read_text())
+    sb.commands.run("python3 /tmp/ws_echo.py 8765", background=True)
+    url = e2b_env.url.replace("http://", "ws://") + "/chat?room=1"
+    headers = {"E2b-Sandbox-Id": sb.sandbox_id, "E2b-Sandbox-Port": "8765", "X-Probe": "through"}
+
+    async def connect():  # type: ignore[no-untyped-def]
+        for _ in range(50):
+            try:
+                return await websockets.connect(url, additional_headers=headers, subprotocols=["echo"])
+            except (OSError, websockets.InvalidStatus):
+                await anyio.sleep(0.2)  # the server is still starting
+        raise AssertionError("the guest's WebSocket server never answered")
+
+    ws = await connect()
+    assert ws.subprotocol == "echo"
+    assert ws.response.headers["X-Seen-Header"] == "through"  # the client's headers reached the guest
+    await ws.send("hello")
+    assert await ws.recv() == "echo: hello"
+    await ws.send(b"\x00\x01" * 40_000)
+    assert await ws.recv() == b"echo:" + b"\x00\x01" * 40_000
+    Sandbox.kill(sb.sandbox_id)  # the sandbox goes: so does the socket
+    with pytest.raises(websockets.ConnectionClosed):
+        await ws.recv()
+    closed = {"E2b-Sandbox-Id": "nonexisting", "E2b-Sandbox-Port": "8765"}
+    with pytest.raises(websockets.InvalidStatus):
+        await websockets.connect(url, additional_headers=closed)

@@ -32,6 +32,7 @@ import httpx
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from wrenbox.api.websocket import GOING_AWAY, relay
 from wrenbox.errors import NotFound, NotRunning
 from wrenbox.guest.auth import file_signature
 from wrenbox.manager import Sandboxes
@@ -213,8 +214,8 @@ class SandboxProxy:
     # -- forwarding ----------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, target: Target) -> None:
-        if scope["type"] != "http":
-            await send({"type": "websocket.close", "code": 1011})
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send, target)
             return
         started = False
 
@@ -246,6 +247,23 @@ class SandboxProxy:
                 return
             log.warning("proxy to %s:%d failed: %r", target.sandbox_id, target.port, exc)
             await _error(send, 502, f"The sandbox did not answer: {type(exc).__name__}", target.sandbox_id)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send, target: Target) -> None:
+        accepted = False
+
+        async def send_tracked(message: dict[str, Any]) -> None:
+            nonlocal accepted
+            accepted = accepted or message["type"] == "websocket.accept"
+            await send(message)
+
+        try:
+            async with self.sandboxes.route(target.sandbox_id, target.port) as address:
+                await relay(scope, receive, send_tracked, f"ws://{address.host}:{address.port}")
+        except Exception as exc:  # not running, port closed, upgrade refused, or cut: close it
+            if not accepted:
+                log.info("websocket to %s:%d refused: %r", target.sandbox_id, target.port, exc)
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": GOING_AWAY if accepted else 1011})
 
     async def _forward(
         self, client: httpx.AsyncClient, scope: Scope, receive: Receive, send: Send, base: str
