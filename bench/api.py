@@ -9,6 +9,8 @@ Prints one JSON line per figure, ``{"figure": NAME, "value": NUMBER, "unit": UNI
 ``direct_exec_rtt_p50_ms``     ``exec true`` with wrenbox's envd client straight at the guest's address.
 ``proxy_exec_rtt_p50_ms``      the same client through the server's proxy (routing headers).
 ``proxy_rtt_ratio``            proxy / direct (target <= 1.2).
+``sdk_run_rtt_p50_ms``         E2B's SDK's ``commands.run("true")`` through the proxy, for comparison: the
+                               client's own cost per command, which ``api_create_exec`` pays once.
 ``direct_upload_mb_s``, ``proxy_upload_mb_s``, ``proxy_upload_ratio`` (target >= 0.8): one file of
                                64 MiB (16 with ``--quick``) written to the guest's /tmp (tmpfs-backed
                                disk cache), MB = 10^6 bytes;
@@ -173,6 +175,11 @@ def through_server(settings: Settings, samples: Samples, creates: int, rtts: int
             samples.setdefault("api_create", []).append(time.perf_counter() - t0)
             sb.kill()
         sb = Sandbox.create(TEMPLATE, **opts)
+        sb.commands.run("true")
+        for _ in range(rtts):
+            t0 = time.perf_counter()
+            sb.commands.run("true")
+            samples.setdefault("sdk_rtt", []).append(time.perf_counter() - t0)
         headers = {"E2b-Sandbox-Id": sb.sandbox_id, "E2b-Sandbox-Port": str(ENVD_PORT)}
         detail = httpx.get(f"{server.url}/sandboxes/{sb.sandbox_id}", headers={"X-API-KEY": server.key})
         config = EnvdConfig(server.url, access_token=detail.json()["envdAccessToken"], headers=headers)
@@ -211,6 +218,7 @@ def figures(quick: bool) -> list[dict[str, object]]:
         figure("direct_exec_rtt_p50_ms", med["direct_rtt"] * 1000, "ms"),
         figure("proxy_exec_rtt_p50_ms", med["proxy_rtt"] * 1000, "ms"),
         figure("proxy_rtt_ratio", med["proxy_rtt"] / med["direct_rtt"], "ratio"),
+        figure("sdk_run_rtt_p50_ms", med["sdk_rtt"] * 1000, "ms"),
         figure("direct_upload_mb_s", med["direct_upload"], "MB/s"),
         figure("proxy_upload_mb_s", med["proxy_upload"], "MB/s"),
         figure("proxy_upload_ratio", med["proxy_upload"] / med["direct_upload"], "ratio"),

@@ -294,3 +294,13 @@ async def test_websockets_pass_through_the_proxy(e2b_env: Server) -> None:
     closed = {"E2b-Sandbox-Id": "nonexisting", "E2b-Sandbox-Port": "8765"}
     with pytest.raises(websockets.InvalidStatus):
         await websockets.connect(url, additional_headers=closed)
+
+
+def test_templates_exist_and_have_one_tag(e2b_env: Server) -> None:
+    from e2b import Template
+
+    assert Template.exists(TEMPLATE) is True
+    assert Template.exists("nosuch-template") is False
+    (tag,) = Template.get_tags(TEMPLATE)
+    assert tag.tag == "default"
+    assert tag.build_id == Template.get_tags(TEMPLATE)[0].build_id  # stable

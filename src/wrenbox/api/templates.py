@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response
 
 from wrenbox.api.context import Ctx, Team
-from wrenbox.api.wire import cursor_after, make_cursor, template_name
+from wrenbox.api.wire import DEFAULT_TAG, build_id, cursor_after, make_cursor, rfc3339, template_name
 from wrenbox.errors import NotFound, PermissionDenied
 from wrenbox.records import TemplateRecord, TemplateState
 
@@ -44,6 +44,12 @@ def alias(ctx: Ctx, team: Team, alias: str) -> dict[str, Any]:
     if t.team not in (None, team):
         raise PermissionDenied(f"template {alias!r} belongs to another team")
     return {"templateID": t.name, "public": t.team is None}
+
+
+@router.get("/templates/{template_id}/tags", summary="A template's tags (one build: 'default')")
+def tags(ctx: Ctx, team: Team, template_id: str) -> list[dict[str, Any]]:
+    t = ctx.template(team, template_id, ready=False)
+    return [{"tag": DEFAULT_TAG, "buildID": build_id(t), "createdAt": rfc3339(t.created_at)}]
 
 
 @router.get("/templates/{template_id:path}", summary="One template")

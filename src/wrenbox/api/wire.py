@@ -11,6 +11,7 @@ import base64
 import binascii
 import re
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +48,7 @@ DEFAULT_TAG = "default"
 
 S = SandboxState
 _NAMESPACE = re.compile(r"[a-z0-9_-]+")
+_BUILDS = uuid.UUID("5d8a1f0e-8c55-4f57-9b0e-7b6c2f0a9e11")  # namespace of wrenbox's build ids
 _PAUSED = {S.PAUSING, S.PAUSED}
 
 
@@ -220,10 +222,10 @@ class Wire:
         """An entry of ``GET /templates`` (the fields E2B's CLI shows)."""
         return {
             "templateID": t.name,
-            "buildID": t.manifest.get("build_id", t.name),
+            "buildID": build_id(t),
             "cpuCount": t.vcpus,
             "memoryMB": t.memory_mb,
-            "diskSizeMB": None,
+            "diskSizeMB": t.disk_mb,
             "public": t.team is None,
             "aliases": [t.name],
             "names": [t.name],
@@ -235,6 +237,12 @@ class Wire:
             "buildStatus": "ready" if t.state.value == "ready" else "building",
             "envdVersion": ENVD_VERSION,
         }
+
+
+def build_id(t: TemplateRecord) -> str:
+    """The UUID E2B's clients expect of a build. A wrenbox template is one build, so its id is derived
+    from the template (name and creation time): stable, and new when a name is reused."""
+    return str(uuid.uuid5(_BUILDS, f"{t.name}@{t.created_at!r}"))
 
 
 def end_at(rec: SandboxRecord) -> float:
