@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import socket
@@ -33,7 +34,7 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from wrenbox.api.websocket import GOING_AWAY, relay
-from wrenbox.errors import NotFound, NotRunning
+from wrenbox.errors import InvalidArgument, NotFound, NotRunning
 from wrenbox.guest.auth import file_signature
 from wrenbox.manager import Sandboxes
 from wrenbox.records import SandboxState
@@ -242,7 +243,7 @@ class SandboxProxy:
             if started:
                 self._reset_on_close(scope)
                 raise CutStream(str(exc)) from exc
-            if _invalid(exc):
+            if isinstance(exc, InvalidArgument):
                 await _error(send, 400, str(exc), target.sandbox_id)
                 return
             log.warning("proxy to %s:%d failed: %r", target.sandbox_id, target.port, exc)
@@ -300,15 +301,7 @@ async def _body(receive: Receive) -> Any:
             return
 
 
-def _invalid(exc: Exception) -> bool:
-    from wrenbox.errors import InvalidArgument
-
-    return isinstance(exc, InvalidArgument)
-
-
 async def _error(send: Send, status: int, message: str, sandbox_id: str) -> None:
-    import json
-
     body = json.dumps({"sandboxId": sandbox_id, "message": message, "code": status}).encode()
     await send(
         {
