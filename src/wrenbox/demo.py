@@ -39,7 +39,11 @@ STEPS = (
     "fork",
     "destroy",
 )
-COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /dev/shm/counter; sleep 0.2; done"
+# Written then renamed: a reader never catches the file empty between truncate and write.
+COUNTER = (
+    "i=0; while true; do i=$((i+1)); echo $i > /dev/shm/counter.new; "
+    "mv /dev/shm/counter.new /dev/shm/counter; sleep 0.2; done"
+)
 DEMO_FILE = "/home/user/demo.txt"
 
 

@@ -49,8 +49,11 @@ def test_pause_and_connect_keep_memory_and_token(e2b_env: Server) -> None:
     sb.files.write("/tmp/kept", "across the pause")
     booted = boot_id(sb)
     counter = sb.commands.run(
-        "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done", background=True
+        "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; "
+        "sleep 0.2; done",
+        background=True,
     )
+    wait_for(lambda: sb.files.exists("/tmp/count"))  # counting before the pause
 
     assert sb.pause() is True
     assert sb.is_running() is False  # the proxy answers 502 "not found" for a paused sandbox

@@ -19,7 +19,11 @@ from wrenbox.runtime.host import HostRuntime
 
 TMPFS_FILE = "/dev/shm/integrity.bin"  # guest RAM only: lives in the memory snapshot
 DISK_FILE = "/home/user/integrity.bin"  # the guest's root disk (qcow2 overlay on the host)
-COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /dev/shm/counter; sleep 0.2; done"
+# Written then renamed: a reader never catches the file empty between truncate and write.
+COUNTER = (
+    "i=0; while true; do i=$((i+1)); echo $i > /dev/shm/counter.new; "
+    "mv /dev/shm/counter.new /dev/shm/counter; sleep 0.2; done"
+)
 
 
 async def run(mgr: SandboxManager, sandbox_id: str, cmd: str, *, user: str | None = None) -> str:

@@ -31,7 +31,11 @@ from wrenbox.vmm.qemu import QemuDriver
 
 pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.slow, pytest.mark.anyio]
 
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /dev/shm/counter; sleep 0.05; done"
+# Written then renamed: a reader never catches the file empty between truncate and write.
+COUNTER = (
+    "i=0; while :; do i=$((i+1)); echo $i > /dev/shm/counter.new; "
+    "mv /dev/shm/counter.new /dev/shm/counter; sleep 0.05; done"
+)
 
 
 async def counter(sandbox: Sandbox) -> int:
