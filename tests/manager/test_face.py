@@ -247,7 +247,8 @@ async def test_egress_rules_are_kept_applied_and_validated(mgr: SandboxManager, 
     with pytest.raises(RuntimeError):
         await mgr.set_egress(rec.id, Egress(deny=("10.0.0.0/8",)))
     assert mgr.get(rec.id).egress == {"allow": [], "deny": []}  # a failed change changes nothing
-    for bad in (("example.com",), ("300.1.1.1",), ("::1",), "1.2.3.4"):
+    # Exactly what the firewall loads: host bits set (10.0.0.1/8) too is refused here, not at the slot.
+    for bad in (("example.com",), ("300.1.1.1",), ("::1",), "1.2.3.4", ("10.0.0.1/8",)):
         with pytest.raises(InvalidArgument):
             Egress(allow=bad)  # type: ignore[arg-type]
     (child,) = await mgr.fork(rec.id)

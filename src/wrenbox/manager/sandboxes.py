@@ -13,12 +13,12 @@ sandbox in the wrong state, ``Unavailable`` when a limit is reached (retry later
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
+from wrenbox.cidrs import parse_cidrs
 from wrenbox.errors import InvalidArgument
 from wrenbox.records import SandboxRecord, SandboxState, TemplateRecord
 
@@ -69,11 +69,9 @@ class Egress:
     deny: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for what, values in (("allow", self.allow), ("deny", self.deny)):
-            if isinstance(values, str) or len(values) > _MAX_EGRESS:
-                raise InvalidArgument(f"egress {what} is a list of at most {_MAX_EGRESS} addresses")
-            for value in values:
-                _check_cidr(what, value)
+        # The parser the firewall loads them with: what is accepted here is what a slot can enforce.
+        parse_cidrs(self.allow, "egress allow list", limit=_MAX_EGRESS)
+        parse_cidrs(self.deny, "egress deny list", limit=_MAX_EGRESS)
 
     def to_record(self) -> dict[str, list[str]]:
         return {"allow": list(self.allow), "deny": list(self.deny)}
@@ -238,15 +236,6 @@ def check_str_map(what: str, value: object) -> dict[str, str]:
         if len(k) > _MAX_MAP_LEN or len(v) > _MAX_MAP_LEN or "\0" in k + v:
             raise InvalidArgument(f"{what} entry {k[:40]!r} is too long or contains NUL")
     return dict(value)
-
-
-def _check_cidr(what: str, value: object) -> None:
-    try:
-        ipaddress.IPv4Network(value, strict=False)  # type: ignore[arg-type]
-    except (ValueError, TypeError):
-        raise InvalidArgument(
-            f"egress {what}: {value!r} is not an IPv4 address or CIDR (host names are not filtered)"
-        ) from None
 
 
 def check_timeout(timeout_s: object) -> int:

@@ -21,8 +21,9 @@ from ipaddress import IPv4Network
 
 from pyroute2.nftables.main import NFTables
 
+from wrenbox.cidrs import parse_cidrs
 from wrenbox.command import run
-from wrenbox.network.plan import GUEST_IP, NS_VETH, TAP, NetworkConfig, NetworkSlot, parse_cidrs
+from wrenbox.network.plan import GUEST_IP, NS_VETH, TAP, NetworkConfig, NetworkSlot
 
 __all__ = [
     "EgressPolicy",

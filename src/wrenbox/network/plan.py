@@ -16,11 +16,12 @@ restored into any other slot. Only the host side differs per slot.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, ip_address
 from pathlib import Path
 
+from wrenbox.cidrs import parse_cidr, parse_cidrs
 from wrenbox.errors import InvalidArgument
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
     "NetworkSlot",
     "check_index",
     "kernel_ip_arg",
-    "parse_cidrs",
 ]
 
 GUEST_NETWORK = IPv4Network("169.254.0.20/30")
@@ -91,28 +91,6 @@ def check_index(index: object, capacity: int) -> int:
     return index
 
 
-def _network(value: object, what: str) -> IPv4Network:
-    try:
-        net = ip_network(value, strict=True)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument(
-            f"invalid {what} {value!r}: expected an IPv4 CIDR like 10.0.0.0/8; {exc}"
-        ) from None
-    if not isinstance(net, IPv4Network):
-        raise InvalidArgument(f"invalid {what} {value!r}: only IPv4 is supported")
-    return net
-
-
-def parse_cidrs(values: Iterable[object], what: str, limit: int = 4096) -> tuple[IPv4Network, ...]:
-    """Parse IPv4 addresses or CIDRs (``"1.2.3.4"`` is ``1.2.3.4/32``); InvalidArgument on anything else."""
-    if isinstance(values, str | bytes):
-        raise InvalidArgument(f"invalid {what}: expected a list of CIDRs, got a single string")
-    nets = tuple(_network(v, what) for v in values)
-    if len(nets) > limit:
-        raise InvalidArgument(f"too many entries in {what}: {len(nets)} > {limit}")
-    return nets
-
-
 @dataclass(frozen=True, slots=True)
 class NetworkConfig:
     """Where slots live. Strings are accepted for the ranges and parsed.
@@ -136,8 +114,8 @@ class NetworkConfig:
                 f"invalid network prefix {self.prefix!r}: "
                 "1-8 lowercase letters or digits, starting with a letter"
             )
-        host = _network(self.host_range, "host_range")
-        transfer = _network(self.transfer_range, "transfer_range")
+        host = parse_cidr(self.host_range, "host_range")
+        transfer = parse_cidr(self.transfer_range, "transfer_range")
         object.__setattr__(self, "host_range", host)
         object.__setattr__(self, "transfer_range", transfer)
         object.__setattr__(self, "deny_ranges", parse_cidrs(self.deny_ranges, "deny_ranges"))
