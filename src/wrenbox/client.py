@@ -7,7 +7,8 @@ as well, this one just has no dependency beyond wrenbox's own).
         async with server.agent(sb) as envd:          # wrenbox.envd.AsyncEnvdClient, routed by the proxy
             print((await envd.processes.exec("uname -a")).stdout)
 
-Errors are :mod:`wrenbox.errors`, rebuilt from the server's ``{"code", "message"}`` bodies by status.
+Errors are :mod:`wrenbox.errors`, rebuilt from the server's ``{"code", "message"}`` bodies by status
+(the mapping the agent's client uses too).
 ``ClientConfig.from_env`` reads ``WRENBOX_URL`` (default ``http://127.0.0.1:3000``) and
 ``WRENBOX_API_KEY``.
 """
@@ -23,30 +24,12 @@ from urllib.parse import quote, urlencode
 import httpx
 
 from wrenbox.envd import ENVD_PORT, AsyncEnvdClient, EnvdConfig
-from wrenbox.errors import (
-    Conflict,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    Timeout,
-    Unauthenticated,
-    Unavailable,
-    WrenboxError,
-)
+from wrenbox.envd.connect import error_for_response
+from wrenbox.errors import Timeout, Unauthenticated, Unavailable
 
 __all__ = ["ClientConfig", "ServerClient", "ServerUnreachable"]
 
 DEFAULT_URL = "http://127.0.0.1:3000"
-_BY_STATUS: dict[int, type[WrenboxError]] = {
-    400: InvalidArgument,
-    401: Unauthenticated,
-    403: PermissionDenied,
-    404: NotFound,
-    409: Conflict,
-    429: Unavailable,
-    503: Unavailable,
-    504: Timeout,
-}
 
 
 class ServerUnreachable(Unavailable):
@@ -193,8 +176,4 @@ class ServerClient:
             raise Timeout(f"{method} {path}: no answer from {self.config.url}") from None
         if response.is_success:
             return response
-        try:
-            message = str(response.json()["message"])
-        except (ValueError, KeyError, TypeError):
-            message = response.text or response.reason_phrase
-        raise _BY_STATUS.get(response.status_code, WrenboxError)(message)
+        raise error_for_response(response.status_code, response.content, f"{method} {path}")

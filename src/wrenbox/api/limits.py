@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from wrenbox.api.wire import SHOWN_AS
 from wrenbox.errors import Unavailable
 from wrenbox.manager import Sandboxes
-from wrenbox.records import SandboxState
 
 __all__ = ["TeamLimits"]
 
-_LIVE = {SandboxState.CREATING, SandboxState.RUNNING, SandboxState.RESUMING, SandboxState.SNAPSHOTTING}
+_LIVE = set(SHOWN_AS["running"])  # what the team sees running
 
 
 @dataclass

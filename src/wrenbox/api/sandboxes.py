@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse
 
 from wrenbox.api.context import Ctx, Team
 from wrenbox.api.wire import (
+    SHOWN_AS,
     ConnectBody,
     ForkBody,
     NetworkOpts,
@@ -21,13 +22,12 @@ from wrenbox.api.wire import (
     PauseBody,
     SnapshotBody,
     TimeoutBody,
-    cursor_after,
-    make_cursor,
+    paginate,
     public_state,
     rfc3339,
     template_name,
 )
-from wrenbox.errors import Conflict, InvalidArgument, NotRunning
+from wrenbox.errors import Conflict, InvalidArgument, NotFound, NotRunning
 from wrenbox.manager import CreateRequest
 from wrenbox.records import SandboxState
 
@@ -94,16 +94,12 @@ def _metadata_filter(raw: str | None) -> dict[str, str] | None:
 
 
 def _states(raw: str | None) -> set[SandboxState]:
-    if raw is None:
-        return {S.CREATING, S.RUNNING, S.RESUMING, S.SNAPSHOTTING, S.PAUSING, S.PAUSED}
+    names = SHOWN_AS.keys() if raw is None else list(filter(None, (p.strip() for p in raw.split(","))))
     wanted: set[SandboxState] = set()
-    for name in filter(None, (p.strip() for p in raw.split(","))):
-        if name == "running":
-            wanted |= {S.CREATING, S.RUNNING, S.RESUMING, S.SNAPSHOTTING}
-        elif name == "paused":
-            wanted |= {S.PAUSING, S.PAUSED}
-        else:
+    for name in names:
+        if name not in SHOWN_AS:
             raise InvalidArgument(f"state must be 'running' or 'paused', not {name!r}")
+        wanted |= SHOWN_AS[name]
     return wanted
 
 
@@ -124,7 +120,7 @@ def list_v2(
     if template is not None:
         try:
             template_filter = ctx.template(team, template, ready=False).name
-        except Exception:
+        except (NotFound, InvalidArgument):
             return []  # E2B: an unknown template is an empty list, not an error
     recs = ctx.sandboxes.list(
         states=_states(state), metadata=_metadata_filter(metadata), template=template_filter, team=team
@@ -135,16 +131,11 @@ def list_v2(
         # Compared as the datetimes E2B was shown (rounded to microseconds), not as floats: a
         # sandbox's own startedAt must match it.
         recs = [r for r in recs if datetime.fromtimestamp(r.created_at, UTC) >= started_after]
-    descending = order == "desc"
-    recs.sort(key=lambda r: (r.created_at, r.id), reverse=descending)
-    if next_token:
-        mark = cursor_after(next_token)
-        recs = [
-            r for r in recs if ((r.created_at, r.id) < mark if descending else (r.created_at, r.id) > mark)
-        ]
-    page = recs[:limit]
-    if len(recs) > limit:
-        response.headers["x-next-token"] = make_cursor(page[-1].created_at, page[-1].id)
+    page, following = paginate(
+        recs, lambda r: (r.created_at, r.id), descending=order == "desc", after=next_token, limit=limit
+    )
+    if following:
+        response.headers["x-next-token"] = following
     return [ctx.wire.listed(r) for r in page]
 
 

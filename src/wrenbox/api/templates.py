@@ -7,14 +7,13 @@ take the rest of the path so an encoded ``/`` does not split them.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
 from wrenbox.api.context import Ctx, Team
-from wrenbox.api.wire import DEFAULT_TAG, build_id, cursor_after, make_cursor, rfc3339, template_name
-from wrenbox.errors import NotFound, PermissionDenied
+from wrenbox.api.wire import DEFAULT_TAG, build_id, paginate, rfc3339, template_name
+from wrenbox.errors import InvalidArgument, NotFound, PermissionDenied
 from wrenbox.records import TemplateRecord, TemplateState
 
 __all__ = ["router"]
@@ -79,10 +78,10 @@ def list_snapshots(
 ) -> list[dict[str, Any]]:
     wanted = None
     if name is not None:
-        with contextlib.suppress(Exception):
+        try:
             wanted = template_name(name)
-        if wanted is None:
-            return []
+        except InvalidArgument:
+            return []  # no snapshot can have that name
     found = [
         t
         for t in ctx.sandboxes.templates()
@@ -92,11 +91,9 @@ def list_snapshots(
         and (sandbox_id is None or t.source == sandbox_id)
         and (wanted is None or t.name == wanted)
     ]
-    found.sort(key=lambda t: (t.created_at, t.name), reverse=True)
-    if next_token:
-        mark = cursor_after(next_token)
-        found = [t for t in found if (t.created_at, t.name) < mark]
-    page = found[:limit]
-    if len(found) > limit:
-        response.headers["x-next-token"] = make_cursor(page[-1].created_at, page[-1].name)
+    page, following = paginate(
+        found, lambda t: (t.created_at, t.name), descending=True, after=next_token, limit=limit
+    )
+    if following:
+        response.headers["x-next-token"] = following
     return [ctx.wire.snapshot(t) for t in page]

@@ -12,8 +12,9 @@ import binascii
 import re
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
@@ -24,6 +25,7 @@ from wrenbox.records import SandboxRecord, SandboxState, TemplateRecord
 
 __all__ = [
     "ENVD_VERSION",
+    "SHOWN_AS",
     "ConnectBody",
     "ForkBody",
     "NetworkOpts",
@@ -32,8 +34,7 @@ __all__ = [
     "SnapshotBody",
     "TimeoutBody",
     "Wire",
-    "cursor_after",
-    "make_cursor",
+    "paginate",
     "public_state",
     "rfc3339",
     "template_name",
@@ -47,9 +48,15 @@ CLIENT_ID = "wrenbox"
 DEFAULT_TAG = "default"
 
 S = SandboxState
+T = TypeVar("T")
 _NAMESPACE = re.compile(r"[a-z0-9_-]+")
 _BUILDS = uuid.UUID("5d8a1f0e-8c55-4f57-9b0e-7b6c2f0a9e11")  # namespace of wrenbox's build ids
-_PAUSED = {S.PAUSING, S.PAUSED}
+# E2B knows two states: a sandbox on its way to paused is already ``paused``; one on its way out (or
+# gone, or broken) is in neither and does not exist for callers.
+SHOWN_AS: dict[str, frozenset[SandboxState]] = {
+    "running": frozenset({S.CREATING, S.RUNNING, S.RESUMING, S.SNAPSHOTTING}),
+    "paused": frozenset({S.PAUSING, S.PAUSED}),
+}
 
 
 class _Body(BaseModel):
@@ -125,13 +132,8 @@ def rfc3339(ts: float) -> str:
 
 
 def public_state(state: SandboxState) -> str | None:
-    """E2B knows two states: a sandbox on its way to paused is already ``paused``; one on its way out (or
-    gone, or broken) does not exist for callers (None)."""
-    if state in _PAUSED:
-        return "paused"
-    if state in {S.CREATING, S.RUNNING, S.RESUMING, S.SNAPSHOTTING}:
-        return "running"
-    return None
+    """The state E2B's callers see (see :data:`SHOWN_AS`); None for a sandbox that is not theirs to see."""
+    return next((name for name, states in SHOWN_AS.items() if state in states), None)
 
 
 def template_name(ref: str) -> str:
@@ -146,12 +148,30 @@ def template_name(ref: str) -> str:
     return validate_name(name, what="template name")
 
 
-def make_cursor(created_at: float, key: str) -> str:
+def paginate(
+    items: Iterable[T],
+    key: Callable[[T], tuple[float, str]],
+    *,
+    descending: bool,
+    after: str | None,
+    limit: int,
+) -> tuple[list[T], str | None]:
+    """One page of ``items`` in ``key`` order (creation time, id), starting after the ``nextToken``
+    ``after``, and the ``nextToken`` of the page after it (None on the last page)."""
+    ordered = sorted(items, key=key, reverse=descending)
+    if after:
+        mark = _cursor_after(after)
+        ordered = [i for i in ordered if (key(i) < mark if descending else key(i) > mark)]
+    page = ordered[:limit]
+    return page, (_make_cursor(*key(page[-1])) if len(ordered) > limit else None)
+
+
+def _make_cursor(created_at: float, key: str) -> str:
     """A ``nextToken``: the position of the last item of a page, in (creation time, id) order."""
     return base64.urlsafe_b64encode(f"{created_at!r}|{key}".encode()).decode().rstrip("=")
 
 
-def cursor_after(token: str) -> tuple[float, str]:
+def _cursor_after(token: str) -> tuple[float, str]:
     """Decode a ``nextToken`` (InvalidArgument if it is not one of ours)."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()

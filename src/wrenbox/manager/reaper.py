@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
+from anyio.abc import TaskGroup
 
 from wrenbox.records import SandboxRecord, SandboxState
 
@@ -76,19 +77,20 @@ class Reaper:
     async def sweep(self) -> None:
         """One pass: expire everything that is due, at most ``concurrency`` at a time."""
         async with anyio.create_task_group() as tg:
-            for rec in self.due():
-                self._busy.add(rec.id)
-                tg.start_soon(self._expire, rec)
+            self._start_due(tg)
 
     async def run(self) -> None:
         """Look every ``interval_s``; expirations run in the background, so a slow pause never
         delays noticing the next sandbox's end."""
         async with anyio.create_task_group() as tg:
             while True:
-                for rec in self.due():
-                    self._busy.add(rec.id)
-                    tg.start_soon(self._expire, rec)
+                self._start_due(tg)
                 await anyio.sleep(self.config.interval_s)
+
+    def _start_due(self, tg: TaskGroup) -> None:
+        for rec in self.due():
+            self._busy.add(rec.id)
+            tg.start_soon(self._expire, rec)
 
     async def _expire(self, rec: SandboxRecord) -> None:
         try:
