@@ -28,7 +28,7 @@ import anyio
 import httpx
 
 from wrenbox.envd.channel import Channel
-from wrenbox.envd.connect import error_for_response, translate_errors
+from wrenbox.envd.connect import envelope, error_for_response, translate_errors
 from wrenbox.envd.endpoint import EnvdConfig
 from wrenbox.envd.files import AsyncFiles
 from wrenbox.envd.models import Metrics
@@ -130,7 +130,7 @@ class AsyncEnvdClient:
         stream_headers = {"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1"}
         unary_headers = {"Content-Type": "application/json", "Connect-Protocol-Version": "1"}
         calls = [
-            ("POST", "/process.Process/Start", b"\0" + len(start).to_bytes(4, "big") + start, stream_headers),
+            ("POST", "/process.Process/Start", envelope(start), stream_headers),
             ("POST", "/process.Process/List", b"{}", unary_headers),
             ("POST", "/filesystem.Filesystem/Stat", b'{"path": "/"}', unary_headers),
             ("GET", "/files?path=/etc/hostname", b"", {}),

@@ -27,7 +27,15 @@ from protobuf import Message
 
 from wrenbox.errors import Timeout, Unavailable, WrenboxError, error_for_code
 
-__all__ = ["Rpc", "ServerStream", "error_for_response", "server_stream", "translate_errors", "unary"]
+__all__ = [
+    "Rpc",
+    "ServerStream",
+    "envelope",
+    "error_for_response",
+    "server_stream",
+    "translate_errors",
+    "unary",
+]
 
 Req = TypeVar("Req", bound=Message)
 Res = TypeVar("Res", bound=Message)
@@ -202,6 +210,11 @@ def _raise_end_stream_error(payload: bytes, what: str) -> None:
         raise error_for_code(code, f"{what}: {error.get('message') or code}")
 
 
+def envelope(payload: bytes) -> bytes:
+    """One message of a Connect stream: flags 0, a 4-byte big-endian length, the payload."""
+    return len(payload).to_bytes(5, "big") + payload
+
+
 @asynccontextmanager
 async def server_stream(
     http: httpx.AsyncClient,
@@ -215,7 +228,7 @@ async def server_stream(
 
     Opening is not bounded here: the caller bounds opening plus the agent's first message.
     """
-    body = len(payload := request.to_binary()).to_bytes(5, "big") + payload  # flags 0, 4-byte length
+    body = envelope(request.to_binary())
     http_request = http.build_request(
         "POST", rpc.path, content=body, headers=_call_headers(headers, _STREAM_HEADERS, None)
     )
