@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import anyio
 import httpx
 import pytest
 from tests.sandbox.conftest import leftovers, make_settings
-from tests.support.images import TEST_DATA_DIR, ensure_test_image
+from tests.support.images import scratch_data_dir
 
 from wrenbox.config import Settings
 from wrenbox.network import Network, NetworkConfig
@@ -135,10 +134,7 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
-    ensure_test_image()
-    root = Path(tempfile.mkdtemp(prefix="wba-", dir="/var/tmp"))
-    (root / "images").symlink_to(TEST_DATA_DIR / "images")
-    (root / "host").symlink_to(TEST_DATA_DIR / "host")
+    root = scratch_data_dir("wba-")
     tag = secrets.token_hex(2)
     settings = make_settings(
         root,

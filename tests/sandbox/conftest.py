@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import secrets
 import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import anyio
 import pytest
-from tests.support.images import TEST_DATA_DIR, ensure_test_image
+from tests.support.images import scratch_data_dir
 
 from wrenbox.config import LimitsConfig, SandboxDefaults, Settings
 from wrenbox.errors import InUse
@@ -81,10 +80,7 @@ def _link_names() -> list[str]:
 
 @pytest.fixture(scope="session")
 def settings() -> Iterator[Settings]:
-    ensure_test_image()
-    root = Path(tempfile.mkdtemp(prefix="wbs-", dir="/var/tmp"))
-    (root / "images").symlink_to(TEST_DATA_DIR / "images")
-    (root / "host").symlink_to(TEST_DATA_DIR / "host")  # the host probe's cache (KVM verdict)
+    root = scratch_data_dir("wbs-")
     s = make_settings(root, secrets.token_hex(2))
     yield s
     left = leftovers(s)

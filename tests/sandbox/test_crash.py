@@ -17,13 +17,12 @@ import hashlib
 import os
 import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
-from tests.support.images import TEST_DATA_DIR, ensure_test_image
+from tests.support.images import scratch_data_dir
 
 from wrenbox.config import Settings
 from wrenbox.manager import CreateRequest, SandboxManager
@@ -44,10 +43,7 @@ BYSTANDER_FILE = "/home/user/bystander.bin"
 @pytest.fixture(scope="module")
 def crash_settings() -> Iterator[Settings]:
     """A data dir of its own: crash tests restart managers, which sweep whatever no record names."""
-    ensure_test_image()
-    root = Path(tempfile.mkdtemp(prefix="wbc-", dir="/var/tmp"))
-    (root / "images").symlink_to(TEST_DATA_DIR / "images")
-    (root / "host").symlink_to(TEST_DATA_DIR / "host")
+    root = scratch_data_dir("wbc-")
     tag = secrets.token_hex(2)
     s = make_settings(
         root,

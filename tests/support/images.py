@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 from pathlib import Path
 
 from wrenbox import service
 from wrenbox.config import Settings
 from wrenbox.images import Image, ImageConfig, build_image
 
-__all__ = ["TEST_DATA_DIR", "ensure_test_image", "image_config", "image_settings"]
+__all__ = ["TEST_DATA_DIR", "ensure_test_image", "image_config", "image_settings", "scratch_data_dir"]
 
 TEST_DATA_DIR = Path(os.environ.get("WRENBOX_TEST_DATA_DIR", "/var/tmp/wrenbox-test"))
 
@@ -34,3 +35,13 @@ def image_config(**overrides: object) -> ImageConfig:
 def ensure_test_image(name: str = "minimal") -> Image:
     """Build (or reuse) the test image; cached for the rest of this test session."""
     return build_image(image_config(), name).image
+
+
+def scratch_data_dir(prefix: str) -> Path:
+    """A new data dir under /var/tmp (short: unix socket paths are limited to 108 bytes) that shares the
+    cached guest image and the host probe's cache (the KVM verdict) with every other test."""
+    ensure_test_image()
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    (root / "images").symlink_to(TEST_DATA_DIR / "images")
+    (root / "host").symlink_to(TEST_DATA_DIR / "host")
+    return root

@@ -34,6 +34,7 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from wrenbox.api.websocket import GOING_AWAY, relay
+from wrenbox.envd import ENVD_PORT
 from wrenbox.errors import InvalidArgument, NotFound, NotRunning
 from wrenbox.guest.auth import file_signature
 from wrenbox.manager import Sandboxes
@@ -209,8 +210,8 @@ class SandboxProxy:
                 query.get("path", ""), op, query.get("username", ""), rec.access_token, expiration
             )
             if made == signature:
-                return Target(rec.id, 49983)
-        return Target("", 49983)  # signed, but by no sandbox here: not found, not the REST API
+                return Target(rec.id, ENVD_PORT)
+        return Target("", ENVD_PORT)  # signed, but by no sandbox here: not found, not the REST API
 
     # -- forwarding ----------------------------------------------------------------------------------
 
