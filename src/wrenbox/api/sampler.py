@@ -53,8 +53,9 @@ class MetricsSampler:
             series.append(Sample(time.time(), m.guest))
 
     async def sweep(self) -> None:
-        running = {r.id for r in self.sandboxes.list(states={SandboxState.RUNNING})}
-        live = running | {r.id for r in self.sandboxes.list(states={SandboxState.PAUSED})}
+        kept = self.sandboxes.list(states={SandboxState.RUNNING, SandboxState.PAUSED})
+        running = {r.id for r in kept if r.state is SandboxState.RUNNING}
+        live = {r.id for r in kept}
         for gone in set(self._series) - live:
             del self._series[gone]
         async with anyio.create_task_group() as tg:

@@ -29,7 +29,7 @@ from wrenbox.api.wire import (
 )
 from wrenbox.errors import Conflict, InvalidArgument, NotFound, NotRunning
 from wrenbox.manager import CreateRequest
-from wrenbox.records import SandboxState
+from wrenbox.records import SandboxRecord, SandboxState
 
 __all__ = ["router"]
 
@@ -193,12 +193,16 @@ async def pause(
     return _NO_CONTENT
 
 
+async def _resume(ctx: Ctx, team: str, rec: SandboxRecord, body: ConnectBody) -> JSONResponse:
+    with ctx.limits.start(team):
+        resumed = await ctx.sandboxes.resume(rec.id, body.timeout, memory=body.memory)
+    return _created(ctx.wire.sandbox(resumed))
+
+
 async def _connect(ctx: Ctx, team: str, sandbox_id: str, body: ConnectBody) -> JSONResponse:
     rec = ctx.sandbox(team, sandbox_id)
     if rec.state in (S.PAUSING, S.PAUSED):  # a pause under way is waited for, then undone
-        with ctx.limits.start(team):
-            resumed = await ctx.sandboxes.resume(rec.id, body.timeout, memory=body.memory)
-        return _created(ctx.wire.sandbox(resumed))
+        return await _resume(ctx, team, rec, body)
     if rec.state is not S.RUNNING:
         raise Conflict(f"sandbox {rec.id} is {rec.state.value}; connect again when that has finished")
     return JSONResponse(ctx.wire.sandbox(await ctx.sandboxes.connect(rec.id, body.timeout)), status_code=200)
@@ -225,10 +229,7 @@ async def resume(
     rec = ctx.sandbox(team, sandbox_id)
     if rec.state is not S.PAUSED:
         raise Conflict(f"sandbox {rec.id} is not paused")
-    body = body or ConnectBody()
-    with ctx.limits.start(team):
-        resumed = await ctx.sandboxes.resume(rec.id, body.timeout, memory=body.memory)
-    return _created(ctx.wire.sandbox(resumed))
+    return await _resume(ctx, team, rec, body or ConnectBody())
 
 
 @router.post("/sandboxes/{sandbox_id}/fork", status_code=201, summary="Fork a running sandbox")

@@ -137,7 +137,7 @@ class SandboxManager(RecoveryMixin):
         rec = self._running(sandbox_id)
         self.touch(sandbox_id)
         if rec.timeout_s > 0:
-            self._set_end(rec, max(rec.end_at or 0.0, self.clock() + rec.timeout_s))
+            self._extend(rec, rec.timeout_s)
 
     def set_timeout(self, sandbox_id: str, timeout_s: int | None) -> SandboxRecord:
         rec = self.get(sandbox_id)
@@ -165,6 +165,10 @@ class SandboxManager(RecoveryMixin):
                     raise
             self._store.record_event("egress", sandbox_id, **rec.egress)
             return rec
+
+    def _extend(self, rec: SandboxRecord, seconds: int) -> SandboxRecord:
+        """At least ``seconds`` more from now: an end only ever moves later this way."""
+        return self._set_end(rec, max(rec.end_at or 0.0, self.clock() + seconds))
 
     def _set_end(self, rec: SandboxRecord, end_at: float | None) -> SandboxRecord:
         rec.end_at = end_at
@@ -257,8 +261,7 @@ class SandboxManager(RecoveryMixin):
             raise NotRunning(f"sandbox {sandbox_id} is {rec.state.value}")
         self.touch(sandbox_id)
         if timeout_s is not None and rec.end_at is not None:
-            check_timeout(timeout_s)
-            return self._set_end(rec, max(rec.end_at, self.clock() + timeout_s))  # only ever later
+            return self._extend(rec, check_timeout(timeout_s))
         return rec
 
     async def snapshot(self, sandbox_id: str, name: str | None = None) -> TemplateRecord:
