@@ -176,4 +176,5 @@ class ServerClient:
             raise Timeout(f"{method} {path}: no answer from {self.config.url}") from None
         if response.is_success:
             return response
-        raise error_for_response(response.status_code, response.content, f"{method} {path}")
+        what = f"{method} {path}"
+        raise error_for_response(response.status_code, response.content, what, from_guest=False)

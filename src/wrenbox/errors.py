@@ -22,6 +22,7 @@ The tree::
     │   ├── InUse                     failed_precondition 409  still referenced (template in use, ...)
     │   └── NotRunning                failed_precondition 409  sandbox not in a state that can serve this
     ├── Unavailable                   unavailable        503   limits reached, backend not ready
+    │   └── GuestError                unavailable        502   the guest agent failed or broke the rules
     ├── Timeout                       deadline_exceeded  504
     ├── Unsupported                   unimplemented      501   this host lacks a capability
     │   └── MissingTool               unimplemented      501   a host program is not installed
@@ -43,6 +44,7 @@ __all__ = [
     "CommandFailed",
     "Conflict",
     "CorruptData",
+    "GuestError",
     "InUse",
     "InvalidArgument",
     "MissingTool",
@@ -63,6 +65,8 @@ class WrenboxError(Exception):
 
     code: ClassVar[str] = "internal"
     http_status: ClassVar[int] = 500
+    retryable: ClassVar[bool] = False
+    """Trying again later can succeed (a limit, a component still starting): the API says when."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -124,6 +128,15 @@ class Unavailable(WrenboxError):
 
     code = "unavailable"
     http_status = 503
+    retryable = True
+
+
+class GuestError(Unavailable):
+    """The guest agent failed, or answered what the host refuses (too big, encoded, malformed). Its
+    sandbox may be broken or hostile; retrying the same call will not help."""
+
+    http_status = 502
+    retryable = False
 
 
 class Timeout(WrenboxError):

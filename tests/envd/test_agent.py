@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from wrenbox.envd import AsyncEnvdClient, EnvdConfig
-from wrenbox.errors import InvalidArgument, Timeout, Unauthenticated, Unavailable
+from wrenbox.errors import GuestError, InvalidArgument, Timeout, Unavailable
 
 pytestmark = pytest.mark.anyio
 
@@ -48,7 +48,7 @@ async def test_warm_up_speaks_the_sdks_encodings(fresh_agent: Any, connect: Any)
     await client.wait_healthy(timeout=30)
     await client.init(access_token="warm-token")
     await client.warm_up()  # JSON Connect stream and unary calls, and /files, all answered 200
-    with pytest.raises(Unauthenticated):
+    with pytest.raises(GuestError, match="unauthenticated"):
         await connect(fresh_agent.url).warm_up()
 
 
@@ -61,17 +61,17 @@ async def test_access_token_is_enforced_after_init(fresh_agent: Any, connect: An
     assert isinstance(await owner.envs(), dict)
 
     for stranger in (connect(fresh_agent.url), connect(fresh_agent.url, access_token="wrong")):
-        with pytest.raises(Unauthenticated):
+        with pytest.raises(GuestError, match="unauthenticated"):
             await stranger.processes.exec(["true"])
-        with pytest.raises(Unauthenticated):
+        with pytest.raises(GuestError, match="unauthenticated"):
             await stranger.processes.list()
-        with pytest.raises(Unauthenticated):
+        with pytest.raises(GuestError, match="unauthenticated"):
             await stranger.files.stat("/")
-        with pytest.raises(Unauthenticated):
+        with pytest.raises(GuestError, match="unauthenticated"):
             async with stranger.files.download("/etc/hostname") as chunks:
                 async for _ in chunks:
                     pass
-        with pytest.raises(Unauthenticated):
+        with pytest.raises(GuestError, match="unauthenticated"):
             await stranger.envs()
 
     configured = connect(fresh_agent.url, access_token="s3cret-token")
@@ -196,5 +196,5 @@ async def test_commands_and_files_as_another_user(envd: Any, tmp_path: Any) -> N
     tmp_path.chmod(0o777)
     await envd.files.upload(str(tmp_path / "owned"), b"x", user="nobody")
     assert (await envd.files.stat(str(tmp_path / "owned"))).owner == "nobody"
-    with pytest.raises(Unauthenticated, match="does not exist"):
+    with pytest.raises(GuestError, match="does not exist"):
         await envd.processes.exec("true", user="no-such-user")

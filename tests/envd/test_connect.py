@@ -7,12 +7,11 @@ import pytest
 from wrenbox.envd.connect import error_for_response
 from wrenbox.errors import (
     AlreadyExists,
+    GuestError,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     Timeout,
-    Unauthenticated,
-    Unavailable,
     WrenboxError,
 )
 
@@ -25,13 +24,20 @@ from wrenbox.errors import (
         (404, b'{"code": "not_found", "message": "no process 7"}', NotFound, "no process 7"),
         # envd's /files errors carry the HTTP status as a number.
         (404, b'{"code": 404, "message": "file missing"}', NotFound, "file missing"),
-        (401, b'{"code": 401, "message": "bad token"}', Unauthenticated, "bad token"),
+        # Codes that would speak for the API caller (401: "your key is wrong", 503: "retry") are the
+        # guest's failure, not the caller's.
+        (401, b'{"code": 401, "message": "bad token"}', GuestError, "bad token"),
+        (200, b'{"code": "unauthenticated", "message": "x"}', GuestError, "(unauthenticated): x"),
+        (503, b'{"code": "unavailable", "message": "busy"}', GuestError, "busy"),
+        (500, b'{"code": "internal", "message": "boom"}', GuestError, "boom"),
         # A proxy's plain page: the status decides, the text is the message.
         (403, b"forbidden by proxy", PermissionDenied, "forbidden by proxy"),
-        (502, b"<html>bad gateway</html>", Unavailable, "bad gateway"),
+        (502, b"<html>bad gateway</html>", GuestError, "bad gateway"),
         (504, b"", Timeout, "HTTP 504"),
         (400, b"", InvalidArgument, "HTTP 400"),
-        (418, b"teapot", WrenboxError, "teapot"),
+        (418, b"teapot", GuestError, "teapot"),
+        # Guest text reaches logs and callers cut short and without terminal escapes.
+        (404, b'{"code": "not_found", "message": "\\u001b[2Jgone\\u0007"}', NotFound, "?[2Jgone?"),
     ],
 )
 def test_error_for_response(status: int, body: bytes, kind: type[WrenboxError], message: str) -> None:

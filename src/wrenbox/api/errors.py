@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from wrenbox.errors import Unavailable, WrenboxError
+from wrenbox.errors import WrenboxError
 
 __all__ = ["RETRY_AFTER_S", "error_response", "install"]
 
@@ -30,7 +30,7 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 def _wrenbox(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, WrenboxError)
-    if isinstance(exc, Unavailable):
+    if exc.retryable:
         return error_response(429, exc.message, {"Retry-After": str(RETRY_AFTER_S)})
     return error_response(exc.http_status, exc.message)
 

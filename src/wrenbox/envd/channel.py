@@ -18,9 +18,10 @@ import httpx
 from protobuf import Message
 
 from wrenbox.envd import connect
-from wrenbox.envd.connect import Rpc, ServerStream, error_for_response, translate_errors
+from wrenbox.envd.connect import Answer, Rpc, ServerStream, error_for_response
 from wrenbox.envd.endpoint import EnvdConfig
-from wrenbox.errors import InvalidArgument, Unavailable
+from wrenbox.envd.limits import MAX_ERROR_BODY
+from wrenbox.errors import InvalidArgument
 
 __all__ = ["Channel"]
 
@@ -65,18 +66,29 @@ class Channel:
             self.http, rpc, request, headers=headers, idle_timeout=self._stream_idle
         )
 
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        limit: int = MAX_ERROR_BODY,
+        timeout: float | None = None,
+        ok: tuple[int, ...] = (200,),
+        **kwargs: Any,
+    ) -> Answer:
+        """One plain HTTP call whose whole answer (at most ``limit`` bytes) is read within ``timeout``
+        (default: the config's request timeout); any status but ``ok`` raises the agent's error."""
+        what = f"{method} {path}"
+        request = self.http.build_request(method, path, **kwargs)
+        answer = await connect.exchange(
+            self.http, request, what=what, limit=limit, timeout=timeout or self.config.request_timeout
+        )
+        if answer.status not in ok:
+            raise error_for_response(answer.status, answer.body, what)
+        return answer
+
     async def get_json(self, path: str) -> dict[str, Any]:
-        with translate_errors(f"GET {path}", self.config.request_timeout):
-            response = await self.http.get(path)
-        if response.status_code != 200:
-            raise error_for_response(response.status_code, response.content, f"GET {path}")
-        try:
-            data = response.json()
-        except ValueError as exc:
-            raise Unavailable(f"GET {path}: the agent answered with invalid JSON") from exc
-        if not isinstance(data, dict):
-            raise Unavailable(f"GET {path}: expected a JSON object, got {type(data).__name__}")
-        return data
+        return (await self.request("GET", path)).json_object(f"GET {path}")
 
     def user(self, user: str | None) -> str | None:
         return user if user is not None else self.config.user

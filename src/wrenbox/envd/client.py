@@ -28,12 +28,12 @@ import anyio
 import httpx
 
 from wrenbox.envd.channel import Channel
-from wrenbox.envd.connect import envelope, error_for_response, translate_errors
+from wrenbox.envd.connect import envelope
 from wrenbox.envd.endpoint import EnvdConfig
 from wrenbox.envd.files import AsyncFiles
 from wrenbox.envd.models import Metrics
 from wrenbox.envd.processes import AsyncProcesses
-from wrenbox.errors import InvalidArgument, Timeout, Unavailable
+from wrenbox.errors import GuestError, InvalidArgument, Timeout, Unavailable
 
 __all__ = ["ENTROPY_BYTES", "AsyncEnvdClient"]
 
@@ -74,11 +74,10 @@ class AsyncEnvdClient:
         while True:
             remaining = deadline - anyio.current_time()
             try:
-                with translate_errors("GET /health", max(min(remaining, 2.0), 0.001)):
-                    response = await self._channel.http.get("/health")
-                if response.status_code in (200, 204):
-                    return
-                last = f"HTTP {response.status_code}"
+                await self._channel.request(
+                    "GET", "/health", timeout=max(min(remaining, 2.0), 0.001), ok=(200, 204)
+                )
+                return
             except (Unavailable, Timeout) as exc:
                 last = exc.message
             remaining = deadline - anyio.current_time()
@@ -115,10 +114,7 @@ class AsyncEnvdClient:
             "defaultWorkdir": default_workdir,
         }
         body.update({key: value for key, value in optional.items() if value is not None})
-        with translate_errors("POST /init", self.config.request_timeout):
-            response = await self._channel.http.post("/init", json=body)
-        if response.status_code not in (200, 204):
-            raise error_for_response(response.status_code, response.content, "POST /init")
+        await self._channel.request("POST", "/init", json=body, ok=(200, 204))
         if access_token:
             self._channel.set_access_token(access_token)
 
@@ -136,10 +132,7 @@ class AsyncEnvdClient:
             ("GET", "/files?path=/etc/hostname", b"", {}),
         ]
         for method, path, body, headers in calls:
-            with translate_errors(f"{method} {path}", self.config.request_timeout):
-                response = await self._channel.http.request(method, path, content=body, headers=headers)
-            if response.status_code != 200:
-                raise error_for_response(response.status_code, response.content, f"{method} {path}")
+            await self._channel.request(method, path, content=body, headers=headers)
 
     async def envs(self) -> dict[str, str]:
         """The environment variables the agent gives every process by default."""
@@ -148,4 +141,10 @@ class AsyncEnvdClient:
 
     async def metrics(self) -> Metrics:
         """The guest's CPU, memory and disk use."""
-        return Metrics.from_json(await self._channel.get_json("/metrics"))
+        data = await self._channel.get_json("/metrics")
+        try:
+            return Metrics.from_json(data)
+        except (ValueError, TypeError, LookupError) as exc:
+            raise GuestError(
+                f"GET /metrics: unexpected answer from the agent ({type(exc).__name__})"
+            ) from exc

@@ -8,9 +8,11 @@ envelopes ending in a JSON end-of-stream message) — so this module implements 
 ``httpx.AsyncClient``: one connection pool per agent, one way to time out, one error translation.
 Messages are the generated protobuf-py classes in :mod:`wrenbox.proto`.
 
-Errors become :mod:`wrenbox.errors`: a Connect error by its code (:func:`error_for_code`), a plain
-HTTP error by its status, a dead connection as :class:`Unavailable`, a passed deadline as
-:class:`Timeout`.
+Errors become :mod:`wrenbox.errors`: a Connect error by its code, a plain HTTP error by its status, a dead
+connection as :class:`Unavailable`, a passed deadline as :class:`Timeout`. The guest chooses those codes,
+so only the ones that describe its own files and processes pass as they are; the rest (an "unauthenticated"
+that would tell an API caller their key is wrong, an "unavailable" that would make them retry forever)
+become :class:`GuestError`. Every body is read within :mod:`wrenbox.envd.limits`.
 """
 
 from __future__ import annotations
@@ -25,13 +27,25 @@ import anyio
 import httpx
 from protobuf import Message
 
-from wrenbox.errors import Timeout, Unavailable, WrenboxError, error_for_code
+from wrenbox.envd.limits import (
+    MAX_ERROR_BODY,
+    MAX_MESSAGE,
+    MAX_UNARY,
+    OFFLOAD_DECODE,
+    check_identity,
+    clean_text,
+    count_fields,
+    read_body,
+)
+from wrenbox.errors import GuestError, Timeout, Unavailable, WrenboxError, error_for_code
 
 __all__ = [
+    "Answer",
     "Rpc",
     "ServerStream",
     "envelope",
     "error_for_response",
+    "exchange",
     "server_stream",
     "translate_errors",
     "unary",
@@ -44,9 +58,21 @@ _UNARY_HEADERS = {"Content-Type": "application/proto", "Connect-Protocol-Version
 _STREAM_HEADERS = {"Content-Type": "application/connect+proto", "Connect-Protocol-Version": "1"}
 _FLAG_COMPRESSED = 0x01
 _FLAG_END_STREAM = 0x02
-# One envelope holds one event: at most a 32 KiB output chunk or a directory listing. Anything
-# bigger than this is a broken peer, not data worth buffering.
-_MAX_MESSAGE = 64 * 1024 * 1024
+# What a guest may say about its own files and processes; any other code it sends is a GuestError.
+_GUEST_CODES = frozenset(
+    {
+        "invalid_argument",
+        "not_found",
+        "already_exists",
+        "failed_precondition",
+        "aborted",
+        "out_of_range",
+        "permission_denied",
+        "deadline_exceeded",
+        "canceled",
+        "unimplemented",
+    }
+)
 
 # Connect's own table for HTTP errors that carry no Connect error body, with the /files statuses.
 _CODE_OF_STATUS = {
@@ -75,20 +101,79 @@ class Rpc(Generic[Req, Res]):
     response: type[Res]
 
 
-def error_for_response(status: int, body: bytes, what: str) -> WrenboxError:
-    """The error for an HTTP error response: its Connect/envd JSON body if it has one, else its status."""
-    code = _CODE_OF_STATUS.get(status, "unknown")
-    message = body.decode("utf-8", "replace").strip()[:1000] or f"HTTP {status}"
-    try:
-        decoded = json.loads(body)
-    except ValueError:
-        decoded = None
+def guest_error(code: object, message: object, what: str) -> WrenboxError:
+    """The wrenbox error for an error the agent reported (its code and message are the guest's words)."""
+    text = clean_text(message if isinstance(message, str) and message else str(code))
+    if isinstance(code, str) and code in _GUEST_CODES:
+        return error_for_code(code, f"{what}: {text}")
+    return GuestError(f"{what}: the agent failed ({clean_text(str(code), 40)}): {text}")
+
+
+def error_for_response(status: int, body: bytes, what: str, *, from_guest: bool = True) -> WrenboxError:
+    """The error for an HTTP error response: its Connect/envd JSON body if it has one, else its status.
+    ``from_guest=False`` for a peer the host trusts (a wrenbox server): its codes are taken as they are."""
+    code: object = _CODE_OF_STATUS.get(status, "unknown")
+    message: object = body.decode("utf-8", "replace").strip() or f"HTTP {status}"
+    decoded = _json(body)
     if isinstance(decoded, dict):
-        if isinstance(decoded.get("code"), str):  # a Connect error
-            code = decoded["code"]
-        if isinstance(decoded.get("message"), str):
-            message = decoded["message"]
-    return error_for_code(code, f"{what}: {message}")
+        found = decoded.get("code")
+        if isinstance(found, str):  # a Connect error
+            code = found
+        elif isinstance(found, int) and not isinstance(found, bool):  # envd's /files errors: a status
+            code = _CODE_OF_STATUS.get(found, code)
+        message = decoded.get("message", message)
+    if not from_guest:
+        return error_for_code(str(code), f"{what}: {clean_text(str(message))}")
+    return guest_error(code, message, what)
+
+
+def _json(data: bytes) -> object:
+    """Decoded JSON from the guest, or None; nesting deep enough to exhaust the stack counts as invalid."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A whole (bounded) answer of the agent."""
+
+    status: int
+    body: bytes
+
+    def json_object(self, what: str) -> dict[str, Any]:
+        decoded = _json(self.body)
+        if not isinstance(decoded, dict):
+            raise GuestError(f"{what}: expected a JSON object from the agent")
+        return decoded
+
+
+async def exchange(
+    http: httpx.AsyncClient, request: httpx.Request, *, what: str, limit: int, timeout: float | None
+) -> Answer:
+    """Send ``request`` and read its whole answer raw: at most ``limit`` bytes of a success, at most
+    :data:`~wrenbox.envd.limits.MAX_ERROR_BODY` of an error, within ``timeout`` seconds overall."""
+    with translate_errors(what, timeout):
+        response = await http.send(request, stream=True)
+        try:
+            cap = limit if response.status_code < 300 else MAX_ERROR_BODY
+            return Answer(response.status_code, await read_body(response, cap, what))
+        finally:
+            await response.aclose()
+
+
+async def decode(message: type[Res], data: bytes, what: str) -> Res:
+    """A protobuf message from the guest: its fields counted first, big ones decoded in a worker thread."""
+    try:
+        count_fields(data)
+        if len(data) < OFFLOAD_DECODE:
+            return message.from_binary(data)
+        return await anyio.to_thread.run_sync(message.from_binary, data)
+    except GuestError as exc:
+        raise GuestError(f"{what}: {exc.message}") from None
+    except Exception as exc:
+        raise GuestError(f"{what}: undecodable message from the agent: {clean_text(str(exc), 200)}") from exc
 
 
 @contextmanager
@@ -124,16 +209,13 @@ async def unary(
     timeout: float | None,
 ) -> Res:
     """Call a unary method; raise the wrenbox error the agent answered with."""
-    with translate_errors(rpc.path, timeout):
-        response = await http.post(
-            rpc.path, content=request.to_binary(), headers=_call_headers(headers, _UNARY_HEADERS, timeout)
-        )
-    if response.status_code != 200:
-        raise error_for_response(response.status_code, response.content, rpc.path)
-    try:
-        return rpc.response.from_binary(response.content)
-    except Exception as exc:
-        raise Unavailable(f"{rpc.path}: undecodable response from the agent: {exc}") from exc
+    http_request = http.build_request(
+        "POST", rpc.path, content=request.to_binary(), headers=_call_headers(headers, _UNARY_HEADERS, timeout)
+    )
+    answer = await exchange(http, http_request, what=rpc.path, limit=MAX_UNARY, timeout=timeout)
+    if answer.status != 200:
+        raise error_for_response(answer.status, answer.body, rpc.path)
+    return await decode(rpc.response, answer.body, rpc.path)
 
 
 class ServerStream(Generic[Res]):
@@ -174,15 +256,12 @@ class ServerStream(Generic[Res]):
                 continue
             flags, payload = envelope
             if flags & _FLAG_COMPRESSED:
-                raise Unavailable(f"{self._rpc.path}: compressed message, but no compression was offered")
+                raise GuestError(f"{self._rpc.path}: compressed message, but no compression was offered")
             if flags & _FLAG_END_STREAM:
                 self._ended = True
                 _raise_end_stream_error(payload, self._rpc.path)
                 return None
-            try:
-                return self._rpc.response.from_binary(payload)
-            except Exception as exc:
-                raise Unavailable(f"{self._rpc.path}: undecodable message from the agent: {exc}") from exc
+            return await decode(self._rpc.response, payload, self._rpc.path)
         return None
 
     def _take_envelope(self) -> tuple[int, bytes] | None:
@@ -190,8 +269,8 @@ class ServerStream(Generic[Res]):
         if len(buffer) < 5:
             return None
         size = int.from_bytes(buffer[1:5], "big")
-        if size > _MAX_MESSAGE:
-            raise Unavailable(f"{self._rpc.path}: {size}-byte message exceeds {_MAX_MESSAGE} bytes")
+        if size > MAX_MESSAGE:
+            raise GuestError(f"{self._rpc.path}: {size}-byte message exceeds {MAX_MESSAGE} bytes")
         if len(buffer) < 5 + size:
             return None
         flags, payload = buffer[0], bytes(buffer[5 : 5 + size])
@@ -200,14 +279,12 @@ class ServerStream(Generic[Res]):
 
 
 def _raise_end_stream_error(payload: bytes, what: str) -> None:
-    try:
-        end = json.loads(payload) if payload else {}
-    except ValueError as exc:
-        raise Unavailable(f"{what}: malformed end-of-stream message") from exc
-    error = end.get("error") if isinstance(end, dict) else None
+    end = _json(payload) if payload else {}
+    if not isinstance(end, dict):
+        raise GuestError(f"{what}: malformed end-of-stream message")
+    error = end.get("error")
     if isinstance(error, dict):
-        code = error.get("code") if isinstance(error.get("code"), str) else "unknown"
-        raise error_for_code(code, f"{what}: {error.get('message') or code}")
+        raise guest_error(error.get("code", "unknown"), error.get("message"), what)
 
 
 def envelope(payload: bytes) -> bytes:
@@ -236,9 +313,10 @@ async def server_stream(
         response = await http.send(http_request, stream=True)
     try:
         if response.status_code != 200:
-            with translate_errors(rpc.path):
-                await response.aread()
-            raise error_for_response(response.status_code, response.content, rpc.path)
+            with translate_errors(rpc.path, idle_timeout):
+                body = await read_body(response, MAX_ERROR_BODY, rpc.path)
+            raise error_for_response(response.status_code, body, rpc.path)
+        check_identity(response, rpc.path)
         stream = ServerStream(rpc, response, idle_timeout)
         yield stream
         if stream.ended:

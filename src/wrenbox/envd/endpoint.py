@@ -34,6 +34,9 @@ class EnvdConfig:
     ``exec_timeout``
         Default deadline of :meth:`~wrenbox.envd.AsyncEnvdClient.exec`; at the deadline the process
         is killed. ``None`` waits forever.
+    ``min_transfer_rate``
+        Bytes per second a file transfer must average after its first ``request_timeout`` seconds; a
+        guest that trickles slower is cut off (each silence is also bounded by ``request_timeout``).
     ``output_cap``
         Default bytes of stdout and of stderr kept by ``exec``; the rest is read and dropped.
     ``keepalive_interval``
@@ -50,6 +53,7 @@ class EnvdConfig:
     request_timeout: float | None = 30.0
     connect_timeout: float = 5.0
     exec_timeout: float | None = 60.0
+    min_transfer_rate: float = 64 * 1024
     output_cap: int = 16 * 1024 * 1024
     keepalive_interval: int = 30
     http2: bool = False
@@ -64,6 +68,8 @@ class EnvdConfig:
         for name in ("request_timeout", "exec_timeout"):
             _check_positive(name, getattr(self, name), optional=True)
         _check_positive("connect_timeout", self.connect_timeout, optional=False)
+        if not self.min_transfer_rate > 0:
+            raise InvalidArgument(f"min_transfer_rate must be > 0 bytes/s, got {self.min_transfer_rate}")
         if self.output_cap < 0:
             raise InvalidArgument(f"output_cap must be >= 0, got {self.output_cap}")
         if self.keepalive_interval < 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,9 +13,10 @@ import httpx
 
 from wrenbox.envd.channel import Channel
 from wrenbox.envd.connect import Rpc, error_for_response, translate_errors
+from wrenbox.envd.limits import MAX_ERROR_BODY, Pace, check_identity, clean_text, read_body
 from wrenbox.envd.models import EntryInfo, WriteInfo
 from wrenbox.envd.streams import WatchStream
-from wrenbox.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from wrenbox.errors import AlreadyExists, GuestError, InvalidArgument, NotFound, Unavailable
 from wrenbox.proto.filesystem import filesystem_pb as fs
 
 __all__ = ["CHUNK_SIZE", "AsyncFiles", "UploadData"]
@@ -49,20 +52,22 @@ class AsyncFiles:
         # parse (and parsing in Python costs ten times more in a TCG guest).
         body = _once(bytes(data)) if isinstance(data, bytes | bytearray | memoryview) else data
         what = f"upload to {path!r}"
-        with translate_errors(what):
-            response = await self._channel.http.post(
+        with self._pace(what) as pace:
+            answer = await self._channel.request(
+                "POST",
                 "/files",
+                timeout=math.inf,  # the pace is the deadline
                 params=self._channel.file_params(path, user),
-                content=_non_empty(body),
+                content=_counted(_non_empty(body), pace),
                 headers={"Content-Type": "application/octet-stream"},
-                timeout=self._channel.transfer_timeout,
+                extensions={"timeout": self._channel.transfer_timeout.as_dict()},
             )
-        if response.status_code != 200:
-            raise error_for_response(response.status_code, response.content, what)
         try:
-            return WriteInfo.from_json(response.json()[0])
-        except (ValueError, LookupError, AttributeError) as exc:
-            raise Unavailable(f"{what}: unexpected answer {response.text[:200]!r}") from exc
+            return WriteInfo.from_json(json.loads(answer.body)[0])
+        except (ValueError, LookupError, AttributeError, TypeError, RecursionError) as exc:
+            raise GuestError(
+                f"{what}: unexpected answer {clean_text(answer.body[:200].decode(errors='replace'))!r}"
+            ) from exc
 
     @asynccontextmanager
     async def download(self, path: str, *, user: str | None = None) -> AsyncIterator[AsyncIterator[bytes]]:
@@ -72,16 +77,22 @@ class AsyncFiles:
         http = self._channel.http
         params = self._channel.file_params(path, user)
         request = http.build_request("GET", "/files", params=params, timeout=self._channel.transfer_timeout)
-        with translate_errors(what):
-            response = await http.send(request, stream=True)
-        try:
-            if response.status_code != 200:
-                with translate_errors(what, self._channel.config.request_timeout):
-                    await response.aread()
-                raise error_for_response(response.status_code, response.content, what)
-            yield _body_chunks(response, what)
-        finally:
-            await response.aclose()
+        with self._pace(what) as pace:
+            with translate_errors(what):
+                response = await http.send(request, stream=True)
+            try:
+                if response.status_code != 200:
+                    with translate_errors(what):
+                        body = await read_body(response, MAX_ERROR_BODY, what)
+                    raise error_for_response(response.status_code, body, what)
+                check_identity(response, what)  # a download is the file's bytes, never inflated here
+                yield _body_chunks(response, what, pace)
+            finally:
+                await response.aclose()
+
+    def _pace(self, what: str) -> Pace:
+        config = self._channel.config
+        return Pace(what, grace=config.request_timeout or math.inf, min_rate=config.min_transfer_rate)
 
     async def download_to(self, path: str, dest: Path, *, user: str | None = None) -> int:
         """Download a file into local ``dest`` and return its size. It is written as ``dest.part``
@@ -174,11 +185,18 @@ async def file_chunks(file: anyio.AsyncFile[bytes], chunk_size: int = CHUNK_SIZE
         yield chunk
 
 
-async def _body_chunks(response: httpx.Response, what: str) -> AsyncIterator[bytes]:
-    chunks = response.aiter_bytes()
+async def _counted(chunks: AsyncIterable[bytes], pace: Pace) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        yield chunk
+        pace.moved(len(chunk))
+
+
+async def _body_chunks(response: httpx.Response, what: str, pace: Pace) -> AsyncIterator[bytes]:
+    chunks = response.aiter_raw()
     while True:
         with translate_errors(what):
             chunk = await anext(chunks, None)
         if chunk is None:
             return
+        pace.moved(len(chunk))
         yield chunk
