@@ -11,6 +11,7 @@ Publishing: build under a temporary name beside the destination (:func:`temp_sib
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -19,11 +20,12 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from wrenbox.errors import AlreadyExists, Unsupported
+from wrenbox.errors import AlreadyExists, PermissionDenied, Unsupported
 
 __all__ = [
     "clone_or_copy",
@@ -32,6 +34,7 @@ __all__ = [
     "data_extents",
     "fsync_path",
     "fsync_tree",
+    "private_dir",
     "publish",
     "remove_path",
     "temp_prefix",
@@ -260,3 +263,22 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only this user can enter (0700), created if missing. One that exists must
+    be a real directory of ours: under a world-writable parent such as /dev/shm anyone could have made it
+    first (and then swapped the files we put in it for links), so another owner or a symlink is refused."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=True)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise PermissionDenied(f"{path} is not a directory (a symlink or a file); refusing to use it")
+    if st.st_uid != os.geteuid():
+        raise PermissionDenied(
+            f"{path} belongs to uid {st.st_uid}, not to wrenbox (uid {os.geteuid()}); someone else made it. "
+            "Remove it, or choose another directory"
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        path.chmod(0o700)
+    return path

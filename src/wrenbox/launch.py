@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -32,6 +33,7 @@ from wrenbox.images import Image, guest_kernel_args
 from wrenbox.network import GATEWAY_IP, GUEST_IP, GUEST_NETWORK, NetworkSlot
 from wrenbox.pids import ProcessRef
 from wrenbox.vmm.base import Drive, Driver, Kernel, Machine, MemoryFile, Nic, Snapshot, Vm, VmConfig
+from wrenbox.vmm.jail import Confinement
 
 __all__ = ["LaunchConfig", "Launcher", "Placement", "agent_client"]
 
@@ -49,9 +51,16 @@ class Placement:
     slot: NetworkSlot
     memory: Path
 
-    def vm_config(self, *, vcpus: int, memory_mib: int, kernel: Kernel | None = None) -> VmConfig:
+    def vm_config(
+        self,
+        *,
+        vcpus: int,
+        memory_mib: int,
+        kernel: Kernel | None = None,
+        confinement: Confinement | None = None,
+    ) -> VmConfig:
         """The VM's configuration: this placement, a machine of ``vcpus`` and ``memory_mib`` with the
-        root disk and the slot's NIC, and a ``kernel`` for a cold boot."""
+        root disk and the slot's NIC, a ``kernel`` for a cold boot, and whom the VMM runs as."""
         nic = Nic(mac=self.slot.guest_mac, tap=self.slot.tap)
         machine = Machine(vcpus=vcpus, memory_mib=memory_mib, drives=(self.disk,), nics=(nic,))
         return VmConfig(
@@ -60,6 +69,7 @@ class Placement:
             run_dir=self.run_dir,
             kernel=kernel,
             netns=self.slot.netns_path,
+            confinement=confinement,
         )
 
 
@@ -70,9 +80,14 @@ def agent_client(slot: NetworkSlot, token: str | None = None) -> AsyncEnvdClient
 
 @dataclass(frozen=True, slots=True)
 class LaunchConfig:
+    """``vmm_uid_base``: VMMs that can be confined run as ``vmm_uid_base + slot index`` in group
+    ``vmm_gid`` (:mod:`wrenbox.vmm.jail`); None runs them as root, unconfined."""
+
     boot_timeout_s: float = 180.0  # cold boot to agent under TCG is ~5 s on a quiet host
     ready_timeout_s: float = 30.0  # restore to agent
     poll_interval_s: float = 0.01
+    vmm_uid_base: int | None = 2_000_000_000
+    vmm_gid: int = 2_000_000_000
 
 
 class Launcher:
@@ -90,7 +105,9 @@ class Launcher:
             image.manifest.kernel_args, ip=f"{GUEST_IP}/{GUEST_NETWORK.prefixlen}", gateway=str(GATEWAY_IP)
         )
         kernel = Kernel(image.kernel, image.initramfs, " ".join(args))
-        vm = await self.driver.boot(placement.vm_config(vcpus=vcpus, memory_mib=memory_mib, kernel=kernel))
+        vm = await self.driver.boot(
+            self._vm_config(placement, vcpus=vcpus, memory_mib=memory_mib, kernel=kernel)
+        )
         await self._ready(vm, agent, self.config.boot_timeout_s)
         return vm
 
@@ -105,13 +122,25 @@ class Launcher:
     ) -> Vm:
         """Restore ``snapshot`` into ``placement`` with guest RAM from ``placement.memory`` (which the
         caller prepared); returns once ``agent`` answers (no ``/init``)."""
-        vm = await self.driver.restore(placement.vm_config(vcpus=vcpus, memory_mib=memory_mib), snapshot)
+        vm = await self.driver.restore(
+            self._vm_config(placement, vcpus=vcpus, memory_mib=memory_mib), snapshot
+        )
         await self._ready(vm, agent, self.config.ready_timeout_s)
         return vm
 
     def adopt(self, placement: Placement, process: ProcessRef, *, vcpus: int, memory_mib: int) -> Vm:
         """A handle on a VM a previous wrenbox process launched into ``placement`` (still alive)."""
-        return self.driver.adopt(placement.vm_config(vcpus=vcpus, memory_mib=memory_mib), process)
+        return self.driver.adopt(self._vm_config(placement, vcpus=vcpus, memory_mib=memory_mib), process)
+
+    def confinement(self, placement: Placement) -> Confinement | None:
+        """Whom the VMM in ``placement`` runs as (None: root, where confining is off or unsupported)."""
+        base = self.config.vmm_uid_base
+        if base is None or not self.driver.confines:
+            return None
+        return Confinement(uid=base + placement.slot.index, gid=self.config.vmm_gid)
+
+    def _vm_config(self, placement: Placement, **machine: Any) -> VmConfig:
+        return placement.vm_config(**machine, confinement=self.confinement(placement))
 
     async def wait_for_agent(self, vm: Vm, agent: AsyncEnvdClient, timeout: float | None = None) -> None:
         """Wait until ``agent`` answers; Unavailable if the VM exits first, Timeout after ``timeout``
@@ -125,12 +154,12 @@ class Launcher:
             except Timeout:
                 if not vm.alive():
                     raise Unavailable(
-                        f"VM {vm.pid} exited before its agent answered; console:\n{vm.console_tail()}"
+                        f"VM {vm.pid} exited before its agent answered; console:\n{await vm.console_tail()}"
                     ) from None
                 if time.monotonic() > deadline:
                     raise Timeout(
                         f"the agent of VM {vm.pid} did not answer within {timeout:g} s; "
-                        f"console:\n{vm.console_tail()}"
+                        f"console:\n{await vm.console_tail()}"
                     ) from None
 
     async def _ready(self, vm: Vm, agent: AsyncEnvdClient, timeout: float) -> None:

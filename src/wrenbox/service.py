@@ -31,6 +31,7 @@ import anyio
 
 from wrenbox.config import Settings
 from wrenbox.errors import Conflict, NotFound
+from wrenbox.fileio import private_dir
 from wrenbox.images import ImageConfig, build_image, load_image
 from wrenbox.images.builder import StepEvent
 from wrenbox.launch import LaunchConfig, Launcher
@@ -141,6 +142,10 @@ class Host:
 @asynccontextmanager
 async def open_host(settings: Settings, *, reaper: bool = True) -> AsyncIterator[Host]:
     """Assemble, recover and serve one data dir (see the module doc); shut down on leaving."""
+    # Every file wrenbox makes is its own (tokens, tenants' memory and disks); the data dir, 0700,
+    # keeps other local users out of what older versions made more open.
+    os.umask(0o077)
+    private_dir(settings.data_dir)
     with _exclusive(settings):
         caps = await anyio.to_thread.run_sync(probe_host, settings)
         network = Network(settings.network)

@@ -230,7 +230,7 @@ async def test_cold_boot_in_its_namespaces_then_pause_resume_destroy(
     assert [d["resolves"] for d in fake.events("drive")] == [str(guest.disk), str(guest.data)]
     assert list(vm_dir.iterdir()) == []  # the tmpfs and its links exist only in the VM's namespace
     assert not pwned(tmp_path)
-    assert "Running Firecracker v1.7.0" in vm.console_tail()
+    assert "Running Firecracker v1.7.0" in await vm.console_tail()
 
     await vm.destroy()
     assert not vm.alive()

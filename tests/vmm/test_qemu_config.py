@@ -20,7 +20,8 @@ from wrenbox.vmm.base import (
     SnapshotMeta,
     VmConfig,
 )
-from wrenbox.vmm.qemu import QemuConfig, QemuDriver, qemu_argv
+from wrenbox.vmm.jail import Confinement
+from wrenbox.vmm.qemu import QemuConfig, QemuDriver, jail_for, qemu_argv
 
 GUEST_MAC = "02:fc:00:00:00:05"  # the network plan's guest MAC (vmm does not know the plan)
 NIC = Nic(mac=GUEST_MAC, tap="tap0")
@@ -50,8 +51,12 @@ def test_boot_argv_under_tcg(tmp_path: Path) -> None:
     argv = qemu_argv(_config(tmp_path), TCG, incoming=False)
     assert argv[0] == "qemu-system-x86_64"
     assert _option(argv, "-M") == ["microvm,acpi=on,memory-backend=ram0"]
-    assert _option(argv, "-accel") == ["tcg"]
+    # A capped translation cache: QEMU's default reserves up to 1 GiB of host memory per VM.
+    assert _option(argv, "-accel") == ["tcg,tb-size=64"]
     assert _option(argv, "-cpu") == ["max"]
+    assert _option(argv, "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    ]
     assert _option(argv, "-smp") == ["2"]
     assert _option(argv, "-m") == ["256M"]
     assert {"-nodefaults", "-no-user-config", "-no-reboot"} <= set(argv)
@@ -71,7 +76,8 @@ def test_boot_argv_under_tcg(tmp_path: Path) -> None:
     ]
     assert _option(argv, "-netdev") == ["tap,id=net0,ifname=tap0,script=no,downscript=no"]
     assert _option(argv, "-qmp") == [f"unix:{tmp_path}/run/qmp.sock,server=on,wait=off"]
-    assert _option(argv, "-chardev") == [f"file,id=console,path={tmp_path}/run/console.log,append=on"]
+    # The console is a bounded ring inside QEMU: nothing a guest prints reaches the host's disk.
+    assert _option(argv, "-chardev") == ["ringbuf,id=console,size=65536"]
     assert _option(argv, "-kernel") == [f"{tmp_path}/vmlinuz"]
     assert _option(argv, "-initrd") == [f"{tmp_path}/initrd"]
     (append,) = _option(argv, "-append")
@@ -91,6 +97,32 @@ def test_restore_argv_has_no_kernel_and_waits_for_state(tmp_path: Path) -> None:
     restored = [a for a in argv if "mem-path" not in a][:-2]
     booted = [a for a in qemu_argv(_config(tmp_path), TCG, incoming=False) if "mem-path" not in a]
     assert restored == booted[: len(restored)]
+
+
+def test_a_confined_vm_finds_its_ram_and_tap_at_the_jails_descriptors(tmp_path: Path) -> None:
+    config = replace(
+        _config(tmp_path),
+        machine=replace(
+            _config(tmp_path).machine,
+            drives=(Drive(tmp_path / "root.qcow2", "qcow2", backing=tmp_path / "base.ext4"),),
+        ),
+        netns=tmp_path / "ns",
+        confinement=Confinement(uid=2_000_000_007, gid=2_000_000_000),
+    )
+    argv = qemu_argv(config, TCG, incoming=True)
+    assert "memory-backend-file,id=ram0,size=256M,mem-path=/proc/self/fd/20,share=on" in _option(
+        argv, "-object"
+    )
+    assert _option(argv, "-netdev") == ["tap,id=net0,fd=21"]
+    spec = jail_for(config, config.confinement)
+    assert spec.files == {20: tmp_path / "ram"}
+    assert spec.taps == {21: "tap0"}
+    assert spec.write == [tmp_path / "run", tmp_path / "root.qcow2"]
+    assert spec.read == [tmp_path / "base.ext4", tmp_path / "vmlinuz", tmp_path / "initrd"]
+    assert spec.root == tmp_path / "run.root"
+    jailed = spec.argv(argv)
+    assert jailed[1:3] == ["-I", "-S"]
+    assert jailed[jailed.index("--") + 1 :] == argv
 
 
 def test_kvm_uses_the_host_cpu_and_no_tsc_arguments(tmp_path: Path) -> None:

@@ -137,7 +137,8 @@ class Disk(_Record):
 
     def drive(self) -> Drive:
         """The disk as a VM sees it: a virtio block device on :attr:`path`, in :attr:`format`."""
-        return Drive(self.path, self.format)
+        backing = self.base.path if self.format is DiskFormat.QCOW2 else None
+        return Drive(self.path, self.format, backing=backing)
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from wrenbox.fileio import private_dir
 from wrenbox.memory.chain import Chain
 from wrenbox.memory.format import HEADER_NAME, Header
 from wrenbox.memory.process import MemoryConfig, process_diff, process_full
@@ -47,7 +48,7 @@ class SandboxFiles:
         self.sandboxes_dir = sandboxes_dir
         self.memory_dir = memory_dir
         sandboxes_dir.mkdir(parents=True, exist_ok=True)
-        memory_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(memory_dir)  # under /dev/shm, which anyone can write
 
     def sandbox_dir(self, sandbox_id: str) -> Path:
         return self.sandboxes_dir / validate_sandbox_id(sandbox_id)

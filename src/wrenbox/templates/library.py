@@ -223,10 +223,12 @@ class TemplateLibrary:
         return self.get(draft.name)
 
     def _publish(self, build: Path, manifest: TemplateManifest) -> None:
-        """Manifest last, files read-only, then one rename: the template appears complete or not at all."""
+        """Manifest last, files read-only, then one rename: the template appears complete or not at all.
+        Root alone reads them (a template made from a sandbox holds a tenant's memory and disk); a VMM
+        that reads the root disk is let in through its group (:func:`wrenbox.vmm.jail.grant_read`)."""
         (build / MANIFEST).write_text(manifest.model_dump_json(indent=1))
         for path in (build / MEMORY, build / ROOTFS, build / MANIFEST):
-            path.chmod(0o444)
+            path.chmod(0o400)
         try:
             publish(build, self.root / manifest.name)
         except AlreadyExists:

@@ -38,6 +38,7 @@ from wrenbox.errors import CorruptData, InvalidArgument, NotFound
 from wrenbox.fileio import fsync_path, publish, temp_sibling
 from wrenbox.names import validate_name
 from wrenbox.pids import ProcessRef
+from wrenbox.vmm.jail import Confinement
 
 __all__ = [
     "DiskFormat",
@@ -74,11 +75,13 @@ SNAPSHOT_STATE = "vmstate"
 
 @dataclass(frozen=True, slots=True)
 class Drive:
-    """A virtio block device backed by a file the caller owns."""
+    """A virtio block device backed by a file the caller owns. ``backing``: a file the VMM opens through
+    it, read-only (a qcow2 overlay's base image)."""
 
     path: Path
     format: DiskFormat = DiskFormat.RAW
     read_only: bool = False
+    backing: Path | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -194,7 +197,9 @@ class VmConfig:
     ``kernel`` is needed for a cold boot only (a restore takes everything from the snapshot).
     ``memory`` is where guest RAM lives or, for a restore, comes from; a :class:`PagedMemory` only
     where the driver supports it (Firecracker). ``netns`` is the path of a network namespace
-    (``/run/netns/<name>``) the VMM is started in; its tap devices are opened there.
+    (``/run/netns/<name>``) the VMM is started in; its tap devices are opened there. ``confinement``:
+    the unprivileged user and cgroups the VMM runs as and in (:mod:`wrenbox.vmm.jail`); None runs it
+    as the caller.
     """
 
     machine: Machine
@@ -202,6 +207,7 @@ class VmConfig:
     run_dir: Path
     kernel: Kernel | None = None
     netns: Path | None = None
+    confinement: Confinement | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir).absolute())
@@ -338,8 +344,8 @@ class Vm(ABC):
         """End the VMM process: gracefully if it answers, by signal otherwise. Idempotent."""
 
     @abstractmethod
-    def console_tail(self, max_bytes: int = 4000) -> str:
-        """The end of the guest's serial console log (for error messages)."""
+    async def console_tail(self, max_bytes: int = 4000) -> str:
+        """The end of the guest's serial console (for error messages)."""
 
     async def _seal_snapshot(self, dest: Path, state: Path, kind: SnapshotKind) -> Snapshot:
         """The VMM has written its state file: make it durable and record what it pins (every driver
@@ -372,9 +378,11 @@ def _fsync_size(path: Path) -> int:
 
 
 class Driver(ABC):
-    """Makes VMs. One instance per host configuration; it keeps no per-VM state."""
+    """Makes VMs. One instance per host configuration; it keeps no per-VM state. ``confines``: it runs
+    VMMs under a :class:`~wrenbox.vmm.jail.Confinement` when the VM config names one."""
 
     name: str
+    confines: bool = False
 
     @abstractmethod
     async def version(self) -> str:

@@ -3,15 +3,22 @@
 Guest RAM is a ``memory-backend-file`` mapped shared on a file of the VM's own, so a pause takes tens of
 milliseconds: ``stop``, then only the device state goes out through migration with ``x-ignore-shared``
 (the RAM file already holds the memory). Restores start QEMU with ``-incoming defer`` and load the state
-with ``migrate-incoming``; a restore needs no kernel. QEMU 7.2 has no ``file:`` migration URI, so state
-goes through ``exec:cat``.
+with ``migrate-incoming``; a restore needs no kernel. QEMU 7.2 has no ``file:`` migration URI, and its
+seccomp policy here forbids ``exec:``, so wrenbox opens the state file and hands QEMU the descriptor over
+the monitor (``getfd``, then ``fd:``).
+
+Confinement (:mod:`wrenbox.vmm.jail`, when the VM config names one): QEMU runs as the VM's own user in a
+root of its own, with ``-sandbox on`` (QEMU's seccomp filter: no obsolete syscalls, no privilege changes,
+no spawning, no resource-control calls) and, under TCG, a translation cache of ``tb_size_mib`` (QEMU's
+default reserves up to 1 GiB of host memory for it).
 
 Facts this relies on (``research/lab-qemu.md``): microvm finds its virtio-mmio devices through ACPI only;
 under TCG the guest kernel needs ``tsc_early_khz=<host TSC kHz>`` (it hangs calibrating otherwise) and
 ``tsc=reliable`` (all vCPUs read the one host TSC).
 
-Each VM's files live in the caller's ``run_dir``: ``qmp.sock`` (the monitor), ``console.log`` (guest
-serial console, appended across restores), ``qemu.log`` (QEMU's own stdout/stderr).
+Each VM's files live in the caller's ``run_dir``: ``qmp.sock`` (the monitor) and ``qemu.log`` (QEMU's own
+stdout/stderr). The guest's serial console goes to a ring buffer in QEMU (``CONSOLE_RING`` bytes), read over
+the monitor for error messages: a guest writing to its console forever costs the host nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +27,8 @@ import contextlib
 import logging
 import os
 import re
-import shlex
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,6 +49,7 @@ from wrenbox.vmm.base import (
     VmConfig,
     log_tail,
 )
+from wrenbox.vmm.jail import Confinement, JailSpec, grant_read, own
 from wrenbox.vmm.qmp import Qmp, session
 
 if TYPE_CHECKING:
@@ -56,10 +63,15 @@ log = logging.getLogger(__name__)
 # layout would not load, so they are refused by name.
 MACHINE_LAYOUT = "microvm-acpi/1"
 QMP_SOCKET = "qmp.sock"
-CONSOLE_LOG = "console.log"
 QEMU_LOG = "qemu.log"
+CONSOLE_RING = 64 * 1024  # a power of two, as QEMU's ringbuf wants
+SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# Descriptors the jail opens for QEMU (high, clear of what the interpreter in between may hold).
+RAM_FD = 20
+TAP_FD = 21
 _SUN_PATH_MAX = 107
 _VERSION = re.compile(rb"QEMU emulator version (\S+)")
+_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # QEMU gets none of the manager's environment
 # RAM in shared file-backed memory stays out of the state file: the RAM file is the memory snapshot.
 IGNORE_SHARED = {"capability": "x-ignore-shared", "state": True}
 
@@ -79,6 +91,8 @@ class QemuConfig:
     # QEMU's default migration rate limit (32 MiB/s) would throttle the state file (and any RAM that
     # is not in the shared file, e.g. firmware blocks) for no reason: the VM is stopped anyway.
     migrate_max_bandwidth: int = 32 << 30
+    seccomp: bool = True
+    tb_size_mib: int | None = 64
 
     def __post_init__(self) -> None:
         if self.accel not in ("tcg", "kvm"):
@@ -100,26 +114,34 @@ def _esc(value: object) -> str:
 
 
 def qemu_argv(config: VmConfig, qemu: QemuConfig, *, incoming: bool) -> list[str]:
-    """The QEMU command line for ``config``: a cold boot, or a restore waiting for its state."""
+    """The QEMU command line for ``config``: a cold boot, or a restore waiting for its state. A confined
+    VM finds its RAM file and taps at the descriptors its jail opened (:func:`jail_for`)."""
     m, run, memory = config.machine, config.run_dir, config.memory
     if not isinstance(memory, MemoryFile):
         raise Unsupported("QEMU maps guest RAM from a file; memory paged in on demand is for Firecracker")
+    jailed = config.confinement is not None
+    mem_path = f"/proc/self/fd/{RAM_FD}" if jailed else memory.path
+    accel = qemu.accel
+    if accel == "tcg" and qemu.tb_size_mib:
+        accel += f",tb-size={qemu.tb_size_mib}"
     argv = [
         qemu.binary,
         "-M", "microvm,acpi=on,memory-backend=ram0",
-        "-accel", qemu.accel,
+        "-accel", accel,
         "-cpu", "max" if qemu.accel == "tcg" else "host",
         "-smp", str(m.vcpus),
         "-m", f"{m.memory_mib}M",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-object",
-        f"memory-backend-file,id=ram0,size={m.memory_mib}M,mem-path={_esc(memory.path)},share=on",
-        "-chardev", f"file,id=console,path={_esc(run / CONSOLE_LOG)},append=on",
+        f"memory-backend-file,id=ram0,size={m.memory_mib}M,mem-path={_esc(mem_path)},share=on",
+        "-chardev", f"ringbuf,id=console,size={CONSOLE_RING}",
         "-serial", "chardev:console",
         "-qmp", f"unix:{_esc(run / QMP_SOCKET)},server=on,wait=off",
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", "virtio-rng-device,rng=rng0",
     ]  # fmt: skip
+    if qemu.seccomp:
+        argv += ["-sandbox", SECCOMP]
     for i, drive in enumerate(m.drives):
         argv += [
             "-drive",
@@ -128,8 +150,9 @@ def qemu_argv(config: VmConfig, qemu: QemuConfig, *, incoming: bool) -> list[str
             "-device", f"virtio-blk-device,drive=disk{i}",
         ]  # fmt: skip
     for i, nic in enumerate(m.nics):
+        tap = f"fd={TAP_FD + 2 * i}" if jailed else f"ifname={nic.tap},script=no,downscript=no"
         argv += [
-            "-netdev", f"tap,id=net{i},ifname={nic.tap},script=no,downscript=no",
+            "-netdev", f"tap,id=net{i},{tap}",
             "-device", f"virtio-net-device,netdev=net{i},mac={nic.mac}",
         ]  # fmt: skip
     if m.balloon:
@@ -153,6 +176,41 @@ def qemu_argv(config: VmConfig, qemu: QemuConfig, *, incoming: bool) -> list[str
     return argv
 
 
+def jail_for(config: VmConfig, confinement: Confinement) -> JailSpec:
+    """What the jail of a confined QEMU holds: its run directory and writable disks as its own, its base
+    images and kernel readable, its RAM file and taps as descriptors (see :func:`qemu_argv`)."""
+    assert isinstance(config.memory, MemoryFile)
+    m = config.machine
+    spec = JailSpec(confinement, root=_jail_root(config.run_dir), netns=config.netns)
+    spec.files[RAM_FD] = config.memory.path
+    spec.taps = {TAP_FD + 2 * i: nic.tap for i, nic in enumerate(m.nics)}
+    spec.write.append(config.run_dir)
+    for drive in m.drives:
+        (spec.read if drive.read_only else spec.write).append(drive.path)
+        if drive.backing is not None:
+            spec.read.append(drive.backing)
+    if config.kernel is not None:
+        spec.read += [p for p in (config.kernel.path, config.kernel.initrd) if p is not None]
+    return spec
+
+
+def _jail_root(run_dir: Path) -> Path:
+    return run_dir.with_name(run_dir.name + ".root")
+
+
+def _enter(spec: JailSpec, memory: Path) -> None:
+    """Hand the jail's files to its user: what it writes as its own, what it reads through its group."""
+    spec.root.mkdir(mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileExistsError):  # a cold boot's RAM file: QEMU sizes it
+        os.close(os.open(memory, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    c = spec.confinement
+    for path in (*spec.write, memory):
+        if not path.is_char_device():
+            own(path, c)
+    for path in spec.read:
+        grant_read(path, c)
+
+
 class QemuVm(Vm):
     def __init__(self, driver: QemuDriver, config: VmConfig, process: ProcessRef, argv: list[str]) -> None:
         self.driver = driver
@@ -168,17 +226,22 @@ class QemuVm(Vm):
     def qmp_socket(self) -> Path:
         return self.config.run_dir / QMP_SOCKET
 
-    def console_tail(self, max_bytes: int = 4000) -> str:
-        return log_tail(self.config.run_dir / CONSOLE_LOG, max_bytes)
+    async def console_tail(self, max_bytes: int = 4000) -> str:
+        """What the guest wrote to its console lately (the ring is gone with QEMU: then only its log)."""
+        if not self.process.alive():
+            return "(QEMU exited; its console went with it)"
+        try:
+            async with self._session(connect_timeout=1.0) as q:
+                text = await q.run("ringbuf-read", device="console", size=CONSOLE_RING, format="utf8")
+        except WrenboxError as exc:
+            return f"(console unreadable: {exc.message})"
+        return str(text)[-max_bytes:]
 
     def _why_gone(self) -> str:
         parts = [f" (QEMU pid {self.pid}, {'alive' if self.alive() else 'exited'})"]
-        for title, text in (
-            ("qemu log", log_tail(self.config.run_dir / QEMU_LOG, 2000)),
-            ("console", self.console_tail(2000)),
-        ):
-            if text.strip():
-                parts.append(f"\n--- {title} (end) ---\n{text.rstrip()}")
+        text = log_tail(self.config.run_dir / QEMU_LOG, 2000)
+        if text.strip():
+            parts.append(f"\n--- qemu log (end) ---\n{text.rstrip()}")
         return "".join(parts)
 
     def _session(self, connect_timeout: float | None = None) -> contextlib.AbstractAsyncContextManager[Qmp]:
@@ -219,8 +282,10 @@ class QemuVm(Vm):
             t_stop = time.monotonic()
             await q.run("migrate-set-capabilities", capabilities=[IGNORE_SHARED])
             await q.run("migrate-set-parameters", **{"max-bandwidth": q_cfg.migrate_max_bandwidth})
-            await q.run("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
-            await q.wait_migration(q_cfg.command_timeout_s)
+            with _opened(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL) as fd:
+                await q.send_fd(fd, "state")
+                await q.run("migrate", uri="fd:state")
+                await q.wait_migration(q_cfg.command_timeout_s)
         t_saved = time.monotonic()
         snapshot = await self._seal_snapshot(dest, state, kind)
         t_end = time.monotonic()
@@ -243,7 +308,7 @@ class QemuVm(Vm):
         if not await anyio.to_thread.run_sync(self.process.wait_gone, q_cfg.quit_timeout_s):
             log.warning("%r ignored quit; terminating it", self)
             await anyio.to_thread.run_sync(self.process.terminate, q_cfg.kill_grace_s)
-        self.qmp_socket.unlink(missing_ok=True)
+        _tidy(self)
         self.timings["quit"] = time.monotonic() - t0
 
     async def _monitor_up(self) -> None:
@@ -259,17 +324,29 @@ class QemuVm(Vm):
         async with self._session(self.driver.config.start_timeout_s) as q:
             t_qmp = time.monotonic()
             await q.run("migrate-set-capabilities", capabilities=[IGNORE_SHARED])
-            await q.run("migrate-incoming", uri=f"exec:cat {shlex.quote(str(snapshot.state_path))}")
-            status = await q.wait_status(
-                {"paused", "running"},
-                passing={"inmigrate", "prelaunch"},
-                timeout=self.driver.config.command_timeout_s,
-            )
+            with _opened(snapshot.state_path, os.O_RDONLY) as fd:
+                await q.send_fd(fd, "state")
+                await q.run("migrate-incoming", uri="fd:state")
+                status = await q.wait_status(
+                    {"paused", "running"},
+                    passing={"inmigrate", "prelaunch"},
+                    timeout=self.driver.config.command_timeout_s,
+                )
             t_load = time.monotonic()
             if status == "paused":
                 await q.run("cont")
         t_end = time.monotonic()
         self.timings.update(qmp=t_qmp - t0, load=t_load - t_qmp, cont=t_end - t_load)
+
+
+@contextlib.contextmanager
+def _opened(path: Path, flags: int) -> Iterator[int]:
+    """A descriptor for QEMU (our copy closed when the block ends; QEMU holds its own)."""
+    fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _existing_dir(path: Path) -> Path:
@@ -281,6 +358,7 @@ def _existing_dir(path: Path) -> Path:
 
 class QemuDriver(Driver):
     name = "qemu"
+    confines = True
 
     def __init__(self, config: QemuConfig | None = None) -> None:
         self.config = config or QemuConfig()
@@ -330,9 +408,17 @@ class QemuDriver(Driver):
             raise NotFound(f"network namespace {config.netns} does not exist")
         run_dir.mkdir(parents=True, exist_ok=True)
         socket.unlink(missing_ok=True)
-        launcher = [] if config.netns is None else [require_tool("nsenter"), f"--net={config.netns}", "--"]
+        if config.confinement is not None:
+            assert isinstance(config.memory, MemoryFile)
+            spec = jail_for(config, config.confinement)
+            await anyio.to_thread.run_sync(_enter, spec, config.memory.path)
+            command = spec.argv(argv)
+        elif config.netns is not None:
+            command = [require_tool("nsenter"), f"--net={config.netns}", "--", *argv]
+        else:
+            command = argv
         t0 = time.monotonic()
-        vm = QemuVm(self, config, spawn([*launcher, *argv], log=run_dir / QEMU_LOG), argv)
+        vm = QemuVm(self, config, spawn(command, log=run_dir / QEMU_LOG, env=_ENV), argv)
         vm.timings["spawn"] = time.monotonic() - t0
         try:
             await bring_up(vm)
@@ -348,4 +434,11 @@ class QemuDriver(Driver):
 async def _kill(vm: QemuVm) -> None:
     """End a VM that failed to start: no monitor handshake to wait for, straight to signals."""
     await anyio.to_thread.run_sync(vm.process.terminate, vm.driver.config.kill_grace_s)
+    _tidy(vm)
+
+
+def _tidy(vm: QemuVm) -> None:
+    """What a gone QEMU leaves: its socket, and its jail's (empty) mount point."""
     vm.qmp_socket.unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        _jail_root(vm.config.run_dir).rmdir()

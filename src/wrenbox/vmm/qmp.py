@@ -45,6 +45,14 @@ class Qmp:
         except TimeoutError:
             raise Timeout(f"QEMU did not answer {command!r} within {timeout or self._timeout} s") from None
 
+    async def send_fd(self, fd: int, name: str) -> None:
+        """Pass open descriptor ``fd`` to QEMU under ``name`` (for ``fd:<name>`` URIs)."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (OSError, QMPError) as exc:
+            raise Unavailable(f"cannot pass a descriptor to QEMU: {exc}{self._why_gone()}") from exc
+        await self.run("getfd", fdname=name)
+
     async def wait_migration(self, timeout: float) -> dict[str, Any]:
         """Poll ``query-migrate`` (outgoing side) until it completed; raise if it failed or timed out."""
         deadline = time.monotonic() + timeout

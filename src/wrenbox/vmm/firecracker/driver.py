@@ -205,13 +205,16 @@ class FirecrackerVm(Vm):
         """Why the page server stopped serving this VM's memory, if it did (the VM is then stuck)."""
         return None if self.page_server is None else self.page_server.error
 
-    def console_tail(self, max_bytes: int = 4000) -> str:
+    async def console_tail(self, max_bytes: int = 4000) -> str:
+        return self._log_tail(max_bytes)
+
+    def _log_tail(self, max_bytes: int) -> str:
         return log_tail(self.config.run_dir / FIRECRACKER_LOG, max_bytes)
 
     def _why_gone(self) -> str:
         # A VMM that just hung up is usually on its way out: a moment lets the message say how it ended.
         state = "exited" if self.process.wait_gone(_EXIT_GRACE_S) else "alive"
-        text = self.console_tail(2000).rstrip()
+        text = self._log_tail(2000).rstrip()
         tail = f"\n--- firecracker log (end) ---\n{text}" if text else ""
         return f" (Firecracker pid {self.pid}, {state}){tail}"
 
