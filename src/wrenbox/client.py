@@ -7,6 +7,11 @@ as well, this one just has no dependency beyond wrenbox's own).
         async with server.agent(sb) as envd:          # wrenbox.envd.AsyncEnvdClient, routed by the proxy
             print((await envd.processes.exec("uname -a")).stdout)
 
+``file_url`` makes a URL that downloads or uploads one file with no key or header (E2B's signed URLs,
+routed by the server's proxy). Whoever holds one has that access, so wrenbox's URLs always expire: an
+hour by default, at most a week, never "never" (E2B's SDK may leave the expiration out, and the agent
+still accepts that, for the SDK's sake).
+
 Errors are :mod:`wrenbox.errors`, rebuilt from the server's ``{"code", "message"}`` bodies by status
 (the mapping the agent's client uses too).
 ``ClientConfig.from_env`` reads ``WRENBOX_URL`` (default ``http://127.0.0.1:3000``) and
@@ -15,7 +20,9 @@ Errors are :mod:`wrenbox.errors`, rebuilt from the server's ``{"code", "message"
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Self
@@ -25,11 +32,22 @@ import httpx
 
 from wrenbox.envd import ENVD_PORT, AsyncEnvdClient, EnvdConfig
 from wrenbox.envd.connect import error_for_response
-from wrenbox.errors import Timeout, Unauthenticated, Unavailable
+from wrenbox.errors import InvalidArgument, Timeout, Unauthenticated, Unavailable
+from wrenbox.guest.auth import file_signature
 
-__all__ = ["ClientConfig", "ServerClient", "ServerUnreachable"]
+__all__ = [
+    "FILE_URL_LIFETIME_S",
+    "MAX_FILE_URL_LIFETIME_S",
+    "ClientConfig",
+    "ServerClient",
+    "ServerUnreachable",
+]
 
 DEFAULT_URL = "http://127.0.0.1:3000"
+FILE_URL_LIFETIME_S = 3600
+"""How long a :meth:`ServerClient.file_url` works unless the caller says otherwise."""
+MAX_FILE_URL_LIFETIME_S = 7 * 24 * 3600
+"""The longest one may work: long enough for any hand-over, short of "never"."""
 
 
 class ServerUnreachable(Unavailable):
@@ -144,6 +162,34 @@ class ServerClient:
         return self._call("GET", f"/sandboxes/{sandbox_id}/metrics")
 
     # -- inside a sandbox ----------------------------------------------------------------------------
+
+    def file_url(
+        self,
+        sandbox: dict[str, Any],
+        path: str,
+        *,
+        write: bool = False,
+        user: str | None = None,
+        expires_in_s: int = FILE_URL_LIFETIME_S,
+    ) -> str:
+        """A URL that downloads ``path`` of ``sandbox`` (a create/connect/get answer) with a plain GET, or
+        with ``write`` uploads to it (POST multipart/form-data), until ``expires_in_s`` seconds from now."""
+        if not 0 < expires_in_s <= MAX_FILE_URL_LIFETIME_S:
+            raise InvalidArgument(
+                f"a file URL must expire within 1 to {MAX_FILE_URL_LIFETIME_S} s, not {expires_in_s}"
+            )
+        if not path:  # an unnamed upload would write wherever its form's filename says
+            raise InvalidArgument("a file URL needs a path")
+        token = sandbox.get("envdAccessToken")
+        if not token:
+            raise InvalidArgument(
+                f"sandbox {sandbox.get('sandboxID')} has no access token, so its files have no signed URLs"
+            )
+        expiration = math.ceil(time.time()) + expires_in_s  # at least as long as asked
+        signature = file_signature(path, "write" if write else "read", user or "", token, expiration)
+        query = {"path": path, **({"username": user} if user else {})}
+        query |= {"signature": signature, "signature_expiration": str(expiration)}
+        return f"{self.config.url.rstrip('/')}/files?{urlencode(query, quote_via=quote)}"
 
     @asynccontextmanager
     async def agent(self, sandbox: dict[str, Any]):  # type: ignore[no-untyped-def]

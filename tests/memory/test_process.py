@@ -198,6 +198,65 @@ def test_generation_cap_collapses_into_one_file(tmp_path: Path) -> None:
     assert generations == [1, 2, 0, 1, 2, 0]
 
 
+def stored_bytes(directory: Path) -> int:
+    """What a snapshot directory holds on disk besides its header: its diff files."""
+    return sum(p.stat().st_size for p in directory.iterdir() if p.name != HEADER_NAME)
+
+
+@pytest.mark.parametrize("kind", [RawKind.FULL, RawKind.SPARSE_DIFF])
+def test_a_guest_keeping_one_block_per_generation_live_cannot_multiply_the_snapshot(
+    tmp_path: Path, kind: RawKind
+) -> None:
+    # The attack: dirty all of memory, then at each pause rewrite everything but the blocks kept from
+    # earlier generations. Every diff stays referenced by one block, so without a size cap generation g
+    # holds about g + 1 times the memory until max_generations collapses it.
+    n, config = 64, MemoryConfig()
+    limit = 2 * n * K  # the default max_stored_ratio
+    memory = [1000 + i for i in range(n)]
+    (tmp_path / "raw").write_bytes(image(*memory))
+    previous = new_dir(tmp_path, "s0")
+    process_full(tmp_path / "raw", previous)
+    generations = []
+    for step in range(1, 3 * config.max_generations):
+        kept = step % n  # blocks [0, kept) keep the generation that last wrote them
+        for i in range(kept, n):
+            memory[i] = 1000 * (step + 1) + i
+        raw = tmp_path / f"raw{step}"
+        if kind is RawKind.FULL:
+            raw.write_bytes(image(*memory))
+        else:
+            write_sparse(raw, n * K, {i: block(memory[i]) for i in range(kept, n)})
+        current = new_dir(tmp_path, f"s{step}")
+        with Chain.open(previous) as parent:
+            header = process_diff(raw, parent, current, kind=kind, config=config)
+        generations.append(header.generation)
+        assert stored_bytes(current) <= limit, f"pause {step}: {stored_bytes(current) / (n * K):.2f} x memory"
+        with Chain.open(current) as chain:
+            chain.materialize(tmp_path / f"ram{step}")
+        assert (tmp_path / f"ram{step}").read_bytes() == image(*memory)
+        assert files_in(current) == {HEADER_NAME, *(diff_name(b) for b in header.builds)}
+        previous = current
+    assert generations[:4] == [1, 0, 1, 0]  # collapsed as soon as the cap is exceeded, not before
+
+
+def test_size_cap_leaves_ordinary_chains_alone(tmp_path: Path) -> None:
+    # Small diffs on a full memory stay chained up to the generation cap.
+    config = MemoryConfig(max_generations=4, max_stored_ratio=1.5)
+    memory = list(range(1, 33))
+    (tmp_path / "raw").write_bytes(image(*memory))
+    previous = new_dir(tmp_path, "s0")
+    process_full(tmp_path / "raw", previous)
+    generations = []
+    for step in range(1, 5):
+        memory[step] = 100 + step
+        (tmp_path / "raw").write_bytes(image(*memory))
+        current = new_dir(tmp_path, f"s{step}")
+        with Chain.open(previous) as parent:
+            generations.append(process_diff(tmp_path / "raw", parent, current, config=config).generation)
+        previous = current
+    assert generations == [1, 2, 3, 0]
+
+
 def test_collapse_any_chain(tmp_path: Path) -> None:
     (tmp_path / "raw0").write_bytes(image(1, 2, 3, 0))
     s0, s1, flat = new_dir(tmp_path, "s0"), new_dir(tmp_path, "s1"), new_dir(tmp_path, "flat")
@@ -232,6 +291,9 @@ def test_bad_input_changes_nothing(tmp_path: Path) -> None:
         process_full(tmp_path / "empty", s1)
     with pytest.raises(InvalidArgument):
         MemoryConfig(max_generations=0)
+    for ratio in (0.99, 0.0, -1.0, float("nan")):
+        with pytest.raises(InvalidArgument, match="max_stored_ratio"):
+            MemoryConfig(max_stored_ratio=ratio)
     assert files_in(s1) == set()
     with Chain.open(s0) as chain:
         assert chain.read(0, 2 * K) == image(1, 2)

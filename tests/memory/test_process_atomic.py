@@ -21,7 +21,7 @@ from wrenbox import fileio
 from wrenbox.errors import AlreadyExists, Conflict, NotFound
 from wrenbox.memory.chain import Chain
 from wrenbox.memory.format import HEADER_NAME, diff_name
-from wrenbox.memory.process import process_diff, process_full
+from wrenbox.memory.process import MemoryConfig, process_diff, process_full
 from wrenbox.memory.writer import SnapshotWriter, reclaim
 
 K = 4096
@@ -222,19 +222,25 @@ def test_failing_first_snapshot_leaves_nothing_or_everything(tmp_path: Path) -> 
         assert files_in(tmp_path) == {"old.raw", "snap"}
 
 
-def test_processing_cleans_up_its_own_files_in_a_plain_directory(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("config", "generation"),
+    [(MemoryConfig(), 1), (MemoryConfig(max_stored_ratio=1), 0)],  # 0: collapsed once the diff is stored
+)
+def test_processing_cleans_up_its_own_files_in_a_plain_directory(
+    tmp_path: Path, config: MemoryConfig, generation: int
+) -> None:
     # Without a SnapshotWriter around it, a failing process_* still leaves nothing in dest.
     first_pause(tmp_path)
     snapshot = tmp_path / "snaps" / "sandbox"
 
-    def attempt(dest: Path) -> None:
+    def attempt(dest: Path) -> int:
         with Chain.open(snapshot) as parent:
-            process_diff(tmp_path / "new.raw", parent, dest)
+            return process_diff(tmp_path / "new.raw", parent, dest, config=config).generation
 
     (tmp_path / "count").mkdir()
     with faults(None, fail) as calls:
-        attempt(tmp_path / "count")
-    assert "link" in calls
+        assert attempt(tmp_path / "count") == generation
+    assert "link" in calls if generation else "unlink" in calls
     for step in range(len(calls)):
         dest = tmp_path / f"plain{step}"
         dest.mkdir()

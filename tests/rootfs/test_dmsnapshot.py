@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from wrenbox.config import Settings
 from wrenbox.errors import AlreadyExists, CommandFailed, Conflict, InUse, InvalidArgument
 from wrenbox.rootfs import Disk, DmSnapshotBackend, RootfsConfig
 from wrenbox.rootfs import dmsnapshot as dm
@@ -24,6 +25,10 @@ BASE_SIZE = 4 * MiB
 COLS = ("losetup", "--list", "--json", "--output", "NAME,BACK-FILE,RO")
 NO_DEVICE = "Device does not exist.\nCommand failed.\n"
 BUSY = "device-mapper: remove ioctl on wrenbox-x  failed: Device or resource busy\nCommand failed.\n"
+# Guest-written devices: libdevmapper, not udev, makes and removes the node, and the uevent turns off
+# the dm and subsystem rules (finding 15; the rest is deploy/udev/12-wrenbox.rules).
+CREATE = ("dmsetup", "--noudevrules", "--noudevsync", "create")
+REMOVE = ("dmsetup", "--noudevrules", "--noudevsync", "remove")
 
 
 def loops_json(*loops: tuple[str, str, bool]) -> str:
@@ -56,8 +61,8 @@ class Env:
     def expect_removed(self, name: str, busy: int = 0) -> None:
         self.fake.expect("dmsetup", "info", name, out=f"Name: {name}\nState: ACTIVE\n")
         for _ in range(busy):
-            self.fake.expect("dmsetup", "remove", name, rc=1, err=BUSY)
-        self.fake.expect("dmsetup", "remove", name)
+            self.fake.expect(*REMOVE, name, rc=1, err=BUSY)
+        self.fake.expect(*REMOVE, name)
 
     def expect_base_loop(self, existing: str | None = None, new: str = "/dev/loop3") -> str:
         """The registry's first acquire of the base: adopt a read-only loop, or attach one."""
@@ -75,11 +80,11 @@ class Env:
         self.fake.expect("blockdev", "--getsize64", origin, out=f"{BASE_SIZE}\n")
         if size > BASE_SIZE:
             table = f"0 8192 linear {origin} 0\n8192 {size // 512 - 8192} zero\n"
-            self.fake.expect("dmsetup", "create", f"{name}@origin", "--readonly", input=table.encode())
+            self.fake.expect(*CREATE, f"{name}@origin", "--readonly", input=table.encode())
             origin = f"{dm.MAPPER}/{name}@origin"
         self.fake.expect("losetup", "--find", "--show", str(self.cow(disk_id)), out=f"{cow_loop}\n")
         table = f"0 {size // 512} snapshot {origin} {cow_loop} P 8"
-        self.fake.expect("dmsetup", "create", name, "--table", table)
+        self.fake.expect(*CREATE, name, "--table", table)
 
     def expect_cow_loops(self, disk_id: str, *devices: str) -> None:
         found = loops_json(*((d, str(self.cow(disk_id)), False) for d in devices)) if devices else ""
@@ -143,10 +148,10 @@ async def test_failed_create_releases_everything(env: Env) -> None:
     env.expect_base_loop()
     env.fake.expect("blockdev", "--getsize64", "/dev/loop3", out=f"{BASE_SIZE}\n")
     table = "0 8192 linear /dev/loop3 0\n8192 8192 zero\n"
-    env.fake.expect("dmsetup", "create", "wrenbox-x@origin", "--readonly", input=table.encode())
+    env.fake.expect(*CREATE, "wrenbox-x@origin", "--readonly", input=table.encode())
     env.fake.expect("losetup", "--find", "--show", str(env.cow("x")), out="/dev/loop4\n")
     env.fake.expect(
-        "dmsetup", "create", "wrenbox-x",
+        *CREATE, "wrenbox-x",
         "--table", "0 16384 snapshot /dev/mapper/wrenbox-x@origin /dev/loop4 P 8",
         rc=1, err="device-mapper: reload ioctl on wrenbox-x failed: Invalid argument\n",
     )  # fmt: skip
@@ -167,7 +172,7 @@ async def test_cancelled_create_still_releases_everything(env: Env) -> None:
     env.fake.expect("blockdev", "--getsize64", "/dev/loop3", out=f"{BASE_SIZE}\n")
     env.fake.expect("losetup", "--find", "--show", str(env.cow("x")), out="/dev/loop4\n")
     table = "0 8192 snapshot /dev/loop3 /dev/loop4 P 8"
-    env.fake.expect("dmsetup", "create", "wrenbox-x", "--table", table, hang=True)
+    env.fake.expect(*CREATE, "wrenbox-x", "--table", table, hang=True)
     env.fake.expect("losetup", "--detach", "/dev/loop4")
     env.fake.expect("losetup", "--detach", "/dev/loop3")
 
@@ -210,7 +215,7 @@ async def test_busy_five_times_200ms_apart_gives_up(tmp_path: Path, fake_runner:
     disk = await env.create("x")
     env.fake.expect("dmsetup", "info", "wrenbox-x", out="Name: wrenbox-x\n")
     for _ in range(5):
-        env.fake.expect("dmsetup", "remove", "wrenbox-x", rc=1, err=BUSY)
+        env.fake.expect(*REMOVE, "wrenbox-x", rc=1, err=BUSY)
     started = time.monotonic()
     with pytest.raises(InUse, match="still busy after 5 attempts"):
         await env.backend.persist(disk)
@@ -221,9 +226,7 @@ async def test_busy_five_times_200ms_apart_gives_up(tmp_path: Path, fake_runner:
 async def test_other_remove_failures_are_not_retried(env: Env) -> None:
     disk = await env.create("x")
     env.fake.expect("dmsetup", "info", "wrenbox-x", out="Name: wrenbox-x\n")
-    env.fake.expect(
-        "dmsetup", "remove", "wrenbox-x", rc=1, err="device-mapper: remove ioctl failed: Invalid\n"
-    )
+    env.fake.expect(*REMOVE, "wrenbox-x", rc=1, err="device-mapper: remove ioctl failed: Invalid\n")
     with pytest.raises(CommandFailed, match="remove ioctl failed"):
         await env.backend.persist(disk)
 
@@ -356,6 +359,34 @@ async def test_records_naming_foreign_devices_are_refused(env: Env) -> None:
             await env.backend.remove(forged)  # no command runs (the fake is strict)
 
 
+async def test_udev_neither_manages_nor_probes_guest_written_devices(env: Env) -> None:
+    # The exact scripts above already demand the switches; this states the property over a whole life.
+    disk = await env.create("x", size=8 * MiB)  # with a grown origin: two devices
+    env.expect_removed("wrenbox-x")
+    env.expect_removed("wrenbox-x@origin")
+    env.expect_cow_loops("x", "/dev/loop4")
+    env.fake.expect("losetup", "--detach", "/dev/loop3")
+    await env.backend.persist(disk)
+    dm_changes = [argv for argv in env.fake.calls if {"create", "remove"} & set(argv[:4])]
+    assert len(dm_changes) == 4
+    assert all(argv[:3] == ("dmsetup", "--noudevrules", "--noudevsync") for argv in dm_changes)
+
+
+def test_deploy_files_match_the_defaults() -> None:
+    # The host-side half of the udev/LVM fix names wrenbox's defaults; they must not drift apart.
+    deploy = Path(__file__).parents[2] / "deploy"
+    prefix = RootfsConfig(disks_dir=Path("/x")).dm_prefix
+    rules = (deploy / "udev" / "12-wrenbox.rules").read_text()
+    assert f'ATTR{{dm/name}}=="{prefix}*"' in rules
+    assert f'ATTR{{loop/backing_file}}=="{Settings.model_fields["data_dir"].default}/*"' in rules
+    for flag in ("DISK", "OTHER", "SUBSYSTEM"):
+        assert f'ENV{{DM_UDEV_DISABLE_{flag}_RULES_FLAG}}="1"' in rules
+    lvm = (deploy / "lvm" / "wrenbox-filter.conf").read_text()
+    line = f'global_filter = [ "r|^/dev/mapper/{prefix}|", "r|^/dev/disk/by-id/dm-name-{prefix}|" ]'
+    assert line in lvm
+    assert line in (dm.__doc__ or "")
+
+
 def test_parse_dmsetup_ls() -> None:
     assert parse_dmsetup_ls("No devices found\n") == []
     assert parse_dmsetup_ls("") == []
@@ -393,7 +424,7 @@ def test_cow_store_holds_a_full_rewrite(size: int) -> None:
 @pytest.mark.root
 @pytest.mark.skipif(
     not device_mapper_available(),
-    reason="kernel has no device-mapper (/dev/mapper/control missing, 'device-mapper' not in /proc/misc)",
+    reason="no device-mapper in this kernel (not in /proc/misc, /dev/mapper/control does not open)",
 )
 async def test_real_device_mapper_round_trip(tmp_path: Path) -> None:
     images = tmp_path / "images"

@@ -24,7 +24,7 @@ from rich.table import Column, Table
 
 from wrenbox.cli.app import app, console, err_console, load
 from wrenbox.cli.app import fail as fail_with
-from wrenbox.client import ClientConfig, ServerClient, ServerUnreachable
+from wrenbox.client import FILE_URL_LIFETIME_S, ClientConfig, ServerClient, ServerUnreachable
 from wrenbox.errors import InvalidArgument, WrenboxError
 
 __all__ = ["sandbox_app"]
@@ -246,6 +246,25 @@ def shell(
         except WrenboxError as exc:
             fail(exc)
     raise typer.Exit(code)
+
+
+@sandbox_app.command("url")
+def url(
+    sandbox_id: str,
+    path: str,
+    write: Annotated[
+        bool, typer.Option("--write", help="An upload URL (POST multipart/form-data) instead.")
+    ] = False,
+    user: Annotated[str | None, typer.Option("--user", help="Read or write as this user.")] = None,
+    expires: Annotated[
+        int, typer.Option("--expires", help="Seconds it works, at most a week (there is no 'never').")
+    ] = FILE_URL_LIFETIME_S,
+) -> None:
+    """A URL that downloads one file of a sandbox (or uploads to it) with no key or header: anyone who
+    holds it can, until it expires."""
+    with server() as api:
+        made = api.file_url(api.get(sandbox_id), path, write=write, user=user, expires_in_s=expires)
+    print(made)
 
 
 @sandbox_app.command("pause")

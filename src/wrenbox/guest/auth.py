@@ -4,6 +4,10 @@ Once ``/init`` has set an access token, every request must carry it in ``X-Acces
 constant time), except ``GET /health``, which reveals nothing, and ``/files`` requests that carry a
 valid URL signature instead (the e2b SDK's ``download_url``/``upload_url``): ``v1_`` + unpadded
 base64 of SHA-256 over ``path:operation:username:token[:expiration]``.
+
+As in envd, a signature without ``signature_expiration`` never expires and no expiration is too far
+away: E2B's SDK only adds one when asked, so refusing either would break it. wrenbox's own client
+(:meth:`wrenbox.client.ServerClient.file_url`) always sets one.
 """
 
 from __future__ import annotations

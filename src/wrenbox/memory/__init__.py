@@ -10,9 +10,10 @@ Modules:
 - :mod:`wrenbox.memory.chain` — :class:`~wrenbox.memory.chain.Chain`: a snapshot directory opened for
   reading (files checked, open and mapped): ``lookup``, ``mappings``, ``view``/``fileno``, ``materialize``.
 - :mod:`wrenbox.memory.process` — raw memory to snapshot: ``process_full``, ``process_diff`` (exact:
-  compared with the parent, or the VMM's sparse dirty file), ``collapse``; the generation cap. Built on
-  :mod:`~wrenbox.memory.scan` (which blocks hold data / changed) and :mod:`~wrenbox.memory.pack`
-  (writing a checksummed diff file; reflinks on XFS/btrfs), with :mod:`~wrenbox.fileio`.
+  compared with the parent, or the VMM's sparse dirty file), ``collapse``; the caps on generations and
+  stored size. Built on :mod:`~wrenbox.memory.scan` (which blocks hold data / changed) and
+  :mod:`~wrenbox.memory.pack` (writing a checksummed diff file; reflinks on XFS/btrfs), with
+  :mod:`~wrenbox.fileio`.
 - :mod:`wrenbox.memory.writer` — :class:`~wrenbox.memory.writer.SnapshotWriter`: temp dir, fsync,
   atomic rename; ``reclaim`` for what a crash left behind.
 - :mod:`wrenbox.memory.uffd` — the userfaultfd page server that serves a snapshot to Firecracker lazily;
@@ -41,7 +42,7 @@ Lifecycle, as the sandbox manager drives it::
     with Chain.open(snap_dir) as chain:
         chain.materialize(ram_file)
     server = PageServer(socket_path, ChainSource.open(snap_dir))
-    # next pause: only what changed, collapsed into one generation-0 file at the cap (default 8)
+    # next pause: only what changed, collapsed into one generation-0 file at the caps (8 generations, 2x RAM)
     with Chain.open(snap_dir) as parent, SnapshotWriter(snap_dir, replace=True) as w:
         process_diff(ram_file, parent, w.path)            # or kind=RawKind.SPARSE_DIFF for Firecracker
         w.commit()

@@ -21,9 +21,13 @@ created (bad input is refused before anything is created).
       the dirty set. A dirtied page that reads all-zero is a change to zero, never "unchanged".
 
     A changed block that is all zero is mapped to the zero build instead of being stored. When the new
-    generation would reach ``MemoryConfig.max_generations`` the result is collapsed instead: one new
-    generation-0 diff holding all live data, no links to old diffs (the old files go away with the
-    parent directory).
+    generation would reach ``MemoryConfig.max_generations``, or its diff files (the new one plus the
+    parent's still referenced) would hold more than ``MemoryConfig.max_stored_ratio`` times the memory
+    size, the result is collapsed instead: one new generation-0 diff holding all live data, no links
+    to old diffs (the old files go away with the parent directory). The size cap matters because a
+    diff file is kept whole while any block of it is live: a guest that rewrites all of its memory
+    but one block per generation would otherwise make the chain hold ``max_generations`` times it.
+    That is known only once the changes are stored, so then the new diff is written twice.
 ``collapse(chain, dest)``
     The same collapse for any open chain (e.g. to flatten a template).
 
@@ -79,10 +83,17 @@ class RawKind(enum.Enum):
 class MemoryConfig:
     max_generations: int = 8
     """A chain holds at most this many generations; the diff that would exceed it is collapsed."""
+    max_stored_ratio: float = 2.0
+    """A snapshot's diff files hold at most this many times the guest memory size; a diff that would
+    exceed it is collapsed. Without it a guest that keeps one block of every generation live makes a
+    paused sandbox hold about ``max_generations`` times its memory. At least 1: a collapse stores at
+    most the memory size."""
 
     def __post_init__(self) -> None:
         if self.max_generations < 1:
             raise InvalidArgument(f"max_generations must be at least 1, not {self.max_generations}")
+        if not self.max_stored_ratio >= 1:  # also refuses NaN
+            raise InvalidArgument(f"max_stored_ratio must be at least 1, not {self.max_stored_ratio}")
 
 
 def process_full(raw: Path, dest: Path) -> Header:
@@ -107,7 +118,7 @@ def process_diff(
     kind: RawKind = RawKind.FULL,
     config: MemoryConfig = MemoryConfig(),
 ) -> Header:
-    """Write the next generation after ``parent`` into ``dest`` (collapsed at the cap); return its header."""
+    """Write the next generation after ``parent`` into ``dest`` (collapsed at the caps); return its header."""
     dest = Path(dest)
     if dest.resolve() == parent.directory.resolve():
         raise InvalidArgument("a new generation must be written next to its parent, not into its directory")
@@ -115,45 +126,74 @@ def process_diff(
         raise Unsupported(
             f"parent snapshot has block size {parent.block_size}; only {BLOCK_SIZE} is supported"
         )
-    build = new_build_id()
-    generation = parent.generation + 1
-    collapsing = generation >= config.max_generations
-    with Rollback(f"memory snapshot into {dest}") as undo:
-        with RawFile(raw) as source, DiffWriter(dest, build) as writer:
-            changes = _changes(source, parent, kind)
-            undo.push(str(writer.path), _remove, writer.path)
-            if collapsing:  # one new generation 0 holding everything still live, in address order
-                top = [_as_mapping(run, _RAW, run[0]) for runs in changes for run in runs]
-                logical = overlay(parent.header.mappings, top)
-                mappings = pack(logical, {_RAW: (source.fd, source.view), **_sources(parent)}, writer)
-            else:
-                mappings = normalize(overlay(parent.header.mappings, _store(changes, source, writer)))
-            info = writer.finish()
-        if collapsing:
-            header = _write_header(dest, parent.size, 0, build, build, mappings, [info] if info else [])
+    with Rollback(f"memory snapshot into {dest}") as undo, RawFile(raw) as source:
+        changes = _changes(source, parent, kind)
+        sources = {_RAW: (source.fd, source.view), **_sources(parent)}
+        if parent.generation + 1 >= config.max_generations:  # one new generation 0, in address order
+            top = [_as_mapping(run, _RAW, run[0]) for runs in changes for run in runs]
+            header = _write_collapsed(dest, parent.size, overlay(parent.header.mappings, top), sources, undo)
         else:
-            files = [info] if info else []
-            for b in dict.fromkeys(m.build_id for m in mappings if not m.is_zero and m.build_id != build):
-                _link_or_copy(parent.path(b), dest / diff_name(b))
-                undo.push(diff_name(b), _remove, dest / diff_name(b))
-                files.append(parent.file_info(b))
-            base = parent.header.base_build_id
-            header = _write_header(dest, parent.size, generation, build, base, mappings, files)
+            build, mappings, files = _store_diff(dest, parent, changes, source, undo)
+            if sum(f.length for f in files) <= config.max_stored_ratio * parent.size:
+                header = _write_generation(dest, parent, build, mappings, files, undo)
+            else:
+                # Known only once the changes are stored: collapse instead, the new blocks read from
+                # the raw file (each at its own address there), the rest through the parent.
+                _remove(dest / diff_name(build))
+                logical = [_from_raw(m) if m.build_id == build else m for m in mappings]
+                header = _write_collapsed(dest, parent.size, logical, sources, undo)
         undo.commit()
     return header
 
 
 def collapse(chain: Chain, dest: Path) -> Header:
     """Write ``chain``'s memory as one generation-0 diff into ``dest``; return its header."""
-    dest, build = Path(dest), new_build_id()
+    dest = Path(dest)
     with Rollback(f"collapsed memory snapshot into {dest}") as undo:
-        with DiffWriter(dest, build) as writer:
-            undo.push(str(writer.path), _remove, writer.path)
-            mappings = pack(chain.header.mappings, _sources(chain), writer)
-            info = writer.finish()
-        header = _write_header(dest, chain.size, 0, build, build, mappings, [info] if info else [])
+        header = _write_collapsed(dest, chain.size, chain.header.mappings, _sources(chain), undo)
         undo.commit()
     return header
+
+
+def _store_diff(
+    dest: Path, parent: Chain, changes: Iterable[Runs], source: RawFile, undo: Rollback
+) -> tuple[UUID, list[Mapping], list[DiffFile]]:
+    """The changed blocks in a new diff: its build, the mappings over the parent's, every file they use."""
+    with DiffWriter(dest, new_build_id()) as writer:
+        undo.push(str(writer.path), _remove, writer.path)
+        mappings = normalize(overlay(parent.header.mappings, _store(changes, source, writer)))
+        info = writer.finish()
+    kept = dict.fromkeys(m.build_id for m in mappings if not m.is_zero and m.build_id != writer.build)
+    files = [info] if info else []
+    return writer.build, mappings, files + [parent.file_info(b) for b in kept]
+
+
+def _write_generation(
+    dest: Path, parent: Chain, build: UUID, mappings: list[Mapping], files: list[DiffFile], undo: Rollback
+) -> Header:
+    """Generation ``parent + 1``: the parent's diffs still used linked next to the new one, the header."""
+    for f in files:
+        if f.build_id != build:
+            _link_or_copy(parent.path(f.build_id), dest / diff_name(f.build_id))
+            undo.push(diff_name(f.build_id), _remove, dest / diff_name(f.build_id))
+    base = parent.header.base_build_id
+    return _write_header(dest, parent.size, parent.generation + 1, build, base, mappings, files)
+
+
+def _write_collapsed(
+    dest: Path, size: int, logical: Iterable[Mapping], sources: dict[UUID, Source], undo: Rollback
+) -> Header:
+    """Generation 0: all of ``logical``'s data in one new diff, in address order, then the header."""
+    with DiffWriter(dest, new_build_id()) as writer:
+        undo.push(str(writer.path), _remove, writer.path)
+        mappings = pack(logical, sources, writer)
+        info = writer.finish()
+    return _write_header(dest, size, 0, writer.build, writer.build, mappings, [info] if info else [])
+
+
+def _from_raw(m: Mapping) -> Mapping:
+    """A mapping of the raw file: its bytes sit at their own address there."""
+    return Mapping(m.offset, m.length, _RAW, m.offset)
 
 
 def _changes(source: RawFile, parent: Chain, kind: RawKind) -> Iterator[Runs]:

@@ -14,6 +14,22 @@ plus the store's metadata, which the seed's origin-sized store could not hold.
 Names: ``<prefix><id>`` is the disk, ``@origin`` its grown origin, ``@flatten`` the temporary device
 ``flatten`` reads through. Disk ids cannot contain ``@`` (:func:`wrenbox.names.validate_name`), so every
 device name maps back to exactly one disk, which is what lets ``reclaim`` find a crash's leftovers.
+
+The host must not parse what the guest wrote: a disk can carry an LVM PV label, an md superblock or a
+filesystem that the host's udev (blkid, LVM/md autoactivation, btrfs device scan, udisks) would act on.
+Devices are created and removed with ``dmsetup --noudevrules --noudevsync``: libdevmapper makes and
+removes the ``/dev/mapper`` node itself, and the uevent says "no dm and no subsystem rules" (no udev
+link, LVM's own rules skip it), with nothing waiting for udev. That does not stop blkid and what
+follows from it (LVM/md autoactivation): dmsetup has no switch for ``DM_UDEV_DISABLE_DISK_RULES_FLAG``
+or ``DM_UDEV_DISABLE_OTHER_RULES_FLAG``. So the host also needs ``deploy/udev/12-wrenbox.rules``, which
+sets those flags by device name (and skips the loop devices over wrenbox's files), and LVM commands
+run by hand must skip the devices, in ``/etc/lvm/lvm.conf`` (``deploy/lvm/wrenbox-filter.conf``)::
+
+    devices {
+        global_filter = [ "r|^/dev/mapper/wrenbox-|", "r|^/dev/disk/by-id/dm-name-wrenbox-|" ]
+    }
+
+Both name the default ``RootfsConfig.dm_prefix``; adjust them if it is changed.
 """
 
 from __future__ import annotations
@@ -61,17 +77,27 @@ _CHUNK = CHUNK_SECTORS * SECTOR
 _BUSY = "Device or resource busy"
 _LS_LINE = re.compile(r"^(\S+)\s+\(\d+(?::|,\s*)\d+\)$")
 MAPPER = Path("/dev/mapper")
+_NO_UDEV = ("--noudevrules", "--noudevsync")
+"""For every ``dmsetup create`` and ``remove``: libdevmapper, not udev, manages the node (see above)."""
 
 
 def device_mapper_available() -> bool:
-    """Whether this kernel offers device-mapper (its control node exists, or /proc/misc lists it)."""
-    if (MAPPER / "control").exists():
-        return True
+    """Whether this kernel offers device-mapper: /proc/misc lists it, or its control node opens.
+
+    The node alone proves nothing (a container's /dev can have it with no driver behind it); opening it
+    loads the module where it is not loaded yet.
+    """
     try:
         with open("/proc/misc") as misc:
-            return any(line.split()[-1:] == ["device-mapper"] for line in misc)
+            if any(line.split()[-1:] == ["device-mapper"] for line in misc):
+                return True
+    except OSError:
+        pass
+    try:
+        os.close(os.open(MAPPER / "control", os.O_RDWR | os.O_CLOEXEC))
     except OSError:
         return False
+    return True
 
 
 def cow_size(disk_size: int) -> int:
@@ -247,15 +273,14 @@ class DmSnapshotBackend(RootfsBackend):
             )
         if disk.size > origin_size:
             grown = f"{name}@origin"
-            await self._run(
-                ["dmsetup", "create", grown, "--readonly"], input=_grown_table(origin, origin_size, disk.size)
-            )
+            table = _grown_table(origin, origin_size, disk.size)
+            await self._run(["dmsetup", *_NO_UDEV, "create", grown, "--readonly"], input=table)
             rb.push(f"dm device {grown}", _shielded, self._remove_device, grown)
             origin = str(MAPPER / grown)
         cow_loop = await self.losetup.attach(disk.store, read_only=False)
         rb.push(f"loop device {cow_loop} of {disk.store}", _shielded, self.losetup.detach, cow_loop)
         table = f"0 {disk.size // SECTOR} snapshot {origin} {cow_loop} P {CHUNK_SECTORS}"
-        await self._run(["dmsetup", "create", name, "--table", table])
+        await self._run(["dmsetup", *_NO_UDEV, "create", name, "--table", table])
         rb.push(f"dm device {name}", _shielded, self._remove_device, name)
         return MAPPER / name
 
@@ -283,7 +308,7 @@ class DmSnapshotBackend(RootfsBackend):
         """``dmsetup remove`` with the seed's patience: the VMM may not have let go of the device yet."""
         if not await self._exists(name):
             return
-        argv = ["dmsetup", "remove", name]
+        argv = ["dmsetup", *_NO_UDEV, "remove", name]
         for attempt in range(1, self.config.remove_attempts + 1):
             done = await self._try(argv)
             if done.returncode == 0:
