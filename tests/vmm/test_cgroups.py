@@ -19,14 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from wrenbox.errors import InUse, InvalidArgument, NotFound, Unsupported
+from wrenbox.errors import InUse, InvalidArgument, NotFound, Unavailable, Unsupported
 from wrenbox.pids import ProcessRef
 from wrenbox.vmm.cgroups import (
     Cgroup,
     CgroupConfig,
     CgroupLimits,
     CgroupTree,
+    Hierarchy,
     IoLimit,
+    find_hierarchy,
     whole_disk_of,
 )
 
@@ -108,6 +110,28 @@ def test_discover_puts_our_groups_under_the_cgroup_we_are_in(tree: CgroupTree) -
         assert d == Path(f"/sys/fs/cgroup/{controller}{own[controller].rstrip('/')}/{GROUP}")
         assert d.is_dir()
     assert tree.controllers["memory"].parent != Path("/sys/fs/cgroup/memory")
+    assert find_hierarchy() == Hierarchy(1, {c: d.parent for c, d in tree.controllers.items()})
+
+
+def test_find_reads_a_containers_view(tmp_path: Path) -> None:
+    """FAKE /proc files (a container's view cannot be made here): the cgroup2 mount shows only the
+    container's subtree (mount root /docker/abc), at a mount point with a space in it."""
+    point = tmp_path / "cg root"
+    own = point / "sub"
+    own.mkdir(parents=True)
+    (own / "cgroup.controllers").write_text("cpu io memory pids\n")
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    escaped = str(point).replace(" ", "\\040")
+    (proc / "mountinfo").write_text(
+        "25 1 0:22 / /sys rw - sysfs sysfs rw\n"
+        f"30 25 0:26 /docker/abc {escaped} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+    )
+    (proc / "cgroup").write_text("0::/docker/abc/sub\n")
+    assert find_hierarchy(proc=proc) == Hierarchy(2, dict.fromkeys(("cpu", "memory", "pids", "io"), own))
+    (proc / "cgroup").write_text("0::/elsewhere\n")
+    with pytest.raises(Unsupported, match=r"not mounted here.*v1 lacks cpu, memory, pids"):
+        find_hierarchy(proc=proc)
 
 
 def test_create_writes_the_sandbox_limits(tree: CgroupTree, tmp_path: Path) -> None:
@@ -147,6 +171,14 @@ def test_bad_names_and_limits_are_refused_before_anything_is_made(tree: CgroupTr
         CgroupLimits(cpu_quota_us=100_000, memory_bytes=1024, pids_max=8)
     with pytest.raises(InvalidArgument, match="memory_overhead_mib"):
         CgroupConfig(memory_overhead_mib=0)
+    assert tree.names() == []
+
+
+def test_a_group_that_cannot_take_its_limits_is_not_left_behind(tree: CgroupTree) -> None:
+    """The kernel refuses a CPU quota above the parent's: a clear error, and no half-made group."""
+    (tree.controllers["cpu"] / "cpu.cfs_quota_us").write_text("100000")
+    with pytest.raises(Unavailable, match=r"cpu\.cfs_quota_us"):
+        tree.create("sbx1", CgroupLimits(cpu_quota_us=200_000, memory_bytes=64 * MIB, pids_max=64))
     assert tree.names() == []
 
 
@@ -349,7 +381,7 @@ def test_discover_without_permission_says_why() -> None:
     os.waitpid(pid, 0)
     assert message.startswith("cannot confine VMMs in cgroups:")
     assert "cgroup v2" in message
-    assert "Permission denied" in message
+    assert "not writable" in message
     assert not any(Path(f"/sys/fs/cgroup/{c}/{GROUP}").exists() for c in ("cpu", "pids"))
 
 

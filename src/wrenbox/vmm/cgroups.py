@@ -8,7 +8,10 @@ host's pid space is gone, or saturate the disk. Each VMM therefore runs in its o
 - **cpu**: ``vcpus x 100 ms`` of CPU time per 100 ms period (``cpu.max`` / ``cpu.cfs_quota_us``);
 - **memory**: guest RAM plus an allowance for QEMU itself (``memory_overhead_mib``, which must cover
   the TCG translation cache, see ``-accel tcg,tb-size=``); over it, the kernel OOM-kills inside the
-  group, so only the offending VMM dies (``memory.max`` / ``memory.limit_in_bytes``);
+  group, so only the offending VMM dies (``memory.max`` / ``memory.limit_in_bytes``). Measured here
+  (TCG boot of the minimal image to its agent, 512 MiB guest): QEMU's own anonymous memory is ~130 MiB
+  with the default translation cache, which can grow to 1 GiB, and ~100 MiB with ``tb-size=64``; so
+  the default 256 MiB allowance needs ``tb-size`` of at most ~128 MiB. Swap is not limited;
 - **pids**: QEMU's threads (``pids.max``), so a guest cannot make its VMM exhaust host pids;
 - **io** (optional, best effort): read/write bytes per second on the disk holding the data dir
   (``io.max`` / ``blkio.throttle.*``). Skipped, with a log line, where the controller or a throttlable
@@ -37,6 +40,10 @@ escape limits put on wrenbox. Both hierarchies:
   The root cgroup is exempt. A later discovery from inside that leaf finds the same tree.
 - **cgroup v1** (controllers mounted separately, e.g. ``/sys/fs/cgroup/{cpu,memory,pids,blkio}``):
   one directory per sandbox in each hierarchy, each under our own cgroup *of that hierarchy*.
+
+Discovery: :func:`find_hierarchy` changes nothing (for ``wrenbox doctor``); :meth:`CgroupTree.discover`
+also makes our group (and, in v2, enables the controllers). Both raise Unsupported with the reason for
+each version where neither can be used, so the product can say why and run VMMs without.
 
 Joining: the VMM's launcher (a stdlib-only script, run as root before it drops to the sandbox's uid and
 execs the VMM) writes ``0`` into every file of :attr:`Cgroup.procs_files`. The groups are never handed to
@@ -68,7 +75,9 @@ __all__ = [
     "CgroupConfig",
     "CgroupLimits",
     "CgroupTree",
+    "Hierarchy",
     "IoLimit",
+    "find_hierarchy",
     "whole_disk_of",
 ]
 
@@ -294,18 +303,12 @@ class CgroupTree:
 
     @classmethod
     def discover(cls, group: str = "wrenbox", *, proc: Path = Path("/proc/self")) -> CgroupTree:
-        """Find the host's cgroups (v2 if it delegates cpu, memory and pids to us, else v1) and set up
-        our ``group``. Unsupported, with each reason, where neither can be used."""
+        """Find the host's cgroups (:func:`find_hierarchy`) and set up our ``group`` in them."""
         validate_name(group, what="cgroup group")
-        mounts = _mounts((proc / "mountinfo").read_text())
-        own = _own_paths((proc / "cgroup").read_text())
-        reasons = []
-        for build in (_discover_v2, _discover_v1):
-            try:
-                return build(mounts, own, group)
-            except Unsupported as exc:
-                reasons.append(exc.message)
-        raise Unsupported("cannot confine VMMs in cgroups: " + "; ".join(reasons))
+        found = find_hierarchy(proc=proc)
+        if found.version == 2:
+            return cls.v2(found.own["cpu"], group)
+        return cls.v1(found.own, group)
 
     @classmethod
     def v2(
@@ -448,17 +451,58 @@ def _dir_in(mount: _Mount, path: str) -> Path | None:
     return mount.point / path[len(root) :].lstrip("/")
 
 
-def _discover_v2(mounts: list[_Mount], own: dict[str, str], group: str) -> CgroupTree:
+@dataclass(frozen=True)
+class Hierarchy:
+    """The cgroups this process is in, as found (nothing changed): v2 when its cgroup offers cpu, memory
+    and pids, else v1. ``own`` maps each usable controller to our cgroup's directory (in v2 the same
+    for all)."""
+
+    version: int
+    own: Mapping[str, Path]
+
+    def __str__(self) -> str:
+        if self.version == 2:
+            return f"cgroup v2 at {self.own['cpu']} ({', '.join(self.own)})"
+        return "cgroup v1: " + ", ".join(f"{c} at {d}" for c, d in self.own.items())
+
+
+def find_hierarchy(*, proc: Path = Path("/proc/self")) -> Hierarchy:
+    """Where per-sandbox cgroups would go, changing nothing (what ``wrenbox doctor`` reports).
+    Unsupported, with the reason for each version, where neither can be used."""
+    mounts = _mounts((proc / "mountinfo").read_text())
+    own = _own_paths((proc / "cgroup").read_text())
+    reasons = []
+    for find in (_find_v2, _find_v1):
+        try:
+            found = find(mounts, own)
+        except Unsupported as exc:
+            reasons.append(exc.message)
+            continue
+        for d in set(found.own.values()):
+            if not os.access(d, os.W_OK):  # also EROFS
+                reasons.append(f"cannot create cgroups in {d}: not writable (needs root or delegation)")
+                break
+        else:
+            return found
+    raise Unsupported("cannot confine VMMs in cgroups: " + "; ".join(reasons))
+
+
+def _find_v2(mounts: list[_Mount], own: dict[str, str]) -> Hierarchy:
     if "" not in own:
         raise Unsupported("no cgroup v2 hierarchy for this process")
     for mount in mounts:
         where = _dir_in(mount, own[""]) if mount.fstype == "cgroup2" else None
-        if where is not None and where.is_dir():
-            return CgroupTree.v2(where, group)
+        if where is None or not where.is_dir():
+            continue
+        available = (where / "cgroup.controllers").read_text().split()
+        missing = [c for c in REQUIRED if c not in available]
+        if missing:
+            raise Unsupported(f"cgroup v2 at {where} lacks {', '.join(missing)}")
+        return Hierarchy(2, {c: where for c in REQUIRED + V2_OPTIONAL if c in available})
     raise Unsupported(f"cgroup v2 path {own['']} is not mounted here")
 
 
-def _discover_v1(mounts: list[_Mount], own: dict[str, str], group: str) -> CgroupTree:
+def _find_v1(mounts: list[_Mount], own: dict[str, str]) -> Hierarchy:
     dirs: dict[str, Path] = {}
     for controller in REQUIRED + V1_OPTIONAL:
         for mount in mounts:
@@ -471,7 +515,7 @@ def _discover_v1(mounts: list[_Mount], own: dict[str, str], group: str) -> Cgrou
     missing = [c for c in REQUIRED if c not in dirs]
     if missing:
         raise Unsupported(f"cgroup v1 lacks {', '.join(missing)} (not mounted, or our cgroup not visible)")
-    return CgroupTree.v1(dirs, group)
+    return Hierarchy(1, dirs)
 
 
 def _mkdir(path: Path) -> None:
