@@ -28,6 +28,7 @@ from pydantic_settings import (
 )
 
 from wrenbox.network.plan import NetworkConfig
+from wrenbox.vmm.cgroups import CgroupConfig
 
 __all__ = [
     "DEFAULT_CONFIG_FILE",
@@ -91,6 +92,9 @@ class Settings(BaseSettings):
     limits: LimitsConfig = LimitsConfig()
     defaults: SandboxDefaults = SandboxDefaults()
     network: NetworkConfig = NetworkConfig()
+    # Each VMM in a cgroup of its own (CPU, memory, pids, I/O from the sandbox's size): see
+    # wrenbox.vmm.cgroups. ``[cgroups] memory_overhead_mib`` is QEMU's allowance beyond guest RAM.
+    cgroups: CgroupConfig = CgroupConfig()
 
     # Layout of the data dir. Derived, never configured separately, so one setting moves everything.
     @property
