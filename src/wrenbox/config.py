@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     api: ApiConfig = ApiConfig()
     limits: LimitsConfig = LimitsConfig()
     defaults: SandboxDefaults = SandboxDefaults()
+    # Slots, the host firewall and what guests may reach (never_ranges, the DNS exception, per-slot
+    # connection limits): see NetworkConfig.
     network: NetworkConfig = NetworkConfig()
 
     # Layout of the data dir. Derived, never configured separately, so one setting moves everything.

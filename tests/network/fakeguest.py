@@ -73,11 +73,11 @@ def udp_send(netns: str, host: object, port: int, data: bytes, source: str | Non
     return sock
 
 
-def received(sock: socket.socket, timeout: float = 0.4) -> tuple[bytes, str] | None:
-    """The next datagram on ``sock`` and its sender's address, or None if none comes within ``timeout``."""
+def received(sock: socket.socket, timeout: float = 0.4) -> tuple[bytes, tuple[str, int]] | None:
+    """The next datagram on ``sock`` and its sender (address, port), or None if none comes in time."""
     sock.settimeout(timeout)
     try:
-        data, (sender, _) = sock.recvfrom(2048)
+        data, sender = sock.recvfrom(2048)
     except TimeoutError:
         return None
     return data, sender

@@ -169,8 +169,8 @@ async def test_host_does_not_forward_wrenbox_sources_from_outside(
     with internet.udp_socket(internet.public) as server:
         port = server.getsockname()[1]
         # Control: the neighbour is routed to the internet through the host with its own address.
-        with udp_send(lan.netns, internet.public, port, b"own"):
-            assert received(server) == (b"own", lan.peer)
+        with udp_send(lan.netns, internet.public, port, b"own") as client:
+            assert received(server) == (b"own", (lan.peer, client.getsockname()[1]))
         # With a source from the slots' range the host would masquerade it like a guest's traffic
         # (arriving from the host's own address): an open relay.
         before = counter(network.config.prefix, "wrenbox source from outside")
