@@ -6,12 +6,12 @@ removing them, and taking back what a crash left. Typical use by the host runtim
     network = Network(NetworkConfig())
     await network.setup()                      # at start: checks ranges, host table, ip_forward
     network.adopt({...})                       # at start: the slots the persisted sandboxes still hold
-    await network.ensure_host_table()          # every few seconds: put the host table back if flushed
     await network.reclaim()                    # ... and drop every other slot of this prefix
     slot = network.reserve()                   # an index from the pool (write it down), then build it:
     await network.create(slot, EgressPolicy(deny=["0.0.0.0/0"], allow=["1.1.1.1"]))
     ...                                        # QEMU runs inside slot.netns, host talks to slot.host_ip
     await network.give_back(slot)              # removed, and its index free again
+    await network.ensure_host_table()          # every few seconds: put the host table back if flushed
 
 ``take()`` is ``reserve()`` + ``create()`` for callers with nothing to write down in between (template
 builds, which take the highest free slot, out of the way of sandboxes, which take the lowest).
@@ -123,7 +123,7 @@ class Network:
     async def ensure_host_table(self) -> bool:
         """Reinstall the host table if it is missing or differs from what was installed (someone ran
         ``systemctl restart nftables`` or ``nft flush ruleset``); True if it had to, with a warning
-        logged. Until then guests could reach the host. Costs ~5 ms: run it every few seconds. Does
+        logged. Until then guests could reach the host. Costs ~3 ms: run it every few seconds. Does
         nothing before :meth:`setup` or after :meth:`teardown`."""
         return await anyio.to_thread.run_sync(self._ensure_host_table)
 
