@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     api: ApiConfig = ApiConfig()
     limits: LimitsConfig = LimitsConfig()
     defaults: SandboxDefaults = SandboxDefaults()
+    # Slots, the host firewall and what guests may reach (never_ranges, the DNS exception, per-slot
+    # connection limits): see NetworkConfig.
     network: NetworkConfig = NetworkConfig()
     # Each VMM in a cgroup of its own (CPU, memory, pids, I/O from the sandbox's size): see
     # wrenbox.vmm.cgroups. ``[cgroups] memory_overhead_mib`` is QEMU's allowance beyond guest RAM.

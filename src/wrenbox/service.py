@@ -163,7 +163,7 @@ async def open_host(settings: Settings, *, reaper: bool = True) -> AsyncIterator
             failure: BaseException | None = None
             async with anyio.create_task_group() as tg:
                 if reaper:
-                    tg.start_soon(Reaper(mgr).run)
+                    tg.start_soon(Reaper(mgr, watches=[network.ensure_host_table]).run)
                 try:
                     yield Host(mgr, runtime, store, network, caps)
                 except BaseException as exc:  # raised below as it is, not wrapped in the group's

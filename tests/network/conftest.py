@@ -3,6 +3,7 @@ runs never collide with each other or with a real wrenbox), an "internet" namesp
 
 from __future__ import annotations
 
+import contextlib
 import random
 import secrets
 import string
@@ -51,25 +52,43 @@ def internet(network: Network) -> Iterator[Internet]:
         world.close()
 
 
+@contextlib.asynccontextmanager
+async def own_network(**overrides: object) -> AsyncIterator[Network]:
+    """A set-up Network with a prefix and ranges of its own and ``overrides`` in its config."""
+    network = Network(unique_config(**overrides))
+    await network.setup()
+    try:
+        yield network
+    finally:
+        await network.teardown()
+    assert leftovers(network.config.prefix) == []
+
+
+@contextlib.asynccontextmanager
+async def guest_on(
+    network: Network, index: int, name: str, egress: EgressPolicy | None = None, spoof: str | None = None
+) -> AsyncIterator[tuple[NetworkSlot, FakeGuest]]:
+    """Slot ``index`` of ``network`` created, with a fake guest named ``name`` behind its tap0."""
+    slot = network.slot(index)
+    await network.create(slot, egress)
+    try:
+        guest = await anyio.to_thread.run_sync(lambda: FakeGuest(slot, name, spoof))
+        try:
+            yield slot, guest
+        finally:
+            guest.close()
+    finally:
+        await network.remove(slot)
+
+
 @pytest.fixture
 async def make_guest(network: Network) -> AsyncIterator[MakeGuest]:
     """``await make_guest(index, name, egress=None, spoof=None)`` → a created slot with a fake guest in it."""
-    made: list[tuple[NetworkSlot, FakeGuest | None]] = []
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def make(
-        index: int, name: str, egress: EgressPolicy | None = None, spoof: str | None = None
-    ) -> tuple[NetworkSlot, FakeGuest]:
-        slot = network.slot(index)
-        await network.create(slot, egress)
-        made.append((slot, None))
-        guest = await anyio.to_thread.run_sync(lambda: FakeGuest(slot, name, spoof))
-        made[-1] = (slot, guest)
-        return slot, guest
+        async def make(
+            index: int, name: str, egress: EgressPolicy | None = None, spoof: str | None = None
+        ) -> tuple[NetworkSlot, FakeGuest]:
+            return await stack.enter_async_context(guest_on(network, index, name, egress, spoof))
 
-    try:
         yield make
-    finally:
-        for slot, guest in reversed(made):
-            if guest is not None:
-                guest.close()
-            await network.remove(slot)

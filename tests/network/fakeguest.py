@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,6 +62,25 @@ def probe(netns: str | None, host: object, port: int, timeout: float = 0.4, sour
             return errno.errorcode.get(exc.errno or 0, str(exc))
 
     return connect() if netns is None else call_in_netns(netns, connect)
+
+
+def udp_send(netns: str, host: object, port: int, data: bytes, source: str | None = None) -> socket.socket:
+    """Send one datagram from ``netns`` (from a fresh port: a new flow each time); returns the socket
+    (the caller closes it), which receives any answer."""
+    sock = call_in_netns(netns, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((source or "0.0.0.0", 0))
+    sock.sendto(data, (str(host), port))
+    return sock
+
+
+def received(sock: socket.socket, timeout: float = 0.4) -> tuple[bytes, tuple[str, int]] | None:
+    """The next datagram on ``sock`` and its sender (address, port), or None if none comes in time."""
+    sock.settimeout(timeout)
+    try:
+        data, sender = sock.recvfrom(2048)
+    except TimeoutError:
+        return None
+    return data, sender
 
 
 def counter(table: str, comment: str, netns: str | None = None) -> int:
@@ -127,20 +147,26 @@ class FakeGuest:
         remove_netns(self.netns)
 
 
+METADATA = "169.254.169.254"  # the cloud metadata service
+DNS = "8.8.8.8"  # the first of the default resolvers guests are told to use
+
+
 class Internet:
     """A namespace standing for the outside world, routed from the host through its own veth.
 
     ``public`` is a public-looking address, ``private`` an RFC 1918 one; both live on its loopback and
     are served by one echo server named ``internet``. ``host_address`` is the host's end of the link
-    (a host address that is not on any slot's veth)."""
+    (a host address that is not on any slot's veth). It also holds METADATA and DNS, which the host
+    routes here only for slots (:meth:`routed_from`): the host's own traffic to them is never diverted."""
 
     def __init__(self, prefix: str, seed: int) -> None:
-        self.netns, self.link = f"{prefix}-inet", f"{prefix}i"
+        self.netns, self.link, self.seed = f"{prefix}-inet", f"{prefix}i", seed
         self.host_address = f"203.0.113.{4 * (seed % 64) + 1}"
         self.peer = f"203.0.113.{4 * (seed % 64) + 2}"
         self.public = f"198.51.100.{seed % 250 + 1}"
         self.private = f"172.31.{seed % 250}.1"
         self.routes = [self.public, self.private]
+        self.table = 20_000 + seed  # a routing table of its own for :meth:`routed_from`
         create_netns(self.netns)
         try:
             self._wire()
@@ -170,9 +196,28 @@ class Internet:
             ipr.addr("add", index=eth, address=self.peer, prefixlen=30)
             ipr.link("set", index=eth, state="up")
             lo = ipr.link_lookup(ifname="lo")[0]  # this kernel has no dummy links
-            for address in self.routes:
+            for address in [*self.routes, METADATA, DNS]:
                 ipr.addr("add", index=lo, address=address, prefixlen=32)
             ipr.link("set", index=lo, state="up")
+
+    @contextlib.contextmanager
+    def routed_from(self, source: IPv4Network) -> Iterator[None]:
+        """Route METADATA and DNS here for packets from ``source`` (a network's transfer range) only."""
+        rule = ["ip", "rule", "add", "from", str(source), "lookup", str(self.table)]
+        run(rule)
+        try:
+            for address in (METADATA, DNS):
+                run(["ip", "route", "add", address, "via", self.peer, "table", str(self.table)])
+            yield
+        finally:
+            run(["ip", "route", "flush", "table", str(self.table)], check=False)
+            run(["ip", "rule", "del", *rule[3:]])
+
+    def udp_socket(self, address: str, port: int = 0) -> socket.socket:
+        """A UDP socket inside this namespace, bound to ``address``:``port``."""
+        sock = call_in_netns(self.netns, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((address, port))
+        return sock
 
     def close(self) -> None:
         with contextlib.suppress(AttributeError):

@@ -7,6 +7,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from wrenbox.config import load_settings
 from wrenbox.errors import InvalidArgument
 from wrenbox.network import EgressPolicy, NetworkConfig, NetworkSlot, kernel_ip_arg
 from wrenbox.network.plan import GUEST_IP, GUEST_NETWORK
@@ -71,6 +72,15 @@ def test_max_slots_caps_capacity() -> None:
         {"transfer_range": "10.12.0.0/31"},  # no room for one slot
         {"max_slots": 0},
         {"deny_ranges": "10.0.0.0/8"},  # a string, not a list
+        {"never_ranges": ["169.254.169.254/16"]},
+        {"dns_servers": ["8.8.8.0/24"]},  # a network, not a resolver
+        {"dns_servers": ["2001:4860:4860::8888"]},
+        {"dns_servers": ["169.254.1.1"]},  # inside the default never-ranges: unreachable
+        {"dns_servers": ["9.9.9.9"], "never_ranges": ["9.0.0.0/8"]},
+        {"max_connections": 0},
+        {"new_connections_per_s": -1},
+        {"new_connections_burst": True},
+        {"dns_always_allowed": "yes"},
     ],
 )
 def test_bad_config_is_refused(kwargs: dict[str, object]) -> None:
@@ -135,3 +145,24 @@ def test_kernel_ip_arg_configures_the_fixed_guest_address() -> None:
     assert IPv4Address(fields[0]) == GUEST_IP
     assert IPv4Network(f"{fields[0]}/{fields[3]}", strict=False) == GUEST_NETWORK
     assert fields[5:] == ["eth0", "off"]
+
+
+def test_hardening_settings_have_safe_defaults_and_load_from_settings() -> None:
+    config = NetworkConfig()
+    assert config.never_ranges == (IPv4Network("169.254.0.0/16"),)  # cloud metadata, whatever allow says
+    assert config.dns_servers == (IPv4Address("8.8.8.8"), IPv4Address("8.8.4.4"))
+    assert config.dns_always_allowed is True
+    assert (config.max_connections, config.new_connections_per_s, config.new_connections_burst) == (
+        4096,
+        1000,
+        1000,
+    )
+    network = {
+        "never_ranges": ["169.254.0.0/16", "10.0.0.0/8"],
+        "dns_servers": ["9.9.9.9"],
+        "max_connections": 64,
+    }
+    loaded = load_settings(network=network | {"dns_always_allowed": False}).network
+    assert loaded.never_ranges == (IPv4Network("169.254.0.0/16"), IPv4Network("10.0.0.0/8"))
+    assert loaded.dns_servers == (IPv4Address("9.9.9.9"),)
+    assert (loaded.dns_always_allowed, loaded.max_connections) == (False, 64)

@@ -4,13 +4,14 @@ A sandbox's end is its timeout counted from its start, moved only by ``set_timeo
 ``ping`` (E2B's lifetimes); the manager keeps it and the reaper only reads it. A sandbox whose auto-pause
 fails is kept running and retried with exponential backoff; it is never destroyed because a pause failed.
 Expired sandboxes are handled concurrently (bounded), so one slow pause does not hold up the others.
+It also runs the host's periodic ``watches`` (the network's host-table check) every ``watch_interval_s``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,6 +41,7 @@ class ReaperConfig:
     concurrency: int = 2
     backoff_initial_s: float = 2.0
     backoff_max_s: float = 300.0
+    watch_interval_s: float = 2.0
 
 
 class Reaper:
@@ -50,8 +52,10 @@ class Reaper:
         target: Reapable,
         config: ReaperConfig | None = None,
         clock: Callable[[], float] = time.time,
+        watches: Sequence[Callable[[], Awaitable[object]]] = (),
     ) -> None:
         self.target = target
+        self.watches = tuple(watches)
         self.config = config or ReaperConfig()
         self.clock = clock
         self._retry_at: dict[str, float] = {}
@@ -83,6 +87,8 @@ class Reaper:
         """Look every ``interval_s``; expirations run in the background, so a slow pause never
         delays noticing the next sandbox's end."""
         async with anyio.create_task_group() as tg:
+            for watch in self.watches:
+                tg.start_soon(self._watch, watch)
             while True:
                 self._start_due(tg)
                 await anyio.sleep(self.config.interval_s)
@@ -113,6 +119,14 @@ class Reaper:
             self._forget(rec.id)
         finally:
             self._busy.discard(rec.id)
+
+    async def _watch(self, watch: Callable[[], Awaitable[object]]) -> None:
+        while True:
+            try:
+                await watch()
+            except Exception:  # logged and tried again next time: a watch must not stop the reaper
+                log.exception("periodic check %s failed", getattr(watch, "__qualname__", watch))
+            await anyio.sleep(self.config.watch_interval_s)
 
     def _forget(self, sandbox_id: str) -> None:
         self._retry_at.pop(sandbox_id, None)

@@ -3,12 +3,28 @@
 The host table (``inet <prefix>``) matches slot veths by name wildcard (``<prefix>-v*``), so it never
 changes when slots come and go: a half-created slot is filtered from its first packet, and removing or
 reclaiming a slot leaves no rule or element behind. It enforces what a guest must never do,
-whatever its own policy says: reach the host, reach another slot, or spoof its source.
+whatever its own policy says: reach the host, reach another slot, or spoof its source. Only replies
+are let back in (``ct direction reply``), so a connection a guest opened while the table was missing
+is cut as soon as it is back.
+
+Wrenbox turns on ``ip_forward`` for the whole host and leaves the host's own forward policy alone (it
+is not ours). Instead the host table confines forwarded traffic of wrenbox's ranges to the slot
+veths: a source in them must arrive on a slot veth and a destination in them must leave on one, so a
+LAN neighbour can neither use the host as a NAT router with a slot's address nor reach a slot.
+
+The host table lives in the host's ruleset, which others may flush (Debian's ``/etc/nftables.conf``
+starts with ``flush ruleset``): :func:`host_table_listing` is its fingerprint, and the network
+reinstalls it when that changes. (``flags owner`` would shield it from a flush, but an owned table is
+deleted when its owner's netlink socket closes, i.e. whenever wrenbox restarts while VMs keep
+running, and nft 1.0.6 cannot set ``persist``, which keeps it: so plain tables, watched.)
 
 The slot table lives inside the slot namespace and disappears with it. It NATs host ↔ guest, and
-holds the sandbox's egress policy: its allow list, its deny list, then the configured default-deny
-ranges (private and metadata space), in that order, so an allow entry can open a private range but
-nothing in the slot can open the host or another slot.
+holds the sandbox's egress policy, in this order: the operator's never-ranges (link-local and thus
+cloud metadata by default; nothing opens them), the DNS exception (the configured resolvers on port
+53), the sandbox's allow list, its deny list, then the configured default-deny ranges (private
+space). So an allow entry can open a private range but never a never-range, and nothing in the slot
+can open the host or another slot. Whatever passes goes through the per-slot connection limits (a
+rate of new connections and a cap on concurrent ones) before it is accepted.
 
 Rules are applied with one ``nft -f -`` transaction per operation (atomic: all or nothing).
 """
@@ -17,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 from pyroute2.nftables.main import NFTables
 
@@ -30,6 +46,7 @@ __all__ = [
     "apply_egress",
     "apply_slot_rules",
     "host_ruleset",
+    "host_table_listing",
     "host_table_present",
     "install_host_table",
     "remove_host_table",
@@ -84,17 +101,19 @@ def host_ruleset(config: NetworkConfig) -> str:
         f"""\
   chain input {{
     type filter hook input priority filter; policy accept;
-    iifname {veths} ct state established,related accept
+    iifname {veths} ct direction reply ct state established,related accept
     iifname {veths} counter drop comment "guest to host"
   }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
     iifname {veths} oifname {veths} counter drop comment "slot to slot"
-    oifname {veths} ct state established,related accept
+    oifname {veths} ct direction reply ct state established,related accept
     oifname {veths} counter drop comment "unsolicited traffic into a slot"
     iifname {veths} meta nfproto != ipv4 counter drop comment "guest ipv6"
     iifname {veths} ip saddr != {transfer} counter drop comment "spoofed source"
     iifname {veths} ip daddr {{ {host}, {transfer} }} counter drop comment "wrenbox ranges"
+    iifname != {veths} ip saddr {{ {host}, {transfer} }} counter drop comment "wrenbox source from outside"
+    oifname != {veths} ip daddr {{ {host}, {transfer} }} counter drop comment "wrenbox destination outside"
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
@@ -104,13 +123,36 @@ def host_ruleset(config: NetworkConfig) -> str:
     )
 
 
+def _addresses(name: str, addresses: Iterable[IPv4Address]) -> str:
+    items = ", ".join(str(a) for a in addresses)
+    elements = f" elements = {{ {items} }};" if items else ""
+    return f"set {name} {{ type ipv4_addr;{elements} }}"
+
+
+def _egress_rules(config: NetworkConfig) -> str:
+    rules = ['ip daddr @never counter drop comment "never reachable"']
+    if config.dns_always_allowed and config.dns_servers:
+        # Ahead of the sandbox's lists: a deny-all policy must not break name resolution.
+        rules.append("ip daddr @dns meta l4proto { tcp, udp } th dport 53 goto admit")
+    rules += [
+        "ip daddr @allow goto admit",
+        'ip daddr @deny counter drop comment "deny list"',
+        'ip daddr @default_deny counter drop comment "default deny"',
+        "goto admit",
+    ]
+    return "".join(f"    {rule}\n" for rule in rules)
+
+
 def slot_ruleset(config: NetworkConfig, slot: NetworkSlot, egress: EgressPolicy) -> str:
     # Created once in a fresh namespace, so no replace prelude: the delete in it triples the commit time.
     eth, tap = f'"{NS_VETH}"', f'"{TAP}"'
+    rate = f"{config.new_connections_per_s}/second burst {config.new_connections_burst} packets"
     return f"""table inet {config.prefix} {{
   {_set("allow", egress.allow)}
   {_set("deny", egress.deny)}
   {_set("default_deny", config.deny_ranges)}
+  {_set("never", config.never_ranges)}
+  {_addresses("dns", config.dns_servers)}
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
     iifname {eth} ip daddr {slot.host_ip} dnat ip to {GUEST_IP}
@@ -132,9 +174,10 @@ def slot_ruleset(config: NetworkConfig, slot: NetworkSlot, egress: EgressPolicy)
     counter comment "dropped by policy"
   }}
   chain egress {{
-    ip daddr @allow accept
-    ip daddr @deny counter drop comment "deny list"
-    ip daddr @default_deny counter drop comment "default deny"
+{_egress_rules(config)}  }}
+  chain admit {{
+    ct state new limit rate over {rate} counter drop comment "new connection rate"
+    ct state new ct count over {config.max_connections} counter drop comment "connection count"
     accept
   }}
 }}
@@ -144,6 +187,14 @@ def slot_ruleset(config: NetworkConfig, slot: NetworkSlot, egress: EgressPolicy)
 def install_host_table(config: NetworkConfig) -> None:
     """Create or atomically replace the host table (idempotent)."""
     _nft(host_ruleset(config))
+
+
+def host_table_listing(config: NetworkConfig) -> str | None:
+    """The host table as nft lists it without counters, or None if it does not exist (~4 ms): equal
+    listings mean equal rules, whoever changed what in between."""
+    if not host_table_present(config):
+        return None
+    return run(["nft", "-s", "list", "table", "inet", config.prefix], timeout=30.0).text
 
 
 def host_table_present(config: NetworkConfig) -> bool:

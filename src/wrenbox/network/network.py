@@ -11,6 +11,7 @@ removing them, and taking back what a crash left. Typical use by the host runtim
     await network.create(slot, EgressPolicy(deny=["0.0.0.0/0"], allow=["1.1.1.1"]))
     ...                                        # QEMU runs inside slot.netns, host talks to slot.host_ip
     await network.give_back(slot)              # removed, and its index free again
+    await network.ensure_host_table()          # every few seconds: put the host table back if flushed
 
 ``take()`` is ``reserve()`` + ``create()`` for callers with nothing to write down in between (template
 builds, which take the highest free slot, out of the way of sandboxes, which take the lowest).
@@ -37,6 +38,7 @@ from wrenbox.network.firewall import (
     EgressPolicy,
     apply_egress,
     apply_slot_rules,
+    host_table_listing,
     host_table_present,
     install_host_table,
     remove_host_table,
@@ -74,6 +76,7 @@ class Network:
     def __init__(self, config: NetworkConfig | None = None) -> None:
         self.config = config or NetworkConfig()
         self._pool = SlotAllocator(self.config.capacity)
+        self._host_listing: str | None = None  # the host table as installed: its fingerprint
 
     def slot(self, index: int) -> NetworkSlot:
         """The plan of slot ``index`` (names and addresses; nothing is created)."""
@@ -116,6 +119,13 @@ class Network:
         Conflict if a host route overlaps a wrenbox range. Idempotent.
         """
         await anyio.to_thread.run_sync(self._setup)
+
+    async def ensure_host_table(self) -> bool:
+        """Reinstall the host table if it is missing or differs from what was installed (someone ran
+        ``systemctl restart nftables`` or ``nft flush ruleset``); True if it had to, with a warning
+        logged. Until then guests could reach the host. Costs ~3 ms: run it every few seconds. Does
+        nothing before :meth:`setup` or after :meth:`teardown`."""
+        return await anyio.to_thread.run_sync(self._ensure_host_table)
 
     async def teardown(self) -> None:
         """Remove every slot of this prefix and the host table (uninstall; the inverse of ``setup``)."""
@@ -164,11 +174,30 @@ class Network:
         if Path("/proc/sys", _IP_FORWARD).read_text().strip() != "1":
             log.info("enabling IPv4 forwarding on the host (sandbox egress needs it)")
             write_sysctl(_IP_FORWARD, "1")
-        install_host_table(config)
+        self._install_host_table()
+
+    def _install_host_table(self) -> None:
+        install_host_table(self.config)
+        self._host_listing = host_table_listing(self.config)
+
+    def _ensure_host_table(self) -> bool:
+        if self._host_listing is None:
+            return False  # not set up (or torn down): nothing to guard
+        found = host_table_listing(self.config)
+        if found is not None and found == self._host_listing:
+            return False
+        log.warning(
+            "the host firewall table 'inet %s' was %s (nftables reloaded or flushed?); reinstalling it",
+            self.config.prefix,
+            "missing" if found is None else "changed",
+        )
+        self._install_host_table()
+        return True
 
     def _teardown(self) -> None:
         self._reclaim(frozenset())
         remove_host_table(self.config)
+        self._host_listing = None
 
     def _create(self, slot: NetworkSlot, egress: EgressPolicy) -> None:
         if slot != self.config.slot(slot.index):

@@ -26,6 +26,8 @@ from wrenbox.errors import InvalidArgument
 
 __all__ = [
     "DEFAULT_DENY",
+    "DEFAULT_DNS",
+    "DEFAULT_NEVER",
     "GATEWAY_IP",
     "GUEST_IP",
     "GUEST_MAC",
@@ -71,6 +73,13 @@ DEFAULT_DENY: tuple[IPv4Network, ...] = tuple(
     )
 )
 
+# Egress a guest never reaches, whatever its allow list says: link-local space holds the cloud
+# metadata service (169.254.169.254) with the host's credentials.
+DEFAULT_NEVER: tuple[IPv4Network, ...] = (IPv4Network("169.254.0.0/16"),)
+
+# The resolvers a guest is told to use (``wrenbox.images.guest_kernel_args``' default).
+DEFAULT_DNS: tuple[IPv4Address, ...] = (IPv4Address("8.8.8.8"), IPv4Address("8.8.4.4"))
+
 # Short enough that "<prefix>-v<5 digits>" fits IFNAMSIZ (15 characters), and a valid nft identifier.
 _PREFIX = re.compile(r"[a-z][a-z0-9]{0,7}")
 _MAX_INDEX = 99_999
@@ -99,7 +108,17 @@ class NetworkConfig:
     ``<prefix>-v<i>``, the nftables table ``inet <prefix>``), so reclaim can find exactly what is
     ours. ``host_range`` supplies one host-reachable address per slot, ``transfer_range`` one /31
     per slot for the veth pair. ``deny_ranges`` are the egress destinations refused unless a
-    sandbox's allow list names them.
+    sandbox's allow list names them; ``never_ranges`` are refused even then (the operator's list:
+    metadata, the host's LAN, ...).
+
+    ``dns_servers`` are the resolvers guests use. With ``dns_always_allowed`` a guest reaches them
+    on port 53 (UDP and TCP) whatever its egress policy says, so name resolution keeps working under
+    a deny-all policy; that leaves DNS as a channel out of a "no internet" sandbox (queries carry
+    data to whoever runs the zone), which an operator closes by turning it off.
+
+    Per slot, ``max_connections`` caps the guest's concurrent connections out and
+    ``new_connections_per_s`` (bursts up to ``new_connections_burst``) the rate it opens them: one
+    guest must not fill the host's conntrack table, which every other tenant, the API and SSH share.
     """
 
     prefix: str = "wrenbox"
@@ -107,6 +126,12 @@ class NetworkConfig:
     transfer_range: IPv4Network = DEFAULT_TRANSFER_RANGE
     max_slots: int | None = None
     deny_ranges: tuple[IPv4Network, ...] = field(default=DEFAULT_DENY)
+    never_ranges: tuple[IPv4Network, ...] = field(default=DEFAULT_NEVER)
+    dns_servers: tuple[IPv4Address, ...] = field(default=DEFAULT_DNS)
+    dns_always_allowed: bool = True
+    max_connections: int = 4096
+    new_connections_per_s: int = 1000
+    new_connections_burst: int = 1000
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, str) or not _PREFIX.fullmatch(self.prefix):
@@ -119,6 +144,16 @@ class NetworkConfig:
         object.__setattr__(self, "host_range", host)
         object.__setattr__(self, "transfer_range", transfer)
         object.__setattr__(self, "deny_ranges", parse_cidrs(self.deny_ranges, "deny_ranges"))
+        object.__setattr__(self, "never_ranges", parse_cidrs(self.never_ranges, "never_ranges"))
+        object.__setattr__(self, "dns_servers", _dns_servers(self.dns_servers, self.never_ranges))
+        for name in ("max_connections", "new_connections_per_s", "new_connections_burst"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidArgument(f"invalid {name} {value!r}: expected a positive integer")
+        if not isinstance(self.dns_always_allowed, bool):
+            raise InvalidArgument(
+                f"invalid dns_always_allowed {self.dns_always_allowed!r}: expected true or false"
+            )
         for a, b in ((host, transfer), (host, GUEST_NETWORK), (transfer, GUEST_NETWORK)):
             if a.overlaps(b):
                 raise InvalidArgument(f"network ranges {a} and {b} overlap")
@@ -165,6 +200,20 @@ class NetworkConfig:
             ns_veth_ip=pair + 1,
             host_ip=self.host_range.network_address + index,
         )
+
+
+def _dns_servers(values: object, never: tuple[IPv4Network, ...]) -> tuple[IPv4Address, ...]:
+    nets = parse_cidrs(values, "dns_servers")  # type: ignore[arg-type]
+    if any(n.prefixlen != 32 for n in nets):
+        raise InvalidArgument(f"invalid dns_servers {values!r}: expected addresses, not networks")
+    servers = tuple(n.network_address for n in nets)
+    # Never-ranges win over the DNS exception (they come first), so such a resolver could not answer.
+    unreachable = [str(a) for a in servers if any(a in n for n in never)]
+    if unreachable:
+        raise InvalidArgument(
+            f"dns_servers {', '.join(unreachable)} lie in never_ranges: unreachable for guests"
+        )
+    return servers
 
 
 def _index(name: str, prefix: str) -> int | None:
