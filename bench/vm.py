@@ -40,7 +40,8 @@ from wrenbox.images import build_image
 from wrenbox.launch import Launcher, Placement, agent_client
 from wrenbox.network import Network, NetworkConfig, NetworkSlot
 from wrenbox.rootfs import RootfsBackend
-from wrenbox.service import image_config, probe_host, rootfs_backend, vmm_driver
+from wrenbox.service import image_config, probe_host, rootfs_backend
+from wrenbox.service import launcher as launcher_for
 from wrenbox.templates import Template, TemplateBuilder, TemplateLibrary
 from wrenbox.vmm.base import Vm
 from wrenbox.vmm.qemu import QemuDriver, qemu_argv
@@ -234,7 +235,7 @@ async def main(quick: bool) -> None:
     )
     await network.setup()
     try:
-        launcher, rootfs = Launcher(vmm_driver(caps)), rootfs_backend(settings, caps)
+        launcher, rootfs = launcher_for(settings, caps), rootfs_backend(settings, caps)
         builder = TemplateBuilder(
             TemplateLibrary(settings.templates_dir), launcher=launcher, rootfs=rootfs, network=network
         )

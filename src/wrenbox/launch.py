@@ -19,7 +19,8 @@ the error carries the end of its console.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from wrenbox.images import Image, guest_kernel_args
 from wrenbox.network import GATEWAY_IP, GUEST_IP, GUEST_NETWORK, NetworkSlot
 from wrenbox.pids import ProcessRef
 from wrenbox.vmm.base import Drive, Driver, Kernel, Machine, MemoryFile, Nic, Snapshot, Vm, VmConfig
+from wrenbox.vmm.cgroups import Cgroup, CgroupConfig, CgroupLimits, CgroupTree
 from wrenbox.vmm.jail import Confinement
 
 __all__ = ["LaunchConfig", "Launcher", "Placement", "agent_client"]
@@ -91,11 +93,20 @@ class LaunchConfig:
 
 
 class Launcher:
-    """Boots, restores and adopts VMs with one VMM driver."""
+    """Boots, restores and adopts VMs with one VMM driver. With ``cgroups`` (a tree and its settings),
+    each confined VMM runs in a cgroup of its slot, sized from its machine: one per slot, so a slot's
+    next VM reuses it and nothing accumulates."""
 
-    def __init__(self, driver: Driver, config: LaunchConfig | None = None) -> None:
+    def __init__(
+        self,
+        driver: Driver,
+        config: LaunchConfig | None = None,
+        *,
+        cgroups: tuple[CgroupTree, CgroupConfig] | None = None,
+    ) -> None:
         self.driver = driver
         self.config = config or LaunchConfig()
+        self.cgroups = cgroups
 
     async def boot(
         self, placement: Placement, image: Image, *, vcpus: int, memory_mib: int, agent: AsyncEnvdClient
@@ -130,17 +141,33 @@ class Launcher:
 
     def adopt(self, placement: Placement, process: ProcessRef, *, vcpus: int, memory_mib: int) -> Vm:
         """A handle on a VM a previous wrenbox process launched into ``placement`` (still alive)."""
-        return self.driver.adopt(self._vm_config(placement, vcpus=vcpus, memory_mib=memory_mib), process)
+        config = placement.vm_config(vcpus=vcpus, memory_mib=memory_mib)
+        return self.driver.adopt(replace(config, confinement=self.confinement(placement)), process)
 
-    def confinement(self, placement: Placement) -> Confinement | None:
+    def confinement(self, placement: Placement, cgroup: Cgroup | None = None) -> Confinement | None:
         """Whom the VMM in ``placement`` runs as (None: root, where confining is off or unsupported)."""
         base = self.config.vmm_uid_base
         if base is None or not self.driver.confines:
             return None
-        return Confinement(uid=base + placement.slot.index, gid=self.config.vmm_gid)
+        cgroups = tuple(cgroup.procs_files) if cgroup is not None else ()
+        return Confinement(uid=base + placement.slot.index, gid=self.config.vmm_gid, cgroups=cgroups)
 
-    def _vm_config(self, placement: Placement, **machine: Any) -> VmConfig:
-        return placement.vm_config(**machine, confinement=self.confinement(placement))
+    def reclaim_cgroups(self, prefix: str, in_use: Iterable[NetworkSlot]) -> list[str]:
+        """Remove the slot cgroups of network ``prefix`` that no VM uses (the leak sweep; blocking)."""
+        if self.cgroups is None:
+            return []
+        tree = self.cgroups[0]
+        keep = {slot.netns for slot in in_use}
+        return tree.reclaim(keep | {n for n in tree.names() if not n.startswith(f"{prefix}-")})
+
+    def _vm_config(self, placement: Placement, *, vcpus: int, memory_mib: int, **more: Any) -> VmConfig:
+        cgroup = None
+        if self.cgroups is not None and self.driver.confines and self.config.vmm_uid_base is not None:
+            tree, settings = self.cgroups
+            limits = CgroupLimits.for_sandbox(vcpus=vcpus, memory_mib=memory_mib, config=settings)
+            cgroup = tree.create(placement.slot.netns, limits)
+        confinement = self.confinement(placement, cgroup)
+        return placement.vm_config(vcpus=vcpus, memory_mib=memory_mib, confinement=confinement, **more)
 
     async def wait_for_agent(self, vm: Vm, agent: AsyncEnvdClient, timeout: float | None = None) -> None:
         """Wait until ``agent`` answers; Unavailable if the VM exits first, Timeout after ``timeout``

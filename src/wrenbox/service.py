@@ -30,7 +30,7 @@ from pathlib import Path
 import anyio
 
 from wrenbox.config import Settings
-from wrenbox.errors import Conflict, NotFound
+from wrenbox.errors import Conflict, NotFound, Unsupported
 from wrenbox.fileio import private_dir
 from wrenbox.images import ImageConfig, build_image, load_image
 from wrenbox.images.builder import StepEvent
@@ -46,6 +46,7 @@ from wrenbox.runtime.host import HostRuntime, RuntimeConfig
 from wrenbox.templates import TemplateLibrary
 from wrenbox.vmm import driver_for
 from wrenbox.vmm.base import Driver
+from wrenbox.vmm.cgroups import CgroupConfig, CgroupTree
 
 __all__ = [
     "Host",
@@ -117,6 +118,24 @@ def vmm_driver(caps: HostCapabilities) -> Driver:
     return driver_for(caps.vmm.name, caps)
 
 
+def launcher(settings: Settings, caps: HostCapabilities) -> Launcher:
+    """How the product starts VMs here: the probe's driver, VMMs confined, in cgroups where the host has
+    them (``[cgroups] mode``: ``auto`` runs without and says why, ``required`` refuses, ``off``)."""
+    return Launcher(vmm_driver(caps), LaunchConfig(), cgroups=vmm_cgroups(settings.cgroups))
+
+
+def vmm_cgroups(config: CgroupConfig) -> tuple[CgroupTree, CgroupConfig] | None:
+    if config.mode == "off":
+        return None
+    try:
+        return CgroupTree.discover(config.group), config
+    except Unsupported as exc:
+        if config.mode == "required":
+            raise
+        log.warning("VMMs run without cgroups (no CPU, memory or pids limits per sandbox): %s", exc.message)
+        return None
+
+
 def rootfs_backend(settings: Settings, caps: HostCapabilities) -> RootfsBackend:
     """The disk backend the product uses on this host: the one the probe chose."""
     config = rootfs_config(settings)
@@ -154,7 +173,7 @@ async def open_host(settings: Settings, *, reaper: bool = True) -> AsyncIterator
             runtime_config(settings),
             network=network,
             rootfs=rootfs_backend(settings, caps),
-            launcher=Launcher(vmm_driver(caps), LaunchConfig()),
+            launcher=launcher(settings, caps),
             templates=TemplateLibrary(settings.templates_dir),
         )
         with Store(settings.state_db) as store:

@@ -13,8 +13,9 @@ from wrenbox.config import Settings
 from wrenbox.launch import LaunchConfig
 from wrenbox.manager import CreateRequest, SandboxManager
 from wrenbox.runtime.sweep import our_processes
+from wrenbox.vmm.cgroups import CgroupConfig
 
-from .conftest import leftovers
+from .conftest import GUEST_MEMORY_MB, leftovers
 
 pytestmark = [pytest.mark.anyio, pytest.mark.vm, pytest.mark.root]
 
@@ -54,6 +55,18 @@ def _check_the_jail(pid: int, settings: Settings, sandbox_id: str) -> None:
     assert (settings.data_dir.stat().st_mode & 0o077) == 0
 
 
+def _check_the_cgroups(pid: int, settings: Settings) -> None:
+    # Its cgroups: the slot's, under ours, sized from the sandbox (guest RAM + QEMU's allowance).
+    groups = dict(line.split(":", 2)[1:] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines())
+    memory = Path("/sys/fs/cgroup/memory") / groups["memory"].lstrip("/")
+    assert memory.parent.name == "wrenbox"
+    assert memory.name.startswith(settings.network.prefix)
+    limit = (GUEST_MEMORY_MB + CgroupConfig().memory_overhead_mib) << 20
+    assert int((memory / "memory.limit_in_bytes").read_text()) == limit
+    pids = Path("/sys/fs/cgroup/pids") / groups["pids"].lstrip("/")
+    assert int((pids / "pids.max").read_text()) == CgroupConfig().pids_max
+
+
 async def test_the_vmm_runs_as_its_own_user_in_a_root_of_its_own(
     manager: SandboxManager, settings: Settings
 ) -> None:
@@ -70,6 +83,7 @@ async def test_the_vmm_runs_as_its_own_user_in_a_root_of_its_own(
     assert status["Seccomp"] == "2"  # QEMU's -sandbox filter
     assert status["CapEff"] == "0000000000000000"
     _check_the_jail(vmm.pid, settings, sb.id)
+    _check_the_cgroups(vmm.pid, settings)
 
     # And it still works: commands, pause with memory, resume.
     assert (await manager.exec(sb.id, "echo ok")).stdout == b"ok\n"

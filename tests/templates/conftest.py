@@ -30,9 +30,10 @@ from wrenbox.network.links import link_names
 from wrenbox.network.netns import list_netns
 from wrenbox.probe import HostCapabilities
 from wrenbox.rootfs import Disk, RootfsBackend
-from wrenbox.service import probe_host, rootfs_backend, vmm_driver
+from wrenbox.service import probe_host, rootfs_backend, vmm_cgroups, vmm_driver
 from wrenbox.templates import Template, TemplateBuilder, TemplateLibrary
 from wrenbox.vmm.base import Snapshot, Vm
+from wrenbox.vmm.cgroups import CgroupConfig
 
 GUEST_MEMORY_MIB = 256
 
@@ -112,7 +113,7 @@ def caps() -> HostCapabilities:
 @pytest.fixture(scope="session")
 def launcher(caps: HostCapabilities) -> Launcher:
     """VMs the way the product starts them: the driver the probe chose."""
-    return Launcher(vmm_driver(caps))
+    return Launcher(vmm_driver(caps), cgroups=vmm_cgroups(CgroupConfig()))
 
 
 @pytest.fixture(scope="session")

@@ -70,6 +70,9 @@ async def sweep(runtime: HostRuntime, records: list[SandboxRecord]) -> dict[str,
         NetworkSlot.from_dict(r.resources[R.SLOT]).index for r in records if R.SLOT in r.resources
     )
     report["slots"] = [str(i) for i in await runtime.network.reclaim()]
+    slots = [NetworkSlot.from_dict(r.resources[R.SLOT]) for r in records if R.SLOT in r.resources]
+    prefix = runtime.network.config.prefix
+    report["cgroups"] = await anyio.to_thread.run_sync(runtime.launcher.reclaim_cgroups, prefix, slots)
     disks = [Disk.model_validate(r.resources[R.DISK]) for r in records if R.DISK in r.resources]
     report["disks"] = await runtime.rootfs.reclaim(disks)
     report["files"] = await anyio.to_thread.run_sync(_sweep_files, runtime, records)
