@@ -443,3 +443,34 @@ async def test_setup_refuses_ranges_that_collide_with_host_routes(clash: str) ->
             await network.setup()
         with pytest.raises(CommandFailed):
             run(["nft", "list", "table", "inet", config.prefix])  # nothing was installed
+
+
+async def test_a_local_user_other_than_root_cannot_reach_a_sandbox(
+    network: Network, make_guest: MakeGuest
+) -> None:
+    """Agents answer whoever holds their token, and tokens are not the only secret on a host: the host
+    table's output chain keeps every local user but root (wrenbox) off the sandboxes' addresses."""
+    slot, _ = await make_guest(5, "alpha")
+    assert probe(None, slot.host_ip, GUEST_PORT).startswith("alpha ")
+    script = (
+        "import socket, sys\n"
+        "try:\n"
+        f"    socket.create_connection(({str(slot.host_ip)!r}, {GUEST_PORT}), timeout=1).recv(10)\n"
+        "    print('reached')\n"
+        "except OSError as exc:\n"
+        "    print('refused', exc.errno)\n"
+    )
+    for address in (slot.host_ip, slot.ns_veth_ip):
+        as_nobody = run(
+            [
+                "runuser",
+                "-u",
+                "nobody",
+                "--",
+                "/usr/bin/python3",
+                "-I",
+                "-c",
+                script.replace(str(slot.host_ip), str(address)),
+            ]
+        )
+        assert as_nobody.text.split()[0] == "refused", as_nobody.text

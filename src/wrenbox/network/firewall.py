@@ -104,6 +104,10 @@ def host_ruleset(config: NetworkConfig) -> str:
     iifname {veths} ct direction reply ct state established,related accept
     iifname {veths} counter drop comment "guest to host"
   }}
+  chain output {{
+    type filter hook output priority filter; policy accept;
+    ip daddr {{ {host}, {transfer} }} meta skuid != 0 counter drop comment "local users to sandboxes"
+  }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
     iifname {veths} oifname {veths} counter drop comment "slot to slot"
