@@ -16,6 +16,10 @@ Prints one JSON line per figure, ``{"figure": NAME, "value": NUMBER, "unit": UNI
                            pages rewritten since an older generation are stored in both until the
                            chain is collapsed at its generation cap).
 
+``--compare-confinement`` runs everything twice in the same sitting, VMMs unconfined (``vmm.confine`` off:
+root, no jail, no seccomp, no cgroups) and then confined (the default), and adds for each figure
+``confined_vs_unconfined_<figure>`` (confined / unconfined; target ≤ 1.1 for the time figures).
+
 Needs root and QEMU. Uses a temporary data dir sharing the cached guest image in
 ``$WRENBOX_TEST_DATA_DIR`` (default ``/var/tmp/wrenbox-test``); ``--quick`` takes fewer samples.
 
@@ -38,7 +42,7 @@ from pathlib import Path
 
 import anyio
 
-from wrenbox.config import LimitsConfig, SandboxDefaults, Settings
+from wrenbox.config import LimitsConfig, SandboxDefaults, Settings, VmmConfig
 from wrenbox.images import build_image
 from wrenbox.manager import CreateRequest, Sandboxes
 from wrenbox.network import Network, NetworkConfig
@@ -109,9 +113,10 @@ async def pause_figures(mgr: Sandboxes, quick: bool) -> list[dict[str, object]]:
     ]
 
 
-def bench_settings(root: Path) -> Settings:
+def bench_settings(root: Path, *, confine: bool = True) -> Settings:
     tag = secrets.token_hex(2)
     return Settings(
+        vmm=VmmConfig(confine=confine),
         data_dir=root,
         memory_dir=Path(f"/dev/shm/wbb-{tag}"),
         on_shutdown="destroy",
@@ -121,13 +126,13 @@ def bench_settings(root: Path) -> Settings:
     )
 
 
-def figures(quick: bool, *, latency: bool = True) -> Iterator[dict[str, object]]:
+def figures(quick: bool, *, latency: bool = True, confine: bool = True) -> Iterator[dict[str, object]]:
     """All figures; ``latency=False`` only the pause/resume/snapshot-size group (for bench/memory.py)."""
     build_image(image_config(Settings(data_dir=CACHE)), "minimal")
     root = Path(tempfile.mkdtemp(prefix="wbb-", dir="/var/tmp"))
     (root / "images").symlink_to(CACHE / "images")
     (root / "host").symlink_to(CACHE / "host")
-    settings = bench_settings(root)
+    settings = bench_settings(root, confine=confine)
 
     async def run() -> list[dict[str, object]]:
         async with open_manager(settings, reaper=False) as mgr:
@@ -147,9 +152,24 @@ def figures(quick: bool, *, latency: bool = True) -> Iterator[dict[str, object]]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few samples (about a minute)")
+    parser.add_argument(
+        "--compare-confinement", action="store_true", help="also run unconfined VMMs and print the ratios"
+    )
     args = parser.parse_args(argv)
+    if not args.compare_confinement:
+        for item in figures(args.quick):
+            print(json.dumps(item), flush=True)
+        return 0
+    baseline = {}
+    for item in figures(args.quick, confine=False):
+        baseline[item["figure"]] = item["value"]
+        print(json.dumps({**item, "figure": f"unconfined_{item['figure']}"}), flush=True)
     for item in figures(args.quick):
         print(json.dumps(item), flush=True)
+        base = baseline.get(item["figure"])
+        if isinstance(base, float | int) and base:
+            ratio = figure(f"confined_vs_unconfined_{item['figure']}", float(item["value"]) / base, "ratio")  # type: ignore[arg-type]
+            print(json.dumps(ratio), flush=True)
     return 0
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "LimitsConfig",
     "SandboxDefaults",
     "Settings",
+    "VmmConfig",
     "load_settings",
 ]
 
@@ -78,6 +79,14 @@ class SandboxDefaults(_Group):
     disk_mb: int = Field(10 * 1024, ge=64)
 
 
+class VmmConfig(_Group):
+    # Each VMM as a user of its own (uid_base + its slot's index, group gid) in a root of its own, under
+    # QEMU's seccomp policy and in its slot's cgroups (wrenbox.vmm.jail). Off only to measure what it costs.
+    confine: bool = True
+    uid_base: int = Field(2_000_000_000, ge=1000, le=4_000_000_000)
+    gid: int = Field(2_000_000_000, ge=1000, le=4_294_967_294)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="WRENBOX_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -94,6 +103,7 @@ class Settings(BaseSettings):
     # Slots, the host firewall and what guests may reach (never_ranges, the DNS exception, per-slot
     # connection limits): see NetworkConfig.
     network: NetworkConfig = NetworkConfig()
+    vmm: VmmConfig = VmmConfig()
     # Each VMM in a cgroup of its own (CPU, memory, pids, I/O from the sandbox's size): see
     # wrenbox.vmm.cgroups. ``[cgroups] memory_overhead_mib`` is QEMU's allowance beyond guest RAM.
     cgroups: CgroupConfig = CgroupConfig()

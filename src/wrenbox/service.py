@@ -19,6 +19,7 @@ the parts exposed, for tests of the runtime.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -47,6 +48,7 @@ from wrenbox.templates import TemplateLibrary
 from wrenbox.vmm import driver_for
 from wrenbox.vmm.base import Driver
 from wrenbox.vmm.cgroups import CgroupConfig, CgroupTree
+from wrenbox.vmm.qemu import QemuDriver
 
 __all__ = [
     "Host",
@@ -113,15 +115,22 @@ def probe_host(settings: Settings, *, refresh: bool = False) -> HostCapabilities
     return HostCapabilities.probe(settings.data_dir, settings.images_dir, refresh=refresh)
 
 
-def vmm_driver(caps: HostCapabilities) -> Driver:
+def vmm_driver(caps: HostCapabilities, *, seccomp: bool = True) -> Driver:
     """The VMM driver the product runs on this host: the one the probe chose."""
-    return driver_for(caps.vmm.name, caps)
+    driver = driver_for(caps.vmm.name, caps)
+    if isinstance(driver, QemuDriver) and not seccomp:
+        return QemuDriver(dataclasses.replace(driver.config, seccomp=False))
+    return driver
 
 
 def launcher(settings: Settings, caps: HostCapabilities) -> Launcher:
     """How the product starts VMs here: the probe's driver, VMMs confined, in cgroups where the host has
     them (``[cgroups] mode``: ``auto`` runs without and says why, ``required`` refuses, ``off``)."""
-    return Launcher(vmm_driver(caps), LaunchConfig(), cgroups=vmm_cgroups(settings.cgroups))
+    vmm = settings.vmm
+    if not vmm.confine:
+        return Launcher(vmm_driver(caps, seccomp=False), LaunchConfig(vmm_uid_base=None))
+    config = LaunchConfig(vmm_uid_base=vmm.uid_base, vmm_gid=vmm.gid)
+    return Launcher(vmm_driver(caps), config, cgroups=vmm_cgroups(settings.cgroups))
 
 
 def vmm_cgroups(config: CgroupConfig) -> tuple[CgroupTree, CgroupConfig] | None:

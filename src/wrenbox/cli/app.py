@@ -86,14 +86,32 @@ def doctor(
         # What the product builds from this probe, by the same calls (named here, not guessed).
         driver = vmm_driver(caps).name if caps.vmm.name != "none" else "none"
         disks = rootfs_backend(settings, caps).name
+        confinement = _confinement(settings, driver)
     except WrenboxError as exc:
         fail(exc)
     if as_json:
         typer.echo(json.dumps(caps.model_dump(mode="json") | {"accel": caps.accel}, indent=2))
     else:
         _render_capabilities(caps, driver, disks)
+        console.print(f"[bold]confinement[/]: {confinement}", highlight=False)
     if caps.vmm.name == "none":
         raise typer.Exit(3)
+
+
+def _confinement(settings: Settings, driver: str) -> str:
+    """How VMMs will be confined here (the cgroup part found without changing anything)."""
+    from wrenbox.vmm.cgroups import find_hierarchy
+
+    if not settings.vmm.confine or driver != "qemu":
+        why = "vmm.confine = false" if not settings.vmm.confine else f"the {driver} driver"
+        return f"off: VMMs run as root, unconfined ({why})"
+    jail = f"each VMM as uid {settings.vmm.uid_base}+slot in a root of its own, QEMU seccomp on"
+    if settings.cgroups.mode == "off":
+        return f"{jail}; no cgroups (cgroups.mode = off)"
+    try:
+        return f"{jail}; per-slot cgroups in {find_hierarchy()}"
+    except Unsupported as exc:
+        return f"{jail}; [yellow]no cgroups[/]: {exc.message}"
 
 
 def _render_capabilities(caps: HostCapabilities, driver: str, disks: str) -> None:
