@@ -9,6 +9,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import httpx
 
 from wrenbox.envd.endpoint import ENVD_PORT
@@ -84,8 +85,14 @@ async def counter(mgr: SandboxManager, sandbox_id: str) -> int:
 
 
 async def start_counter(mgr: SandboxManager, sandbox_id: str) -> int:
+    """Start the counter and return its pid once it has counted (its first write can lag the start by
+    a scheduling round on a busy host; a read before it would find no file)."""
     async with mgr.use(sandbox_id) as envd:
-        return await envd.processes.start(COUNTER, tag="counter")
+        pid = await envd.processes.start(COUNTER, tag="counter")
+    with anyio.fail_after(30):
+        while not (await run(mgr, sandbox_id, "cat /dev/shm/counter 2>/dev/null || true")).strip():
+            await anyio.sleep(0.1)
+    return pid
 
 
 async def process_tags(mgr: SandboxManager, sandbox_id: str) -> list[str | None]:
