@@ -89,10 +89,11 @@ async def start_counter(mgr: SandboxManager, sandbox_id: str) -> int:
     a scheduling round on a busy host; a read before it would find no file)."""
     async with mgr.use(sandbox_id) as envd:
         pid = await envd.processes.start(COUNTER, tag="counter")
-    with anyio.fail_after(30):
-        while not (await run(mgr, sandbox_id, "cat /dev/shm/counter 2>/dev/null || true")).strip():
-            await anyio.sleep(0.1)
-    return pid
+    for _ in range(300):
+        if (await run(mgr, sandbox_id, "cat /dev/shm/counter 2>/dev/null || true")).strip():
+            return pid
+        await anyio.sleep(0.1)
+    raise AssertionError("the counter never counted")
 
 
 async def process_tags(mgr: SandboxManager, sandbox_id: str) -> list[str | None]:
