@@ -22,6 +22,7 @@ The tree::
     │   ├── InUse                     failed_precondition 409  still referenced (template in use, ...)
     │   └── NotRunning                failed_precondition 409  sandbox not in a state that can serve this
     ├── Unavailable                   unavailable        503   limits reached, backend not ready
+    │   └── QuotaExceeded             resource_exhausted 429   a team's quota is used up: free something
     ├── Timeout                       deadline_exceeded  504
     ├── Unsupported                   unimplemented      501   this host lacks a capability
     │   └── MissingTool               unimplemented      501   a host program is not installed
@@ -49,6 +50,7 @@ __all__ = [
     "NotFound",
     "NotRunning",
     "PermissionDenied",
+    "QuotaExceeded",
     "Timeout",
     "Unauthenticated",
     "Unavailable",
@@ -124,6 +126,14 @@ class Unavailable(WrenboxError):
 
     code = "unavailable"
     http_status = 503
+
+
+class QuotaExceeded(Unavailable):
+    """A team holds all its quota allows (paused sandboxes, templates, bytes on disk): waiting does not
+    help, freeing something does."""
+
+    code = "resource_exhausted"
+    http_status = 429
 
 
 class Timeout(WrenboxError):
