@@ -73,9 +73,8 @@ class ManagerConfig:
     default_memory_mb: int = 512
     default_disk_mb: int = 10 * 1024  # of templates built without saying (sparse: costs what is used)
     on_shutdown: Literal["pause", "destroy"] = "pause"
-    max_guest_memory_mb: int | None = (
-        None  # what live sandboxes' guest memory may add up to; None: 4/5 of RAM
-    )
+    # What live sandboxes' guest memory may add up to; None: four fifths of the host's RAM.
+    max_guest_memory_mb: int | None = None
     ram_dir: Path | None = None  # where the runtime makes RAM files (checked for room); None: not checked
     quota: TeamQuota = field(default_factory=TeamQuota)  # every team's, unless it has its own below
     team_quotas: Mapping[str, TeamQuota] = field(default_factory=dict)
