@@ -84,7 +84,7 @@ class Bench:
         """A VM from the template, started the way the host runtime starts one."""
         m = self.template.manifest
         await asyncio.to_thread(self.template.copy_memory, placement.memory)
-        async with agent_client(placement.slot) as agent:
+        async with agent_client(placement.slot, m.agent_token) as agent:
             vm = await self.launcher.restore(
                 placement, self.template.snapshot(), vcpus=m.vcpus, memory_mib=m.memory_mib, agent=agent
             )
@@ -141,7 +141,7 @@ class Bench:
     async def exec_rtt(self, slot: NetworkSlot, count: int) -> list[float]:
         vm = await self.start(await self.placement(slot))
         try:
-            async with agent_client(slot) as agent:
+            async with agent_client(slot, self.template.manifest.agent_token) as agent:
                 await agent.processes.exec(["true"])
                 rtts = []
                 for _ in range(count):

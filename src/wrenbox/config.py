@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -34,8 +34,10 @@ __all__ = [
     "DEFAULT_CONFIG_FILE",
     "ApiConfig",
     "LimitsConfig",
+    "QuotasConfig",
     "SandboxDefaults",
     "Settings",
+    "TeamQuotaConfig",
     "VmmConfig",
     "load_settings",
 ]
@@ -57,15 +59,49 @@ class ApiConfig(_Group):
     # Templates ``wrenbox serve`` makes ready before it listens, each from the image of the same name
     # (built on first start): ``base`` is what E2B's SDK creates when no template is named.
     templates: tuple[str, ...] = ("base",)
-    # Per team (API key's team): live sandboxes, and creates/resumes/forks in flight; over, 429.
-    team_max_sandboxes: int = Field(20, ge=1)
-    team_max_concurrent_starts: int = Field(4, ge=1)
 
 
 class LimitsConfig(_Group):
     max_sandboxes: int = Field(32, ge=1)
     max_concurrent_starts: int = Field(4, ge=1)
+    # What the guest memory of live sandboxes may add up to (MiB); a start beyond it, or one whose RAM
+    # file would not fit in ``memory_dir`` now, is refused (429). None: four fifths of the host's RAM.
+    max_guest_memory_mb: int | None = Field(None, ge=64)
     exec_output_cap_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
+
+class TeamQuotaConfig(_Group):
+    """What one team (an API key's) may hold at once; the manager refuses more (429)."""
+
+    max_running: int = Field(20, ge=0)  # live sandboxes (running, starting, resuming)
+    max_starting: int = Field(4, ge=1)  # creates, resumes and fork children in flight
+    max_paused: int = Field(100, ge=0)
+    max_templates: int = Field(50, ge=0)  # snapshots included
+    max_disk_gb: int = Field(100, ge=0)  # paused sandboxes' snapshots and disks, and templates (GiB)
+
+
+class QuotasConfig(TeamQuotaConfig):
+    """Every team's quota, and per-team overrides of any of its fields::
+
+    [quotas]
+    max_paused = 20
+    [quotas.teams.research]
+    max_paused = 200
+    """
+
+    teams: dict[str, dict[str, int]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _overrides_are_quotas(self) -> QuotasConfig:
+        for team, fields in self.teams.items():
+            unknown = set(fields) - set(TeamQuotaConfig.model_fields)
+            if unknown:
+                raise ValueError(f"team {team}: no quota named {', '.join(sorted(unknown))}")
+            self.of(team)
+        return self
+
+    def of(self, team: str) -> TeamQuotaConfig:
+        return TeamQuotaConfig(**self.model_dump(exclude={"teams"}) | self.teams.get(team, {}))
 
 
 class SandboxDefaults(_Group):
@@ -99,6 +135,7 @@ class Settings(BaseSettings):
     on_shutdown: Literal["pause", "destroy"] = "pause"
     api: ApiConfig = ApiConfig()
     limits: LimitsConfig = LimitsConfig()
+    quotas: QuotasConfig = QuotasConfig()
     defaults: SandboxDefaults = SandboxDefaults()
     # Slots, the host firewall and what guests may reach (never_ranges, the DNS exception, per-slot
     # connection limits): see NetworkConfig.

@@ -22,7 +22,8 @@ The tree::
     │   ├── InUse                     failed_precondition 409  still referenced (template in use, ...)
     │   └── NotRunning                failed_precondition 409  sandbox not in a state that can serve this
     ├── Unavailable                   unavailable        503   limits reached, backend not ready
-    │   └── GuestError                unavailable        502   the guest agent failed or broke the rules
+    │   ├── GuestError                unavailable        502   the guest agent failed or broke the rules
+    │   └── QuotaExceeded             resource_exhausted 429   a team's quota is used up: free something
     ├── Timeout                       deadline_exceeded  504
     ├── Unsupported                   unimplemented      501   this host lacks a capability
     │   └── MissingTool               unimplemented      501   a host program is not installed
@@ -51,6 +52,7 @@ __all__ = [
     "NotFound",
     "NotRunning",
     "PermissionDenied",
+    "QuotaExceeded",
     "Timeout",
     "Unauthenticated",
     "Unavailable",
@@ -136,6 +138,15 @@ class GuestError(Unavailable):
     sandbox may be broken or hostile; retrying the same call will not help."""
 
     http_status = 502
+    retryable = False
+
+
+class QuotaExceeded(Unavailable):
+    """A team holds all its quota allows (paused sandboxes, templates, bytes on disk): waiting does not
+    help, freeing something does."""
+
+    code = "resource_exhausted"
+    http_status = 429
     retryable = False
 
 

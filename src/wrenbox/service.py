@@ -30,13 +30,14 @@ from pathlib import Path
 
 import anyio
 
-from wrenbox.config import Settings
+from wrenbox.config import Settings, TeamQuotaConfig
 from wrenbox.errors import Conflict, NotFound, Unsupported
 from wrenbox.fileio import private_dir
 from wrenbox.images import ImageConfig, build_image, load_image
 from wrenbox.images.builder import StepEvent
 from wrenbox.launch import LaunchConfig, Launcher
 from wrenbox.manager import ManagerConfig, Sandboxes, SandboxManager
+from wrenbox.manager.quotas import TeamQuota
 from wrenbox.manager.reaper import Reaper
 from wrenbox.manager.store import Store
 from wrenbox.network import Network
@@ -75,9 +76,14 @@ NETWORK_LOCKS = Path("/run/lock")
 
 
 def manager_config(settings: Settings) -> ManagerConfig:
+    quotas = settings.quotas
     return ManagerConfig(
         max_sandboxes=settings.limits.max_sandboxes,
         max_concurrent_starts=settings.limits.max_concurrent_starts,
+        max_guest_memory_mb=settings.limits.max_guest_memory_mb,
+        ram_dir=settings.memory_dir,
+        quota=team_quota(quotas),
+        team_quotas={team: team_quota(quotas.of(team)) for team in quotas.teams},
         exec_output_cap_bytes=settings.limits.exec_output_cap_bytes,
         default_template=settings.defaults.template,
         default_timeout_s=settings.defaults.timeout_s,
@@ -85,6 +91,16 @@ def manager_config(settings: Settings) -> ManagerConfig:
         default_memory_mb=settings.defaults.memory_mb,
         default_disk_mb=settings.defaults.disk_mb,
         on_shutdown=settings.on_shutdown,
+    )
+
+
+def team_quota(quota: TeamQuotaConfig) -> TeamQuota:
+    return TeamQuota(
+        max_running=quota.max_running,
+        max_starting=quota.max_starting,
+        max_paused=quota.max_paused,
+        max_templates=quota.max_templates,
+        max_disk_bytes=quota.max_disk_gb << 30,
     )
 
 
@@ -309,8 +325,6 @@ async def serve(
                 domain=settings.api.domain,
                 disk_mb=settings.defaults.disk_mb,
                 metrics_interval_s=settings.api.metrics_interval_s,
-                team_max_running=settings.api.team_max_sandboxes,
-                team_max_starting=settings.api.team_max_concurrent_starts,
             )
             config = uvicorn.Config(
                 app,

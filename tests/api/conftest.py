@@ -52,7 +52,9 @@ def server_env(settings: Settings) -> dict[str, str]:
         "WRENBOX_NETWORK__TRANSFER_RANGE": str(net.transfer_range),
         "WRENBOX_DEFAULTS__MEMORY_MB": str(settings.defaults.memory_mb),
         "WRENBOX_LIMITS__MAX_SANDBOXES": "8",
-        "WRENBOX_API__TEAM_MAX_SANDBOXES": "4",
+        "WRENBOX_QUOTAS__MAX_RUNNING": "4",
+        # A team whose quotas of paused sandboxes and templates are used up before it starts.
+        "WRENBOX_QUOTAS__TEAMS": json.dumps({"frugal": {"max_paused": 0, "max_templates": 0}}),
         "WRENBOX_API__METRICS_INTERVAL_S": "1",
         "WRENBOX_API__TEMPLATES": json.dumps(["minimal", "base"]),
     }

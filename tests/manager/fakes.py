@@ -79,6 +79,7 @@ class FakeRuntime:
         self.resumes: list[tuple[str, bool]] = []
         self.egress: dict[str, dict[str, list[str]]] = {}  # what each running sandbox's slot enforces
         self.failing_egress = False
+        self.snapshot_bytes = 1000  # what a paused sandbox's snapshot occupies on disk (plus 100 of disk)
         self._ips = 0
 
     def _acquire(self, ledger: Ledger, key: str, op: str) -> None:
@@ -140,7 +141,10 @@ class FakeRuntime:
         return self.envd_client
 
     def usage(self, rec: SandboxRecord) -> dict[str, int | float]:
-        return {"resources": len(rec.resources)}
+        out: dict[str, int | float] = {"resources": len(rec.resources)}
+        if "snapshot" in rec.resources:
+            out |= {"disk_bytes": 100, "snapshot_bytes": self.snapshot_bytes}
+        return out
 
     def list_templates(self) -> list[TemplateRecord]:
         return [self._record(t) for t in ["minimal", *sorted(self.templates)]]

@@ -369,7 +369,8 @@ async def test_exec_stream_and_metrics(mgr: SandboxManager) -> None:
     m = await mgr.metrics(rec.id)
     assert (m.state, m.host, m.guest) == (S.RUNNING, {"resources": 3}, FakeMetrics())
     await mgr.pause(rec.id)
-    assert await mgr.metrics(rec.id) == SandboxMetrics(S.PAUSED, {"resources": 2})
+    paused = {"resources": 2, "disk_bytes": 100, "snapshot_bytes": 1000}
+    assert await mgr.metrics(rec.id) == SandboxMetrics(S.PAUSED, paused)
     await mgr.destroy(rec.id)
     with pytest.raises(NotFound):
         await mgr.metrics(rec.id)

@@ -5,6 +5,7 @@ files, a capped translation cache; and a guest that floods its serial console wr
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,10 @@ def _allocated(path: Path) -> int:
     return sum(p.lstat().st_blocks * 512 for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def uid_of(pid: int) -> int:
+    return int(_status(pid)["Uid"].split()[0])
+
+
 def _names(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir())
 
@@ -51,8 +56,16 @@ def _check_the_jail(pid: int, settings: Settings, sandbox_id: str) -> None:
     mounts = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
     (proc,) = [m for m in mounts if m.split()[4] == "/proc"]
     assert "hidepid=invisible" in proc
-    # On the host, as that user, it could not even enter the data dir.
+    # On the host, as that user, it could not even enter the data dir; nor can any local user.
     assert (settings.data_dir.stat().st_mode & 0o077) == 0
+    for who in ("nobody", str(uid_of(pid))):
+        done = subprocess.run(
+            ["setpriv", f"--reuid={who}", "--regid=65534", "--clear-groups", "cat", str(settings.state_db)],
+            capture_output=True,
+            check=False,
+        )
+        assert done.returncode != 0
+        assert b"Permission denied" in done.stderr
 
 
 def _check_the_cgroups(pid: int, settings: Settings) -> None:

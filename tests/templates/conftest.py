@@ -197,7 +197,7 @@ class Sandboxes:
         directory.mkdir()
         disk = await self.rootfs.create(self.template.rootfs_image(), name)
         placement = self.placement(directory, disk, slot)
-        agent = agent_client(slot)
+        agent = agent_client(slot, self.template.manifest.agent_token)
         try:
             await anyio.to_thread.run_sync(self.template.copy_memory, placement.memory)
             vm = await self.launcher.restore(placement, self.template.snapshot(), **self.machine, agent=agent)
@@ -229,7 +229,7 @@ class Sandboxes:
         slot = await self.slot(index)
         sandbox.disk = await self.rootfs.restore(sandbox.disk)
         placement = self.placement(sandbox.dir, sandbox.disk, slot, run=f"run-{secrets.token_hex(3)}")
-        sandbox.slot, sandbox.agent = slot, agent_client(slot)
+        sandbox.slot, sandbox.agent = slot, agent_client(slot, self.template.manifest.agent_token)
         sandbox.vm = await self.launcher.restore(placement, snapshot, **self.machine, agent=sandbox.agent)
         await sandbox.agent.init()
 

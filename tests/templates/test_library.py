@@ -28,7 +28,9 @@ def test_a_build_publishes_an_immutable_template(
     m = template.manifest
     assert (m.name, m.image, m.image_build_key) == ("minimal", "minimal", guest_image.manifest.build_key)
     assert (m.vcpus, m.memory_mib, m.disk_format) == (1, GUEST_MEMORY_MIB, "qcow2")
-    assert (m.source, m.parent, m.agent_token) == (None, None, None)
+    assert (m.source, m.parent) == (None, None)
+    assert m.agent_token is not None
+    assert len(m.agent_token) >= 32  # the agent's bootstrap token: random, made for this build
     assert m.kernel_release == guest_image.manifest.kernel.release
     assert set(m.timings) >= {"disk", "boot", "flatten"}
 
@@ -42,6 +44,7 @@ def test_a_build_publishes_an_immutable_template(
 
     for path in (template.memory, template.rootfs, template.path / "manifest.json"):
         assert stat.S_IMODE(path.stat().st_mode) & 0o222 == 0, f"{path} is writable"
+    assert stat.S_IMODE((template.path / "manifest.json").stat().st_mode) == 0o400  # it holds the token
     assert anyio.run(rootfs.fingerprints.verify, template.rootfs_image()).path == template.rootfs
 
     assert [t.name for t in library.list()] == ["minimal"]

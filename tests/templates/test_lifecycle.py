@@ -23,6 +23,7 @@ from tests.templates.conftest import (
 )
 
 from wrenbox.command import run
+from wrenbox.errors import Unauthenticated
 from wrenbox.launch import Launcher, agent_client
 from wrenbox.network import Network
 from wrenbox.rootfs import RootfsBackend
@@ -140,6 +141,37 @@ async def test_snapshot_then_resume_keeps_the_vm_running(sandboxes: Sandboxes, l
     assert await adopted.status() == "running"
     await adopted.destroy()
     assert not e.vm.alive()
+
+
+async def test_a_restored_agent_takes_its_first_init_only_from_the_host(
+    sandboxes: Sandboxes, launcher: Launcher, template: Template, rootfs: RootfsBackend, data_dir: Path
+) -> None:
+    """Finding 12: between a restore and the host's /init, anyone who reaches the agent's port must get
+    nothing: neither set their own token first (denying the host) nor run a command."""
+    slot = await sandboxes.slot(9)
+    directory = data_dir / "vms" / "raced"
+    directory.mkdir(parents=True)
+    disk = await rootfs.create(template.rootfs_image(), "raced")
+    placement = sandboxes.placement(directory, disk, slot)
+    try:
+        template.copy_memory(placement.memory)
+        async with agent_client(slot) as stranger, agent_client(slot, template.manifest.agent_token) as host:
+            vm = await launcher.restore(placement, template.snapshot(), **sandboxes.machine, agent=stranger)
+            try:
+                with pytest.raises(Unauthenticated):
+                    await stranger.init(access_token="the-strangers-own")
+                with pytest.raises(Unauthenticated):
+                    await stranger.processes.exec(["true"])
+                await host.init(access_token="the-sandboxes-own")  # the host's token still works
+                assert (await host.processes.exec(["true"])).exit_code == 0
+                async with agent_client(slot, template.manifest.agent_token) as late:
+                    with pytest.raises(Unauthenticated):  # and now only the sandbox's own does
+                        await late.processes.exec(["true"])
+            finally:
+                await vm.destroy()
+    finally:
+        await rootfs.remove(disk)
+        shutil.rmtree(directory)
 
 
 async def test_destroy_kills_a_vmm_that_does_not_answer(

@@ -33,7 +33,6 @@ from wrenbox.api import sandboxes as sandbox_routes
 from wrenbox.api import templates as template_routes
 from wrenbox.api.context import ApiContext
 from wrenbox.api.keys import KeyStore
-from wrenbox.api.limits import TeamLimits
 from wrenbox.api.proxy import SandboxProxy
 from wrenbox.api.sampler import MetricsSampler
 from wrenbox.api.wire import Wire
@@ -114,8 +113,6 @@ def create_app(
     domain: str | None = None,
     disk_mb: int = 10 * 1024,
     metrics_interval_s: float = 5.0,
-    team_max_running: int = 20,
-    team_max_starting: int = 4,
 ) -> FrontDoor:
     """The server's ASGI app over ``sandboxes``. Its lifespan runs the metrics sampler."""
     sampler = MetricsSampler(sandboxes, interval_s=metrics_interval_s)
@@ -140,8 +137,7 @@ def create_app(
         docs_url="/docs",
         redoc_url=None,
     )
-    limits = TeamLimits(sandboxes, team_max_running, team_max_starting)
-    rest.state.ctx = ApiContext(sandboxes, keys, Wire(domain=domain, disk_mb=disk_mb), sampler, limits)
+    rest.state.ctx = ApiContext(sandboxes, keys, Wire(domain=domain, disk_mb=disk_mb), sampler)
     errors.install(rest)
     rest.include_router(sandbox_routes.router)
     rest.include_router(template_routes.router)

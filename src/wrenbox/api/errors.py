@@ -2,7 +2,8 @@
 
 E2B's SDK parses that body before it looks at anything else, so a bare or HTML error would crash the
 caller instead of raising the right exception. Limits answer 429 with ``Retry-After`` (E2B's SDK waits
-and retries); other :class:`~wrenbox.errors.WrenboxError` s answer their ``http_status``; anything
+and retries); a used-up quota answers 429 with ``Should-Retry: false`` (waiting would not help: the SDK
+raises at once); other :class:`~wrenbox.errors.WrenboxError` s answer their ``http_status``; anything
 unexpected is a logged 500 that names no internals.
 """
 
@@ -15,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from wrenbox.errors import WrenboxError
+from wrenbox.errors import QuotaExceeded, WrenboxError
 
 __all__ = ["RETRY_AFTER_S", "error_response", "install"]
 
@@ -30,6 +31,8 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 def _wrenbox(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, WrenboxError)
+    if isinstance(exc, QuotaExceeded):
+        return error_response(429, exc.message, {"Should-Retry": "false"})
     if exc.retryable:
         return error_response(429, exc.message, {"Retry-After": str(RETRY_AFTER_S)})
     return error_response(exc.http_status, exc.message)

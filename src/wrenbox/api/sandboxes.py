@@ -46,20 +46,19 @@ def _created(body: Any) -> JSONResponse:
 
 async def _create(ctx: Ctx, team: str, body: NewSandbox) -> JSONResponse:
     template = ctx.template(team, body.template_id)
-    with ctx.limits.start(team):
-        rec = await ctx.sandboxes.create(
-            CreateRequest(
-                template=template.name,
-                timeout_s=body.timeout,
-                on_timeout="pause" if body.auto_pause else "kill",
-                pause_memory=body.auto_pause_memory,
-                auto_resume=body.auto_resume is not None and body.auto_resume.enabled,
-                metadata=body.metadata or {},
-                env=body.env_vars or {},
-                team=team,
-                egress=body.egress(),
-            )
+    rec = await ctx.sandboxes.create(
+        CreateRequest(
+            template=template.name,
+            timeout_s=body.timeout,
+            on_timeout="pause" if body.auto_pause else "kill",
+            pause_memory=body.auto_pause_memory,
+            auto_resume=body.auto_resume is not None and body.auto_resume.enabled,
+            metadata=body.metadata or {},
+            env=body.env_vars or {},
+            team=team,
+            egress=body.egress(),
         )
+    )
     return _created(ctx.wire.sandbox(rec))
 
 
@@ -147,7 +146,7 @@ def get_sandbox(ctx: Ctx, team: Team, sandbox_id: str) -> dict[str, Any]:
 @router.delete("/sandboxes/{sandbox_id}", status_code=204, summary="Kill a sandbox, running or paused")
 async def kill(ctx: Ctx, team: Team, sandbox_id: str) -> Response:
     rec = ctx.sandbox(team, sandbox_id)
-    await ctx.sandboxes.destroy(rec.id)
+    await ctx.sandboxes.destroy(rec.id, team=team)
     return _NO_CONTENT
 
 
@@ -156,7 +155,7 @@ async def kill(ctx: Ctx, team: Team, sandbox_id: str) -> Response:
 )
 def set_timeout(ctx: Ctx, team: Team, sandbox_id: str, body: TimeoutBody) -> Response:
     rec = ctx.sandbox(team, sandbox_id)
-    ctx.sandboxes.set_timeout(rec.id, body.timeout)  # 0: now
+    ctx.sandboxes.set_timeout(rec.id, body.timeout, team=team)  # 0: now
     return _NO_CONTENT
 
 
@@ -167,18 +166,18 @@ async def refresh(
     rec = ctx.sandbox(team, sandbox_id)
     duration = (body or {}).get("duration")
     if duration is None:
-        ctx.sandboxes.ping(rec.id)
+        ctx.sandboxes.ping(rec.id, team=team)
     elif not isinstance(duration, int) or isinstance(duration, bool) or not 0 <= duration <= 3600:
         raise InvalidArgument("duration must be 0 to 3600 seconds")
     elif rec.state is S.RUNNING:
-        await ctx.sandboxes.connect(rec.id, duration)  # more time, never less
+        await ctx.sandboxes.connect(rec.id, duration, team=team)  # more time, never less
     return _NO_CONTENT
 
 
 @router.put("/sandboxes/{sandbox_id}/network", status_code=204, summary="Replace the outbound rules")
 async def update_network(ctx: Ctx, team: Team, sandbox_id: str, body: NetworkOpts) -> Response:
     rec = ctx.sandbox(team, sandbox_id)
-    await ctx.sandboxes.set_egress(rec.id, body.egress(body.allow_internet_access))
+    await ctx.sandboxes.set_egress(rec.id, body.egress(body.allow_internet_access), team=team)
     return _NO_CONTENT
 
 
@@ -189,13 +188,12 @@ async def pause(
     rec = ctx.sandbox(team, sandbox_id)
     if rec.state is not S.RUNNING:
         raise Conflict(f"sandbox {rec.id} is already paused")
-    await ctx.sandboxes.pause(rec.id, memory=(body or PauseBody()).memory)
+    await ctx.sandboxes.pause(rec.id, memory=(body or PauseBody()).memory, team=team)
     return _NO_CONTENT
 
 
 async def _resume(ctx: Ctx, team: str, rec: SandboxRecord, body: ConnectBody) -> JSONResponse:
-    with ctx.limits.start(team):
-        resumed = await ctx.sandboxes.resume(rec.id, body.timeout, memory=body.memory)
+    resumed = await ctx.sandboxes.resume(rec.id, body.timeout, memory=body.memory, team=team)
     return _created(ctx.wire.sandbox(resumed))
 
 
@@ -205,7 +203,8 @@ async def _connect(ctx: Ctx, team: str, sandbox_id: str, body: ConnectBody) -> J
         return await _resume(ctx, team, rec, body)
     if rec.state is not S.RUNNING:
         raise Conflict(f"sandbox {rec.id} is {rec.state.value}; connect again when that has finished")
-    return JSONResponse(ctx.wire.sandbox(await ctx.sandboxes.connect(rec.id, body.timeout)), status_code=200)
+    running = await ctx.sandboxes.connect(rec.id, body.timeout, team=team)
+    return JSONResponse(ctx.wire.sandbox(running), status_code=200)
 
 
 @router.post("/sandboxes/{sandbox_id}/connect", summary="Connect (resume if paused) (SDK 2.45)")
@@ -240,10 +239,9 @@ async def fork(
     body = body or ForkBody()
     if rec.state is not S.RUNNING:
         raise NotRunning(f"sandbox {rec.id} is {public_state(rec.state)}; only running sandboxes fork")
-    with ctx.limits.start(team, body.count):
-        children = await ctx.sandboxes.fork(rec.id, body.count)
+    children = await ctx.sandboxes.fork(rec.id, body.count, team=team)
     if body.timeout is not None:
-        children = [ctx.sandboxes.set_timeout(c.id, body.timeout) for c in children]
+        children = [ctx.sandboxes.set_timeout(c.id, body.timeout, team=team) for c in children]
     return _created([{"sandbox": ctx.wire.sandbox(c)} for c in children])
 
 
@@ -254,7 +252,7 @@ async def snapshot(
     rec = ctx.sandbox(team, sandbox_id)
     body = body or SnapshotBody()
     name = None if body.name is None else template_name(body.name)
-    template = await ctx.sandboxes.snapshot(rec.id, name)
+    template = await ctx.sandboxes.snapshot(rec.id, name, team=team)
     return _created(ctx.wire.snapshot(template))
 
 
@@ -292,7 +290,7 @@ def logs(
 ) -> dict[str, Any]:
     rec = ctx.sandbox(team, sandbox_id)
     entries = []
-    for event in ctx.sandboxes.events(sandbox_id=rec.id, limit=10_000):
+    for event in ctx.sandboxes.events(sandbox_id=rec.id, limit=10_000, team=team):
         if start is not None and event["ts"] * 1000 < start:
             continue
         detail = " ".join(f"{k}={v}" for k, v in event["detail"].items())

@@ -14,34 +14,33 @@ from fastapi import APIRouter, Query, Response
 from wrenbox.api.context import Ctx, Team
 from wrenbox.api.wire import DEFAULT_TAG, build_id, paginate, rfc3339, template_name
 from wrenbox.errors import InvalidArgument, NotFound, PermissionDenied
-from wrenbox.records import TemplateRecord, TemplateState
+from wrenbox.records import TemplateState
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["templates"])
 
 
-def _visible(team: str, t: TemplateRecord) -> bool:
-    return t.team in (None, team) and t.state is not TemplateState.DELETING
-
-
 @router.get("/templates", summary="Templates this team may use")
 def list_templates(ctx: Ctx, team: Team) -> list[dict[str, Any]]:
     return [
         ctx.wire.template(t)
-        for t in ctx.sandboxes.templates()
-        if _visible(team, t) and t.kind not in ("snapshot", "fork")
+        for t in ctx.sandboxes.templates(team=team)
+        if t.state is not TemplateState.DELETING and t.kind not in ("snapshot", "fork")
     ]
 
 
 @router.get("/templates/aliases/{alias}", summary="Whether a template name is taken")
 def alias(ctx: Ctx, team: Team, alias: str) -> dict[str, Any]:
+    name = template_name(alias)
     try:
-        t = ctx.sandboxes.template(template_name(alias))
+        t = ctx.sandboxes.template(name, team=team)
     except NotFound:
+        # E2B's contract: 403 says the name is taken by another team (names are global, and a
+        # template of that name could not be made anyway); nothing else of it is shown.
+        if any(other.name == name for other in ctx.sandboxes.templates()):
+            raise PermissionDenied(f"template {alias!r} belongs to another team") from None
         raise NotFound(f"template {alias!r} not found") from None
-    if t.team not in (None, team):
-        raise PermissionDenied(f"template {alias!r} belongs to another team")
     return {"templateID": t.name, "public": t.team is None}
 
 
@@ -60,9 +59,7 @@ def get_template(ctx: Ctx, team: Team, template_id: str) -> dict[str, Any]:
 @router.delete("/templates/{template_id:path}", status_code=204, summary="Delete a template or snapshot")
 async def delete_template(ctx: Ctx, team: Team, template_id: str) -> Response:
     t = ctx.template(team, template_id, ready=False)
-    if t.team is None:
-        raise PermissionDenied(f"template {t.name!r} is the operator's; it cannot be deleted through the API")
-    await ctx.sandboxes.delete_template(t.name)
+    await ctx.sandboxes.delete_template(t.name, team=team)
     return Response(status_code=204)
 
 
@@ -84,7 +81,7 @@ def list_snapshots(
             return []  # no snapshot can have that name
     found = [
         t
-        for t in ctx.sandboxes.templates()
+        for t in ctx.sandboxes.templates(team=team)
         if t.kind == "snapshot"
         and t.team == team
         and t.state is TemplateState.READY

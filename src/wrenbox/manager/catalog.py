@@ -2,10 +2,12 @@
 
 A template enters as a ``building`` row (which also reserves its name), is made by the runtime — built
 from an image, or derived from a sandbox by a snapshot or a fork — and becomes ``ready`` with the facts of
-its files; a failure drops the row. At start, :meth:`TemplateCatalog.sync` brings the rows in line with
-the template files the runtime finds (a build a crash interrupted after publishing is finished, one
-interrupted before is dropped, files without a row are registered). Each change happens under the
-template's lock and is written to the event log.
+its files; a failure drops the row. A template belongs to a team (``team``) or, built by the operator,
+to nobody: then every team may use it, and only the operator may delete it. A team asking for another
+team's template gets NotFound, as if it did not exist. At start, :meth:`TemplateCatalog.sync` brings the
+rows in line with the template files the runtime finds (a build a crash interrupted after publishing is
+finished, one interrupted before is dropped, files without a row are registered). Each change happens
+under the template's lock and is written to the event log.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable
 
 import anyio
 
-from wrenbox.errors import AlreadyExists, InUse, NotFound
+from wrenbox.errors import AlreadyExists, InUse, NotFound, PermissionDenied
 from wrenbox.manager.store import Store
 from wrenbox.names import validate_name
 from wrenbox.records import TemplateRecord, TemplateState
@@ -38,15 +40,19 @@ class TemplateCatalog:
         self._admission = admission
         self._locks: dict[str, anyio.Lock] = {}
 
-    def list(self) -> list[TemplateRecord]:
-        return self._store.list_templates()
+    def list(self, team: str | None = None) -> list[TemplateRecord]:
+        """The templates ``team`` may use: its own and the operator's (every one for the operator)."""
+        return [t for t in self._store.list_templates() if _visible(t, team)]
 
-    def get(self, name: str) -> TemplateRecord:
-        return self._store.get_template(validate_name(name, what="template name"))
+    def get(self, name: str, team: str | None = None) -> TemplateRecord:
+        template = self._store.get_template(validate_name(name, what="template name"))
+        if not _visible(template, team):
+            raise NotFound(f"template {name} not found")  # the store's words: nothing tells it exists
+        return template
 
-    def ready(self, name: str) -> TemplateRecord:
-        """Template ``name`` if sandboxes can start from it now; NotFound otherwise."""
-        template = self.get(name)
+    def ready(self, name: str, team: str | None = None) -> TemplateRecord:
+        """Template ``name`` if ``team`` may start sandboxes from it now; NotFound otherwise."""
+        template = self.get(name, team)
         if template.state is not T.READY:
             raise NotFound(f"template {name} is {template.state.value}, not ready")
         return template
@@ -109,12 +115,13 @@ class TemplateCatalog:
         memory_mb: int,
         disk_mb: int,
         on_step: Callable[[str], None] | None = None,
+        team: str | None = None,
     ) -> TemplateRecord:
         validate_name(name, what="template name")
         validate_name(image, what="image name")
         self.check_free(name)  # at once, rather than after a build of that name
         async with self.lock(name):
-            row = self.begin(name, kind="base", vcpus=vcpus, memory_mb=memory_mb, source=image)
+            row = self.begin(name, kind="base", vcpus=vcpus, memory_mb=memory_mb, source=image, team=team)
             try:
                 built = await self._runtime.build_template(
                     name, image=image, vcpus=vcpus, memory_mb=memory_mb, disk_mb=disk_mb, on_step=on_step
@@ -124,9 +131,12 @@ class TemplateCatalog:
                 raise
             return self.finish(row, built, event="template_created")
 
-    async def delete(self, name: str) -> None:
+    async def delete(self, name: str, team: str | None = None) -> None:
+        """Delete template ``name``, which ``team`` must own (the operator may delete any)."""
         async with self.lock(name):
-            template = self.get(name)
+            template = self.get(name, team)
+            if team is not None and template.team is None:
+                raise PermissionDenied(f"template {name} is the operator's; only the operator deletes it")
             async with self._admission:
                 users = self._store.template_users(name)
                 if users:
@@ -159,3 +169,7 @@ class TemplateCatalog:
             with contextlib.suppress(AlreadyExists):
                 self._store.insert_template(found)
                 self._store.record_event("template_registered", None, template=found.name)
+
+
+def _visible(template: TemplateRecord, team: str | None) -> bool:
+    return team is None or template.team in (None, team)

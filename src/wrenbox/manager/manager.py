@@ -12,15 +12,21 @@ Failure rules, for every operation: the ledger unwinds what the operation acquir
 sandbox goes back to the state it was in (a failed pause leaves it running, a failed resume leaves it
 paused with its snapshot untouched), or to ``error`` when something could not be released — then the
 leftovers are recorded on the sandbox for a later destroy or reclaim.
+
+Tenancy, for every call: a caller that names a ``team`` acts only on that team's sandboxes and on
+templates it may use (its own and the operator's); anything else is NotFound, exactly as if it did not
+exist. Starting, pausing and making templates count against the team's quota (:mod:`.quotas`).
+``team`` None is the host's operator (the CLI on the host, in-process callers), who sees everything.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -29,8 +35,9 @@ from wrenbox import faults
 from wrenbox.errors import InvalidArgument, NotFound, NotRunning
 from wrenbox.ledger import Ledger
 from wrenbox.manager.activity import Activity
-from wrenbox.manager.admission import Admission
+from wrenbox.manager.admission import Admission, default_guest_memory_mb
 from wrenbox.manager.catalog import TemplateCatalog
+from wrenbox.manager.quotas import Quotas, TeamQuota
 from wrenbox.manager.recovery import RecoveryMixin
 from wrenbox.manager.sandboxes import (
     Address,
@@ -66,6 +73,11 @@ class ManagerConfig:
     default_memory_mb: int = 512
     default_disk_mb: int = 10 * 1024  # of templates built without saying (sparse: costs what is used)
     on_shutdown: Literal["pause", "destroy"] = "pause"
+    # What live sandboxes' guest memory may add up to; None: four fifths of the host's RAM.
+    max_guest_memory_mb: int | None = None
+    ram_dir: Path | None = None  # where the runtime makes RAM files (checked for room); None: not checked
+    quota: TeamQuota = field(default_factory=TeamQuota)  # every team's, unless it has its own below
+    team_quotas: Mapping[str, TeamQuota] = field(default_factory=dict)
 
 
 class SandboxManager(RecoveryMixin):
@@ -86,20 +98,27 @@ class SandboxManager(RecoveryMixin):
         self._locks: dict[str, anyio.Lock] = {}
         admission = anyio.Lock()  # one for new sandboxes' rows and templates' in-use checks
         self._catalog = TemplateCatalog(store, runtime, admission=admission)
+        self._quotas = Quotas(store, runtime, config.quota, config.team_quotas)
+        memory_mb = config.max_guest_memory_mb
         self._admission = Admission(
             store,
             self._catalog,
             admission,
+            self._quotas,
             max_sandboxes=config.max_sandboxes,
             max_concurrent_starts=config.max_concurrent_starts,
+            max_guest_memory_mb=default_guest_memory_mb() if memory_mb is None else memory_mb,
+            ram_dir=config.ram_dir,
         )
         self._activity = Activity(clock)
         self._running_since: dict[str, float] = {}  # when each sandbox's current VM run began
 
     # -- queries -------------------------------------------------------------------------------------
 
-    def get(self, sandbox_id: str) -> SandboxRecord:
+    def get(self, sandbox_id: str, *, team: str | None = None) -> SandboxRecord:
         rec = self._store.get_sandbox(sandbox_id)
+        if team is not None and rec.team != team:
+            raise NotFound(f"sandbox {sandbox_id} not found")  # the store's words: nothing tells it exists
         rec.last_active_at = self._activity.last_active(rec.id, rec.last_active_at)
         return rec
 
@@ -122,9 +141,15 @@ class SandboxManager(RecoveryMixin):
     def list_running(self) -> list[SandboxRecord]:
         return self.list(states={S.RUNNING})
 
-    def events(self, *, sandbox_id: str | None = None, after: int = 0, limit: int = 1000) -> list[Event]:
+    def events(
+        self, *, sandbox_id: str | None = None, after: int = 0, limit: int = 1000, team: str | None = None
+    ) -> list[Event]:
         if not isinstance(limit, int) or not 1 <= limit <= 10_000:
             raise InvalidArgument(f"limit must be from 1 to 10000, not {limit!r}")
+        if team is not None:
+            if sandbox_id is None:
+                raise InvalidArgument("a team reads the events of one of its sandboxes: name it")
+            self.get(sandbox_id, team=team)
         return self._store.events(sandbox_id=sandbox_id, after=after, limit=limit)
 
     # -- activity ------------------------------------------------------------------------------------
@@ -133,14 +158,16 @@ class SandboxManager(RecoveryMixin):
         """Note that the sandbox is in use now (kept in memory; get and list report it)."""
         self._activity.touch(sandbox_id)
 
-    def ping(self, sandbox_id: str) -> None:
-        rec = self._running(sandbox_id)
+    def ping(self, sandbox_id: str, *, team: str | None = None) -> None:
+        rec = self._running(sandbox_id, team)
         self.touch(sandbox_id)
         if rec.timeout_s > 0:
             self._extend(rec, rec.timeout_s)
 
-    def set_timeout(self, sandbox_id: str, timeout_s: int | None) -> SandboxRecord:
-        rec = self.get(sandbox_id)
+    def set_timeout(
+        self, sandbox_id: str, timeout_s: int | None, *, team: str | None = None
+    ) -> SandboxRecord:
+        rec = self.get(sandbox_id, team=team)
         if rec.state is S.DESTROYED:
             raise NotFound(f"sandbox {sandbox_id} was destroyed")
         if timeout_s is None:
@@ -148,7 +175,8 @@ class SandboxManager(RecoveryMixin):
         check_timeout(timeout_s)
         return self._set_end(rec, self.clock() + timeout_s)
 
-    async def set_egress(self, sandbox_id: str, egress: Egress) -> SandboxRecord:
+    async def set_egress(self, sandbox_id: str, egress: Egress, *, team: str | None = None) -> SandboxRecord:
+        self.get(sandbox_id, team=team)
         async with self._lock(sandbox_id):
             rec = self.get(sandbox_id)
             if rec.state is S.DESTROYED:
@@ -178,7 +206,7 @@ class SandboxManager(RecoveryMixin):
     # -- lifecycle -----------------------------------------------------------------------------------
 
     async def create(self, request: CreateRequest) -> SandboxRecord:
-        template = self._catalog.ready(request.template or self.config.default_template)
+        template = self._catalog.ready(request.template or self.config.default_template, request.team)
         timeout_s = self.config.default_timeout_s if request.timeout_s is None else request.timeout_s
         if request.on_timeout not in ("pause", "kill"):
             raise InvalidArgument(f"on_timeout must be 'pause' or 'kill', not {request.on_timeout!r}")
@@ -215,7 +243,8 @@ class SandboxManager(RecoveryMixin):
                 rec, S.RUNNING, host_ip=host_ip, last_active_at=self.clock(), end_at=self._deadline(rec)
             )
 
-    async def destroy(self, sandbox_id: str) -> None:
+    async def destroy(self, sandbox_id: str, *, team: str | None = None) -> None:
+        self.get(sandbox_id, team=team)
         async with self._lock(sandbox_id):
             rec = self.get(sandbox_id)
             if rec.state is S.DESTROYED:
@@ -223,16 +252,20 @@ class SandboxManager(RecoveryMixin):
             await self._destroy_locked(rec)
         await self._collect_template(rec.template)
 
-    async def pause(self, sandbox_id: str, *, memory: bool = True) -> SandboxRecord:
+    async def pause(self, sandbox_id: str, *, memory: bool = True, team: str | None = None) -> SandboxRecord:
+        self.get(sandbox_id, team=team)
         async with self._lock(sandbox_id):
-            return await self._pause_locked(self.get(sandbox_id), memory=memory)
+            rec = self.get(sandbox_id)
+            if rec.state is S.RUNNING:  # else the move below says why it cannot pause
+                self._quotas.check_pause(rec.team)
+            return await self._pause_locked(rec, memory=memory)
 
     async def resume(
-        self, sandbox_id: str, timeout_s: int | None = None, *, memory: bool = True
+        self, sandbox_id: str, timeout_s: int | None = None, *, memory: bool = True, team: str | None = None
     ) -> SandboxRecord:
         if timeout_s is not None:
             check_timeout(timeout_s)
-        rec = self.get(sandbox_id)
+        rec = self.get(sandbox_id, team=team)
         async with self._admission.admitted(rec), self._lock(sandbox_id):
             rec = self.get(sandbox_id)
             if rec.state is S.RUNNING:
@@ -253,8 +286,10 @@ class SandboxManager(RecoveryMixin):
                 rec, S.RUNNING, host_ip=host_ip, last_active_at=self.clock(), end_at=self._deadline(rec)
             )
 
-    async def connect(self, sandbox_id: str, timeout_s: int | None = None) -> SandboxRecord:
-        rec = self.get(sandbox_id)
+    async def connect(
+        self, sandbox_id: str, timeout_s: int | None = None, *, team: str | None = None
+    ) -> SandboxRecord:
+        rec = self.get(sandbox_id, team=team)
         if rec.state is S.PAUSED:
             return await self.resume(sandbox_id, timeout_s)
         if rec.state is not S.RUNNING:
@@ -264,25 +299,31 @@ class SandboxManager(RecoveryMixin):
             return self._extend(rec, check_timeout(timeout_s))
         return rec
 
-    async def snapshot(self, sandbox_id: str, name: str | None = None) -> TemplateRecord:
-        self.get(sandbox_id)  # NotFound before anything else
+    async def snapshot(
+        self, sandbox_id: str, name: str | None = None, *, team: str | None = None
+    ) -> TemplateRecord:
+        self.get(sandbox_id, team=team)  # NotFound before anything else
         name = f"snapshot-{sandbox_id}-{new_sandbox_id()[:8]}" if name is None else name
         self._catalog.check_free(name)  # at once, rather than after a build of that name
         async with self._catalog.lock(name), self._lock(sandbox_id):
             self._catalog.check_free(name)
             rec = self.get(sandbox_id)
+            self._quotas.check_template(rec.team, "snapshot")
             back_to = S.RUNNING if rec.state is S.RUNNING else S.PAUSED  # E2B's: the source goes on
             return await self._snapshot_locked(rec, name, kind="snapshot", back_to=back_to)
 
-    async def fork(self, sandbox_id: str, count: int = 1) -> list[SandboxRecord]:
+    async def fork(self, sandbox_id: str, count: int = 1, *, team: str | None = None) -> list[SandboxRecord]:
         if not isinstance(count, int) or not 1 <= count <= self.config.max_sandboxes:
             raise InvalidArgument(f"fork count must be between 1 and {self.config.max_sandboxes}")
-        self.get(sandbox_id)  # NotFound before anything else
+        self.get(sandbox_id, team=team)  # NotFound before anything else
         name = f"fork-{sandbox_id}-{new_sandbox_id()[:8]}"
         async with self._catalog.lock(name), self._lock(sandbox_id):
             rec = self.get(sandbox_id)
             if rec.state is not S.RUNNING:
                 raise NotRunning(f"sandbox {sandbox_id} is {rec.state.value}; only running sandboxes fork")
+            # All or none: refuse now rather than after the snapshot and some of the children.
+            self._quotas.check_running(rec.team, count)
+            self._quotas.check_template(rec.team, "fork")
             template = await self._snapshot_locked(rec, name, kind="fork", back_to=S.RUNNING)
         base = self.get(sandbox_id)
         request = CreateRequest(
@@ -312,26 +353,30 @@ class SandboxManager(RecoveryMixin):
     # -- guest operations ----------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def use(self, sandbox_id: str) -> AsyncIterator[AsyncEnvdClient]:
-        async with self._activity.using(sandbox_id, lambda: self._running(sandbox_id)) as rec:
+    async def use(self, sandbox_id: str, *, team: str | None = None) -> AsyncIterator[AsyncEnvdClient]:
+        async with self._activity.using(sandbox_id, lambda: self._running(sandbox_id, team)) as rec:
             yield self._runtime.envd(rec)
 
     @asynccontextmanager
-    async def route(self, sandbox_id: str, port: int) -> AsyncIterator[Address]:
+    async def route(self, sandbox_id: str, port: int, *, team: str | None = None) -> AsyncIterator[Address]:
         check_port(port)
-        rec = self.get(sandbox_id)
+        rec = self.get(sandbox_id, team=team)
         if rec.auto_resume and rec.state in (S.PAUSING, S.PAUSED):
             await self.resume(sandbox_id)  # waits for a pause under way, then wakes it
         async with self._activity.using(sandbox_id, lambda: self._running(sandbox_id)) as rec:
             assert rec.host_ip is not None  # running: it has an address
             yield Address(rec.host_ip, port, self._running_since.get(sandbox_id, 0.0))
 
-    async def exec(self, sandbox_id: str, cmd: Any, **kwargs: Any) -> ExecResult:
+    async def exec(self, sandbox_id: str, cmd: Any, *, team: str | None = None, **kwargs: Any) -> ExecResult:
         kwargs.setdefault("output_cap", self.config.exec_output_cap_bytes)
-        async with self.use(sandbox_id) as envd:
+        async with self.use(sandbox_id, team=team) as envd:
             return await envd.processes.exec(cmd, **kwargs)
 
-    def exec_stream(self, sandbox_id: str, cmd: Any, **kwargs: Any) -> AsyncIterator[Any]:
+    def exec_stream(
+        self, sandbox_id: str, cmd: Any, *, team: str | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        self.get(sandbox_id, team=team)  # at the call, not at the first event
+
         async def events() -> AsyncIterator[Any]:
             async with self.use(sandbox_id) as envd, envd.processes.exec_stream(cmd, **kwargs) as proc:
                 async for event in proc:
@@ -340,8 +385,8 @@ class SandboxManager(RecoveryMixin):
 
         return events()
 
-    async def metrics(self, sandbox_id: str) -> SandboxMetrics:
-        rec = self.get(sandbox_id)
+    async def metrics(self, sandbox_id: str, *, team: str | None = None) -> SandboxMetrics:
+        rec = self.get(sandbox_id, team=team)
         if rec.state is S.DESTROYED:
             raise NotFound(f"sandbox {sandbox_id} was destroyed")
         host = self._runtime.usage(rec)
@@ -352,11 +397,11 @@ class SandboxManager(RecoveryMixin):
 
     # -- templates -----------------------------------------------------------------------------------
 
-    def templates(self) -> list[TemplateRecord]:
-        return self._catalog.list()
+    def templates(self, *, team: str | None = None) -> list[TemplateRecord]:
+        return self._catalog.list(team)
 
-    def template(self, name: str) -> TemplateRecord:
-        return self._catalog.get(name)
+    def template(self, name: str, *, team: str | None = None) -> TemplateRecord:
+        return self._catalog.get(name, team)
 
     async def build_template(
         self,
@@ -367,7 +412,9 @@ class SandboxManager(RecoveryMixin):
         memory_mb: int | None = None,
         disk_mb: int | None = None,
         on_step: Callable[[str], None] | None = None,
+        team: str | None = None,
     ) -> TemplateRecord:
+        self._quotas.check_template(team, "base")
         return await self._catalog.build(
             name,
             image=image,
@@ -375,10 +422,11 @@ class SandboxManager(RecoveryMixin):
             memory_mb=self.config.default_memory_mb if memory_mb is None else memory_mb,
             disk_mb=self.config.default_disk_mb if disk_mb is None else disk_mb,
             on_step=on_step,
+            team=team,
         )
 
-    async def delete_template(self, name: str) -> None:
-        await self._catalog.delete(name)
+    async def delete_template(self, name: str, *, team: str | None = None) -> None:
+        await self._catalog.delete(name, team)
 
     # -- called by the reaper and the service --------------------------------------------------------
 
@@ -395,6 +443,9 @@ class SandboxManager(RecoveryMixin):
                 await self._destroy_locked(rec)
                 return
             try:
+                # Over its quota the sandbox is kept running, and the reaper tries again later: a
+                # sandbox is never destroyed because it could not pause.
+                self._quotas.check_pause(rec.team)
                 await self._pause_locked(rec, memory=rec.pause_memory)
             except Exception:
                 rec = self.get(sandbox_id)
@@ -499,8 +550,8 @@ class SandboxManager(RecoveryMixin):
     def _ledger(self, rec: SandboxRecord, label: str) -> Ledger:
         return Ledger(self._store, rec, self._runtime.release, label)
 
-    def _running(self, sandbox_id: str) -> SandboxRecord:
-        rec = self.get(sandbox_id)
+    def _running(self, sandbox_id: str, team: str | None = None) -> SandboxRecord:
+        rec = self.get(sandbox_id, team=team)
         if rec.state is not S.RUNNING:
             if rec.state is S.DESTROYED:
                 raise NotFound(f"sandbox {sandbox_id} was destroyed")

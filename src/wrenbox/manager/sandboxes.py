@@ -6,9 +6,17 @@ front will implement it over many. What it hands out are records (:mod:`wrenbox.
 agent's client for one request (:meth:`Sandboxes.use`) and addresses to stream to (:meth:`Sandboxes.route`);
 never a store, a runtime or a VM.
 
-Every method raises :mod:`wrenbox.errors` only: ``NotFound`` for an unknown (or destroyed) sandbox or
-template, ``InvalidArgument`` for bad input (nothing was changed), ``NotRunning``/``Conflict`` for a
-sandbox in the wrong state, ``Unavailable`` when a limit is reached (retry later).
+Tenancy: every call that names a sandbox or a template takes the caller's ``team``. A team sees and
+acts on its own sandboxes only, and uses its own templates and the operator's (public) ones; anything
+else is ``NotFound``, exactly as if it did not exist. Only the operator deletes public templates. What a
+team makes belongs to it (sandboxes, and templates made from them), and counts against its quota.
+``team`` None is the host's operator (the CLI on the host, in-process callers): it sees everything.
+
+Every method raises :mod:`wrenbox.errors` only: ``NotFound`` for an unknown (or destroyed, or another
+team's) sandbox or template, ``InvalidArgument`` for bad input (nothing was changed),
+``NotRunning``/``Conflict`` for a sandbox in the wrong state, ``PermissionDenied`` for a team deleting a
+public template, ``Unavailable`` when a limit is reached (retry later), and its ``QuotaExceeded`` when a
+team holds all its quota allows (free something first).
 """
 
 from __future__ import annotations
@@ -43,8 +51,9 @@ class CreateRequest:
     only). ``auto_resume``: traffic through :meth:`Sandboxes.route` resumes it while it is paused.
     ``egress``: its outbound rules (see :class:`Egress`; default: the host's).
     ``cold_boot``: boot the template's image instead of restoring its snapshot. ``sandbox_id``: choose
-    the id (validated) instead of getting a fresh one. ``team``: the tenant that owns it (the API's;
-    templates and snapshots made from it belong to the same team).
+    the id (validated) instead of getting a fresh one; for the operator's tools (tests, crash drills),
+    never offered through the API, where ids are the server's. ``team``: the tenant that owns it (the
+    API's; it must be allowed the template, and templates made from the sandbox belong to it too).
     """
 
     template: str | None = None
@@ -109,7 +118,7 @@ class Sandboxes(Protocol):
         """A running sandbox from a template (restored from its snapshot unless ``cold_boot``)."""
         ...
 
-    def get(self, sandbox_id: str) -> SandboxRecord: ...
+    def get(self, sandbox_id: str, *, team: str | None = None) -> SandboxRecord: ...
 
     def list(
         self,
@@ -123,88 +132,105 @@ class Sandboxes(Protocol):
         for by state."""
         ...
 
-    async def destroy(self, sandbox_id: str) -> None:
+    async def destroy(self, sandbox_id: str, *, team: str | None = None) -> None:
         """Release everything the sandbox holds, running or paused. Destroying twice does nothing."""
         ...
 
-    async def pause(self, sandbox_id: str, *, memory: bool = True) -> SandboxRecord:
+    async def pause(self, sandbox_id: str, *, memory: bool = True, team: str | None = None) -> SandboxRecord:
         """Write a running sandbox to disk and stop it: with its memory (it resumes where it was), or its
-        disk only (it boots again on resume, files kept, processes gone)."""
+        disk only (it boots again on resume, files kept, processes gone). Counts against the team's
+        quota of paused sandboxes and bytes."""
         ...
 
     async def resume(
-        self, sandbox_id: str, timeout_s: int | None = None, *, memory: bool = True
+        self, sandbox_id: str, timeout_s: int | None = None, *, memory: bool = True, team: str | None = None
     ) -> SandboxRecord:
         """Bring a paused sandbox back, to time out ``timeout_s`` (default: its own timeout) from now;
         ``memory=False`` boots it from its disk even if its memory was kept. A running sandbox is
-        returned as it is."""
+        returned as it is. Its agent gets a new access token if a template holds its old one (made
+        from it since its last start): read ``access_token`` from the record returned."""
         ...
 
-    async def connect(self, sandbox_id: str, timeout_s: int | None = None) -> SandboxRecord:
+    async def connect(
+        self, sandbox_id: str, timeout_s: int | None = None, *, team: str | None = None
+    ) -> SandboxRecord:
         """The sandbox, running: resumed first if it is paused (E2B's ``connect``). ``timeout_s`` only
         ever gives a running sandbox more time, never less."""
         ...
 
-    def set_timeout(self, sandbox_id: str, timeout_s: int | None) -> SandboxRecord:
+    def set_timeout(
+        self, sandbox_id: str, timeout_s: int | None, *, team: str | None = None
+    ) -> SandboxRecord:
         """Time out ``timeout_s`` seconds from now (sooner or later than before; 0: now), or never
         (None)."""
         ...
 
-    async def set_egress(self, sandbox_id: str, egress: Egress) -> SandboxRecord:
+    async def set_egress(self, sandbox_id: str, egress: Egress, *, team: str | None = None) -> SandboxRecord:
         """Replace the sandbox's outbound rules; a running sandbox's take effect at once (connections
         already open are not cut), a paused one's when it resumes."""
         ...
 
-    def ping(self, sandbox_id: str) -> None:
+    def ping(self, sandbox_id: str, *, team: str | None = None) -> None:
         """Keep a running sandbox alive: it times out no sooner than its timeout from now."""
         ...
 
-    async def snapshot(self, sandbox_id: str, name: str | None = None) -> TemplateRecord:
+    async def snapshot(
+        self, sandbox_id: str, name: str | None = None, *, team: str | None = None
+    ) -> TemplateRecord:
         """A template from the sandbox, which stays as it was (a running one keeps running, as E2B's
-        snapshots do); a name is made up when none is given."""
+        snapshots do); a name is made up when none is given. It belongs to the sandbox's team."""
         ...
 
-    async def fork(self, sandbox_id: str, count: int = 1) -> list[SandboxRecord]:
+    async def fork(self, sandbox_id: str, count: int = 1, *, team: str | None = None) -> list[SandboxRecord]:
         """``count`` new sandboxes from a running one, which keeps running; all or none."""
         ...
 
     # -- inside a running sandbox --------------------------------------------------------------------
 
-    def use(self, sandbox_id: str) -> AbstractAsyncContextManager[AsyncEnvdClient]:
+    def use(
+        self, sandbox_id: str, *, team: str | None = None
+    ) -> AbstractAsyncContextManager[AsyncEnvdClient]:
         """The guest agent's client for one request. Counts as activity; if the sandbox starts pausing or
         stopping meanwhile, the block is cancelled and raises NotRunning."""
         ...
 
-    def route(self, sandbox_id: str, port: int) -> AbstractAsyncContextManager[Address]:
+    def route(
+        self, sandbox_id: str, port: int, *, team: str | None = None
+    ) -> AbstractAsyncContextManager[Address]:
         """Where to stream traffic for guest ``port``, for as long as the block runs (a proxy's
         connection). Counts as activity; cancelled like :meth:`use`. A paused sandbox made with
-        ``auto_resume`` is resumed first."""
+        ``auto_resume`` is resumed first. (E2B's proxy names no team: the guest agent's token is what
+        guards the sandbox's traffic.)"""
         ...
 
-    async def exec(self, sandbox_id: str, cmd: Any, **kwargs: Any) -> ExecResult:
+    async def exec(self, sandbox_id: str, cmd: Any, *, team: str | None = None, **kwargs: Any) -> ExecResult:
         """Run ``cmd`` to completion and collect its output (capped)."""
         ...
 
-    def exec_stream(self, sandbox_id: str, cmd: Any, **kwargs: Any) -> AsyncIterator[Any]:
+    def exec_stream(
+        self, sandbox_id: str, cmd: Any, *, team: str | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
         """Run ``cmd`` and yield its events (started, stdout, stderr, exited) as they happen."""
         ...
 
-    async def metrics(self, sandbox_id: str) -> SandboxMetrics:
+    async def metrics(self, sandbox_id: str, *, team: str | None = None) -> SandboxMetrics:
         """What the sandbox uses now. Observing is not use: it does not count as activity."""
         ...
 
-    def events(self, *, sandbox_id: str | None = None, after: int = 0, limit: int = 1000) -> list[Event]:
+    def events(
+        self, *, sandbox_id: str | None = None, after: int = 0, limit: int = 1000, team: str | None = None
+    ) -> list[Event]:
         """The event log (every state change, template change, expiry, recovery), oldest first, after
-        sequence number ``after``."""
+        sequence number ``after``. A team reads only its own sandboxes' and must name one."""
         ...
 
     # -- templates -----------------------------------------------------------------------------------
 
-    def templates(self) -> list[TemplateRecord]:
-        """Every template, ready or being built."""
+    def templates(self, *, team: str | None = None) -> list[TemplateRecord]:
+        """Every template the team may use, ready or being built."""
         ...
 
-    def template(self, name: str) -> TemplateRecord: ...
+    def template(self, name: str, *, team: str | None = None) -> TemplateRecord: ...
 
     async def build_template(
         self,
@@ -215,14 +241,15 @@ class Sandboxes(Protocol):
         memory_mb: int | None = None,
         disk_mb: int | None = None,
         on_step: Callable[[str], None] | None = None,
+        team: str | None = None,
     ) -> TemplateRecord:
         """Boot image ``image`` once and publish it as template ``name`` (immutable; AlreadyExists if the
-        name is taken). Its sandboxes get ``vcpus``, ``memory_mb`` and a root disk of ``disk_mb``
-        (sparse). ``on_step`` hears each build step as it starts."""
+        name is taken), owned by ``team`` (None: public). Its sandboxes get ``vcpus``, ``memory_mb`` and a
+        root disk of ``disk_mb`` (sparse). ``on_step`` hears each build step as it starts."""
         ...
 
-    async def delete_template(self, name: str) -> None:
-        """Delete a template nothing uses (InUse otherwise)."""
+    async def delete_template(self, name: str, *, team: str | None = None) -> None:
+        """Delete a template nothing uses (InUse otherwise) that the team owns."""
         ...
 
 

@@ -23,7 +23,7 @@ import anyio
 
 from wrenbox import faults
 from wrenbox.envd import AsyncEnvdClient
-from wrenbox.errors import Conflict, CorruptData, NotFound, WrenboxError
+from wrenbox.errors import Conflict, CorruptData, NotFound, Unauthenticated, WrenboxError
 from wrenbox.fileio import clone_or_copy
 from wrenbox.images import Image, load_image
 from wrenbox.launch import Launcher, Placement, agent_client
@@ -93,7 +93,9 @@ class HostRuntime:
         ram = self.files.ram_file(rec.id)
         ledger.hold(R.MEMORY, str(ram))
         placement = self._placement(rec, disk, slot)
-        # A template made from a sandbox carries that sandbox's agent token; the first /init rotates it.
+        # The agent in the template's memory demands the template's token (a build's bootstrap token, or
+        # the token of the sandbox it was made from): it authenticates the first /init, which gives this
+        # sandbox's agent a token of its own.
         agent = self._new_client(rec, slot, token=None if cold else tpl.manifest.agent_token)
         ledger.on_failure("close the agent client", self._close_client, rec.id)
         if cold:
@@ -184,6 +186,7 @@ class HostRuntime:
             vm = await self._boot(rec, placement, image)
         self._adopted(rec, vm, ledger)
         faults.point("resume.vm")
+        self._rotate_if_copied(rec, ledger)
         await self._init_agent(rec)
         faults.point("resume.init")
         return str(slot.host_ip)
@@ -205,7 +208,8 @@ class HostRuntime:
                 await self._snapshot_paused(rec, draft)
             faults.point("snapshot.write")
             draft.timings["write"] = round(time.monotonic() - t0, 3)
-            # The agent in the template's memory still holds this sandbox's token: children need it once.
+            # The agent in the template's memory still holds this sandbox's token: children need it once,
+            # for their first /init; this sandbox gets a new one when it next resumes.
             draft.agent_token = rec.access_token
         assert draft.template is not None
         return _template_record(draft.template)
@@ -394,8 +398,32 @@ class HostRuntime:
         return client
 
     async def _init_agent(self, rec: SandboxRecord) -> None:
-        """Every start and resume: set the guest clock, reseed its CRNG, (re)state token and env."""
-        await self._clients[rec.id].init(env_vars=rec.env, access_token=rec.access_token)
+        """Every start and resume: set the guest clock, reseed its CRNG, (re)state env and token; a new
+        token (``next_token`` on the VM's record, see :meth:`_rotate_if_copied`) becomes the sandbox's."""
+        token = rec.resources.get(R.VM, {}).get("next_token", rec.access_token)
+        try:
+            await self._clients[rec.id].init(env_vars=rec.env, access_token=token)
+        except Unauthenticated:
+            if token == rec.access_token:
+                raise
+            # The agent took the new token already, and a crash came before the record said so.
+            await self._close_client(rec.id)
+            client = self._new_client(rec, NetworkSlot.from_dict(rec.resources[R.SLOT]), token=token)
+            await client.init(env_vars=rec.env, access_token=token)
+        rec.access_token = token
+
+    def _rotate_if_copied(self, rec: SandboxRecord, ledger: Ledger) -> None:
+        """A new agent token for a resuming sandbox whose token a template holds (made from it since it
+        last got one): every sandbox restored from that template started with it, so it is no longer
+        this sandbox's secret. The old one authenticates the /init that sets it; until the resume is
+        done the new one waits on the VM's record, so a crash in between leaves both known."""
+        if rec.access_token is None or not self.templates.holding_token(rec.access_token):
+            return
+        ledger.update(R.VM, {**rec.resources[R.VM], "next_token": secrets.token_urlsafe(24)})
+        # A resume that fails goes back to the snapshot, whose agent holds the old token.
+        ledger.on_failure(
+            "keep the token of the snapshot's agent", setattr, rec, "access_token", rec.access_token
+        )
 
     async def _sync_guest(self, rec: SandboxRecord) -> None:
         """Ask the guest to write its dirty page cache to its disk (before a pause that keeps only the

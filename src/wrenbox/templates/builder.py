@@ -92,7 +92,10 @@ class TemplateBuilder:
                     )
                 try:
                     with step("warm_up"):
-                        await agent.init()
+                        # Every sandbox restored from the template starts with this agent: it takes the
+                        # first /init only from the host, which alone knows the token (finding 12).
+                        draft.agent_token = secrets.token_urlsafe(24)
+                        await agent.init(access_token=draft.agent_token)
                         for argv in WARM_UP:
                             await agent.processes.exec(argv, timeout=self.launcher.config.boot_timeout_s)
                         await agent.warm_up()

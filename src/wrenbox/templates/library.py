@@ -8,6 +8,7 @@ A template is written as a :class:`Draft` under a temporary name and published i
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import shutil
 from collections.abc import AsyncIterator
@@ -57,8 +58,10 @@ class TemplateManifest(BaseModel):
     # Made from a sandbox: which one, and the template that sandbox came from.
     source: str | None = None
     parent: str | None = None
-    # The token the guest agent in this template's memory demands (made from a sandbox whose agent had
-    # one); the first /init of every sandbox restored from it gives its agent a token of its own.
+    # The token the guest agent in this template's memory demands: a random bootstrap token baked at the
+    # build, or the token of the sandbox it was made from. It authenticates the first /init of every
+    # sandbox restored from it, which gives that sandbox's agent a token of its own. Never shown: the
+    # manifest is root's only. None: a template from before bootstrap tokens (its agent takes any /init).
     agent_token: str | None = None
 
 
@@ -150,12 +153,25 @@ class TemplateLibrary:
     def exists(self, name: str) -> bool:
         return (self.root / validate_name(name, what="template name")).exists()
 
-    def list(self) -> list[Template]:
+    def holding_token(self, token: str) -> list[str]:
+        """The templates whose agent demands ``token`` (an unreadable manifest is skipped, not fatal)."""
+        found = []
+        for path in self._dirs():
+            try:
+                manifest = self.get(path.name).manifest
+            except CorruptData:
+                continue
+            if manifest.agent_token is not None and hmac.compare_digest(manifest.agent_token, token):
+                found.append(path.name)
+        return found
+
+    def _dirs(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return [
-            self.get(p.name) for p in sorted(self.root.iterdir()) if p.is_dir() and not p.name.startswith(".")
-        ]
+        return [p for p in sorted(self.root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
+    def list(self) -> list[Template]:
+        return [self.get(p.name) for p in self._dirs()]
 
     def draft(
         self, name: str, image: Image, *, vcpus: int, memory_mib: int, disk_format: str
