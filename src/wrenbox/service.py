@@ -186,11 +186,9 @@ class Host:
 @asynccontextmanager
 async def open_host(settings: Settings, *, reaper: bool = True) -> AsyncIterator[Host]:
     """Assemble, recover and serve one data dir (see the module doc); shut down on leaving."""
-    # Every file wrenbox makes is its own (tokens, tenants' memory and disks); the data dir, 0700,
-    # keeps other local users out of what older versions made more open.
-    os.umask(0o077)
+    # The data dir, 0700, keeps other local users out of what older versions made more open.
     private_dir(settings.data_dir)
-    with _exclusive(settings):
+    with _private_files(), _exclusive(settings):
         caps = await anyio.to_thread.run_sync(probe_host, settings)
         network = Network(settings.network)
         await network.setup()
@@ -225,6 +223,17 @@ async def open_manager(settings: Settings, *, reaper: bool = True) -> AsyncItera
     """The manager of one data dir (:class:`~wrenbox.manager.Sandboxes`), recovered and serving."""
     async with open_host(settings, reaper=reaper) as host:
         yield host.manager
+
+
+@contextlib.contextmanager
+def _private_files() -> Iterator[None]:
+    """Every file wrenbox makes while the host is open is its own (tokens, tenants' memory and disks):
+    umask 077, and the caller's umask back afterwards (it is the whole process's)."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 @contextlib.contextmanager
