@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import anyio
 import pytest
 
 from wrenbox.config import Settings
@@ -116,4 +117,28 @@ async def test_a_console_flood_costs_the_host_no_disk(manager: SandboxManager, s
     grown = _allocated(settings.data_dir) - before
     assert grown < 512 * 1024, f"a 4 MB console flood grew the data dir by {grown} bytes"
     assert (await manager.exec(sb.id, "echo alive")).stdout == b"alive\n"
+    await manager.destroy(sb.id)
+
+
+def _modes(tree: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(tree)): (p.lstat().st_uid, p.lstat().st_mode & 0o777) for p in tree.rglob("*")}
+
+
+async def test_a_template_made_from_a_sandbox_is_roots_alone(
+    manager: SandboxManager, settings: Settings
+) -> None:
+    """It holds a tenant's memory and disk: owned by root, readable by root (the root disk also by the
+    VMMs' group, which only jailed VMMs hold), whatever the builder VM owned."""
+    sb = await manager.create(CreateRequest())
+    template = await manager.snapshot(sb.id)
+    child = await manager.create(CreateRequest(template=template.name))  # its VMM reads the root disk
+    files = await anyio.to_thread.run_sync(_modes, settings.templates_dir / template.name)
+    assert {name: owner for name, (owner, _) in files.items() if owner != 0} == {}
+    loose = {
+        name: oct(mode)
+        for name, (_, mode) in files.items()
+        if mode & 0o037 or (mode & 0o040 and name != "rootfs.ext4")
+    }
+    assert loose == {}
+    await manager.destroy(child.id)
     await manager.destroy(sb.id)

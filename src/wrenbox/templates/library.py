@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 import shutil
 from collections.abc import AsyncIterator
@@ -243,6 +244,7 @@ class TemplateLibrary:
         Root alone reads them (a template made from a sandbox holds a tenant's memory and disk); a VMM
         that reads the root disk is let in through its group (:func:`wrenbox.vmm.jail.grant_read`)."""
         (build / MANIFEST).write_text(manifest.model_dump_json(indent=1))
+        _give_to_root(build)  # the builder VM's VMM owned its RAM file and run directory
         for path in (build / MEMORY, build / ROOTFS, build / MANIFEST):
             path.chmod(0o400)
         try:
@@ -273,3 +275,9 @@ class TemplateLibrary:
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _give_to_root(tree: Path) -> None:
+    for path in (tree, *tree.rglob("*")):
+        if path.lstat().st_uid != 0:
+            os.lchown(path, 0, 0)
