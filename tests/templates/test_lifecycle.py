@@ -23,7 +23,7 @@ from tests.templates.conftest import (
 )
 
 from wrenbox.command import run
-from wrenbox.errors import Unauthenticated
+from wrenbox.errors import GuestError
 from wrenbox.launch import Launcher, agent_client
 from wrenbox.network import Network
 from wrenbox.rootfs import RootfsBackend
@@ -158,14 +158,16 @@ async def test_a_restored_agent_takes_its_first_init_only_from_the_host(
         async with agent_client(slot) as stranger, agent_client(slot, template.manifest.agent_token) as host:
             vm = await launcher.restore(placement, template.snapshot(), **sandboxes.machine, agent=stranger)
             try:
-                with pytest.raises(Unauthenticated):
+                with pytest.raises(GuestError, match="unauthenticated"):
                     await stranger.init(access_token="the-strangers-own")
-                with pytest.raises(Unauthenticated):
+                with pytest.raises(GuestError, match="unauthenticated"):
                     await stranger.processes.exec(["true"])
                 await host.init(access_token="the-sandboxes-own")  # the host's token still works
                 assert (await host.processes.exec(["true"])).exit_code == 0
                 async with agent_client(slot, template.manifest.agent_token) as late:
-                    with pytest.raises(Unauthenticated):  # and now only the sandbox's own does
+                    with pytest.raises(
+                        GuestError, match="unauthenticated"
+                    ):  # and now only the sandbox's own does
                         await late.processes.exec(["true"])
             finally:
                 await vm.destroy()

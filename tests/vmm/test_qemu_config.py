@@ -113,10 +113,13 @@ def test_a_confined_vm_finds_its_ram_and_tap_at_the_jails_descriptors(tmp_path: 
     assert "memory-backend-file,id=ram0,size=256M,mem-path=/proc/self/fd/20,share=on" in _option(
         argv, "-object"
     )
-    assert _option(argv, "-netdev") == ["tap,id=net0,fd=21"]
+    assert _option(argv, "-netdev") == ["tap,id=net0,fd=23"]
+    assert _option(argv, "-chardev") == [
+        "ringbuf,id=console,size=65536,logfile=/proc/self/fd/22,logappend=on"
+    ]
     spec = jail_for(config, config.confinement)
     assert spec.files == {20: tmp_path / "ram"}
-    assert spec.taps == {21: "tap0"}
+    assert spec.taps == {23: "tap0"}
     assert spec.write == [tmp_path / "run", tmp_path / "root.qcow2"]
     assert spec.read == [tmp_path / "base.ext4", tmp_path / "vmlinuz", tmp_path / "initrd"]
     assert spec.root == tmp_path / "run.root"

@@ -7,7 +7,9 @@ fork and exec, so the work happens here, in a fresh interpreter). In order, whil
 
 1. join the VM's cgroups (``"0"`` into each ``cgroup.procs``);
 2. enter the VM's network namespace and open its tap (so the VMM never needs CAP_NET_ADMIN);
-3. open the files handed over as descriptors, refusing symlinks (guest RAM lives under /dev/shm);
+3. open the files handed over as descriptors, refusing symlinks (guest RAM lives under /dev/shm), and
+   start the console keeper: ``tail -c N`` as the VM's user, reading a pipe QEMU logs its console to and
+   writing the last N bytes to a file when QEMU is gone (a panicking guest's last words, in bounded space);
 4. build a private mount namespace whose root is an empty tmpfs holding only the host's programs and
    libraries (read-only), a few device nodes, a fresh /proc and the VM's own files, then ``pivot_root``;
 5. drop to the VM's own uid and gid with no supplementary groups, set no_new_privs and ``RLIMIT_CORE`` 0;
@@ -78,6 +80,27 @@ def _bind(root: str, path: str, *, writable: bool) -> None:
     _mount(None, inside, None, flags)
 
 
+def _keep_console(console: dict, uid: int, gid: int) -> None:
+    out = os.open(
+        console["path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
+    read_end, write_end = os.pipe()  # both close on exec
+    if os.fork() == 0:
+        try:
+            os.dup2(read_end, 0)
+            os.dup2(out, 1)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            os.execv("/usr/bin/tail", ["tail", "-c", str(console["keep"])])
+        finally:
+            os._exit(127)
+    os.close(read_end)
+    os.close(out)
+    os.fchown(write_end, uid, gid)  # QEMU, as that user, opens it again through /proc/self/fd
+    _place(write_end, int(console["fd"]))
+
+
 def _build_root(spec: dict) -> None:
     root = spec["root"]
     private = os.umask(0o022)  # the skeleton's directories must be traversable by the VMM's user
@@ -115,6 +138,8 @@ def main(argv: list[str]) -> None:
         _place(_open_tap(tap), int(target))
     for target, path in spec.get("files", {}).items():
         _place(os.open(path, os.O_RDWR | os.O_NOFOLLOW), int(target))
+    if spec.get("console"):
+        _keep_console(spec["console"], spec["uid"], spec["gid"])
     _build_root(spec)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     os.setgroups([])

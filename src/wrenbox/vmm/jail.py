@@ -34,7 +34,7 @@ from pathlib import Path
 
 from wrenbox.errors import InvalidArgument
 
-__all__ = ["ENTER_JAIL", "Confinement", "JailSpec", "grant_read", "own"]
+__all__ = ["ENTER_JAIL", "Confinement", "Console", "JailSpec", "grant_read", "own"]
 
 ENTER_JAIL = Path(__file__).with_name("enter_jail.py")
 _SYSTEM_READ = ("/usr", "/etc/ld.so.cache")
@@ -58,6 +58,16 @@ class Confinement:
                 raise InvalidArgument(f"a VMM's {name} must be a non-root id, got {value}")
 
 
+@dataclass(frozen=True, slots=True)
+class Console:
+    """Where the VMM logs its console (descriptor ``fd``) and where the last ``keep`` bytes of it are
+    written once the VMM is gone."""
+
+    fd: int
+    path: Path
+    keep: int
+
+
 @dataclass(slots=True)
 class JailSpec:
     """What :mod:`wrenbox.vmm.enter_jail` builds for one VMM. Paths are host paths, shown at the same
@@ -70,6 +80,7 @@ class JailSpec:
     write: list[Path] = field(default_factory=list)
     files: dict[int, Path] = field(default_factory=dict)
     taps: dict[int, str] = field(default_factory=dict)
+    console: Console | None = None
     devices: tuple[str, ...] = _DEVICES
 
     def argv(self, vmm: list[str]) -> list[str]:
@@ -85,6 +96,9 @@ class JailSpec:
             "links": _SYSTEM_LINKS,
             "files": {str(fd): str(p) for fd, p in self.files.items()},
             "taps": {str(fd): tap for fd, tap in self.taps.items()},
+            "console": None
+            if self.console is None
+            else {"fd": self.console.fd, "path": str(self.console.path), "keep": self.console.keep},
             "env": {"PATH": "/usr/bin:/bin"},
         }
         return [sys.executable, "-I", "-S", str(ENTER_JAIL), json.dumps(spec), "--", *vmm]

@@ -49,7 +49,7 @@ from wrenbox.vmm.base import (
     VmConfig,
     log_tail,
 )
-from wrenbox.vmm.jail import Confinement, JailSpec, grant_read, own
+from wrenbox.vmm.jail import Confinement, Console, JailSpec, grant_read, own
 from wrenbox.vmm.qmp import Qmp, session
 
 if TYPE_CHECKING:
@@ -64,11 +64,13 @@ log = logging.getLogger(__name__)
 MACHINE_LAYOUT = "microvm-acpi/1"
 QMP_SOCKET = "qmp.sock"
 QEMU_LOG = "qemu.log"
+CONSOLE_LOG = "console.log"  # the last CONSOLE_RING bytes of a confined VM's console, once QEMU is gone
 CONSOLE_RING = 64 * 1024  # a power of two, as QEMU's ringbuf wants
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 # Descriptors the jail opens for QEMU (high, clear of what the interpreter in between may hold).
 RAM_FD = 20
-TAP_FD = 21
+CONSOLE_FD = 22
+TAP_FD = 23
 _SUN_PATH_MAX = 107
 _VERSION = re.compile(rb"QEMU emulator version (\S+)")
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # QEMU gets none of the manager's environment
@@ -120,6 +122,8 @@ def qemu_argv(config: VmConfig, qemu: QemuConfig, *, incoming: bool) -> list[str
     if not isinstance(memory, MemoryFile):
         raise Unsupported("QEMU maps guest RAM from a file; memory paged in on demand is for Firecracker")
     jailed = config.confinement is not None
+    # A confined QEMU also logs its console to its jail's keeper (the last words survive QEMU).
+    console_log = f",logfile=/proc/self/fd/{CONSOLE_FD},logappend=on" if jailed else ""
     mem_path = f"/proc/self/fd/{RAM_FD}" if jailed else memory.path
     accel = qemu.accel
     if accel == "tcg" and qemu.tb_size_mib:
@@ -134,7 +138,7 @@ def qemu_argv(config: VmConfig, qemu: QemuConfig, *, incoming: bool) -> list[str
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-object",
         f"memory-backend-file,id=ram0,size={m.memory_mib}M,mem-path={_esc(mem_path)},share=on",
-        "-chardev", f"ringbuf,id=console,size={CONSOLE_RING}",
+        "-chardev", f"ringbuf,id=console,size={CONSOLE_RING}{console_log}",
         "-serial", "chardev:console",
         "-qmp", f"unix:{_esc(run / QMP_SOCKET)},server=on,wait=off",
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
@@ -183,6 +187,7 @@ def jail_for(config: VmConfig, confinement: Confinement) -> JailSpec:
     m = config.machine
     spec = JailSpec(confinement, root=_jail_root(config.run_dir), netns=config.netns)
     spec.files[RAM_FD] = config.memory.path
+    spec.console = Console(CONSOLE_FD, config.run_dir / CONSOLE_LOG, CONSOLE_RING)
     spec.taps = {TAP_FD + 2 * i: nic.tap for i, nic in enumerate(m.nics)}
     spec.write.append(config.run_dir)
     for drive in m.drives:
@@ -192,6 +197,15 @@ def jail_for(config: VmConfig, confinement: Confinement) -> JailSpec:
     if config.kernel is not None:
         spec.read += [p for p in (config.kernel.path, config.kernel.initrd) if p is not None]
     return spec
+
+
+async def _kept_console(path: Path, max_bytes: int) -> str:
+    for _ in range(20):
+        text = log_tail(path, max_bytes)
+        if text:
+            return text
+        await anyio.sleep(0.05)
+    return "(nothing kept: QEMU was not confined, or its guest wrote nothing)"
 
 
 def _jail_root(run_dir: Path) -> Path:
@@ -227,9 +241,10 @@ class QemuVm(Vm):
         return self.config.run_dir / QMP_SOCKET
 
     async def console_tail(self, max_bytes: int = 4000) -> str:
-        """What the guest wrote to its console lately (the ring is gone with QEMU: then only its log)."""
+        """What the guest wrote to its console lately: the ring while QEMU runs, then what the console
+        keeper of a confined VM kept (it writes when QEMU is gone, within a moment)."""
         if not self.process.alive():
-            return "(QEMU exited; its console went with it)"
+            return await _kept_console(self.config.run_dir / CONSOLE_LOG, max_bytes)
         try:
             async with self._session(connect_timeout=1.0) as q:
                 text = await q.run("ringbuf-read", device="console", size=CONSOLE_RING, format="utf8")
