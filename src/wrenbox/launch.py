@@ -29,7 +29,7 @@ import anyio
 from wrenbox import faults
 from wrenbox.envd import AsyncEnvdClient, EnvdConfig
 from wrenbox.envd.endpoint import ENVD_PORT
-from wrenbox.errors import Timeout, Unavailable
+from wrenbox.errors import NotFound, Timeout, Unavailable
 from wrenbox.images import Image, guest_kernel_args
 from wrenbox.network import GATEWAY_IP, GUEST_IP, GUEST_NETWORK, NetworkSlot
 from wrenbox.pids import ProcessRef
@@ -142,15 +142,15 @@ class Launcher:
     def adopt(self, placement: Placement, process: ProcessRef, *, vcpus: int, memory_mib: int) -> Vm:
         """A handle on a VM a previous wrenbox process launched into ``placement`` (still alive)."""
         config = placement.vm_config(vcpus=vcpus, memory_mib=memory_mib)
-        return self.driver.adopt(replace(config, confinement=self.confinement(placement)), process)
+        cgroup = self._cgroup(placement, None)
+        return self.driver.adopt(replace(config, confinement=self.confinement(placement, cgroup)), process)
 
     def confinement(self, placement: Placement, cgroup: Cgroup | None = None) -> Confinement | None:
         """Whom the VMM in ``placement`` runs as (None: root, where confining is off or unsupported)."""
         base = self.config.vmm_uid_base
         if base is None or not self.driver.confines:
             return None
-        cgroups = tuple(cgroup.procs_files) if cgroup is not None else ()
-        return Confinement(uid=base + placement.slot.index, gid=self.config.vmm_gid, cgroups=cgroups)
+        return Confinement(uid=base + placement.slot.index, gid=self.config.vmm_gid, cgroup=cgroup)
 
     def reclaim_cgroups(self, prefix: str, in_use: Iterable[NetworkSlot]) -> list[str]:
         """Remove the slot cgroups of network ``prefix`` that no VM uses (the leak sweep; blocking)."""
@@ -160,12 +160,23 @@ class Launcher:
         keep = {slot.netns for slot in in_use}
         return tree.reclaim(keep | {n for n in tree.names() if not n.startswith(f"{prefix}-")})
 
+    def _cgroup(self, placement: Placement, machine: tuple[int, int] | None) -> Cgroup | None:
+        """The slot's cgroup: made (or reused) and sized for a ``(vcpus, memory_mib)`` machine, or, for
+        an adopted VM (``machine`` None), the one it runs in if it exists."""
+        if self.cgroups is None or not self.driver.confines or self.config.vmm_uid_base is None:
+            return None
+        tree, settings = self.cgroups
+        if machine is None:
+            try:
+                return tree.get(placement.slot.netns)
+            except NotFound:
+                return None
+        vcpus, memory_mib = machine
+        limits = CgroupLimits.for_sandbox(vcpus=vcpus, memory_mib=memory_mib, config=settings)
+        return tree.create(placement.slot.netns, limits)
+
     def _vm_config(self, placement: Placement, *, vcpus: int, memory_mib: int, **more: Any) -> VmConfig:
-        cgroup = None
-        if self.cgroups is not None and self.driver.confines and self.config.vmm_uid_base is not None:
-            tree, settings = self.cgroups
-            limits = CgroupLimits.for_sandbox(vcpus=vcpus, memory_mib=memory_mib, config=settings)
-            cgroup = tree.create(placement.slot.netns, limits)
+        cgroup = self._cgroup(placement, (vcpus, memory_mib))
         confinement = self.confinement(placement, cgroup)
         return placement.vm_config(vcpus=vcpus, memory_mib=memory_mib, confinement=confinement, **more)
 

@@ -31,7 +31,8 @@ from wrenbox.network.links import link_names
 from wrenbox.network.netns import list_netns
 from wrenbox.records import SandboxState
 from wrenbox.runtime.sweep import our_processes
-from wrenbox.service import Host, ensure_template, open_host
+from wrenbox.service import Host, ensure_template, open_host, vmm_cgroups
+from wrenbox.vmm.cgroups import CgroupConfig
 
 GUEST_MEMORY_MB = 256
 
@@ -68,8 +69,14 @@ def leftovers(settings: Settings) -> dict[str, list[str]]:
         "ram files": _names(settings.memory_dir),
         "sandbox dirs": _names(settings.sandboxes_dir),
         "disks": _names(settings.data_dir / "disks"),
+        "cgroups": [n for n in _cgroup_names() if n.startswith(f"{prefix}-")],
     }
     return {k: v for k, v in found.items() if v}
+
+
+def _cgroup_names() -> list[str]:
+    found = vmm_cgroups(CgroupConfig())
+    return found[0].names() if found else []
 
 
 def _link_names() -> list[str]:

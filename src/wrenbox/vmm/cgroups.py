@@ -182,12 +182,19 @@ def whole_disk_of(path: Path) -> str | None:
     return f"{os.major(dev)}:{os.minor(dev)}"
 
 
+# Unused quota saved up to one more quota's worth: a VMM whose I/O thread wakes while its vCPU is busy
+# is not throttled for the rest of the period (measured here: ~6 % of periods throttled without), and
+# over time it still gets ``vcpus`` CPUs.
+BURST_FILES = ("cpu.max.burst", "cpu.cfs_burst_us")
+
+
 def limit_files(version: int, limits: CgroupLimits) -> list[tuple[str, str, str]]:
     """(controller, file, value) to write for ``limits`` in a cgroup of this version."""
     io = limits.io
     if version == 2:
         files = [
             ("cpu", "cpu.max", f"{limits.cpu_quota_us} {limits.cpu_period_us}"),
+            ("cpu", "cpu.max.burst", str(limits.cpu_quota_us)),
             ("memory", "memory.max", str(limits.memory_bytes)),
             ("pids", "pids.max", str(limits.pids_max)),
         ]
@@ -199,6 +206,7 @@ def limit_files(version: int, limits: CgroupLimits) -> list[tuple[str, str, str]
         # The period first: a quota is checked against the period in force.
         ("cpu", "cpu.cfs_period_us", str(limits.cpu_period_us)),
         ("cpu", "cpu.cfs_quota_us", str(limits.cpu_quota_us)),
+        ("cpu", "cpu.cfs_burst_us", str(limits.cpu_quota_us)),
         ("memory", "memory.limit_in_bytes", str(limits.memory_bytes)),
         ("pids", "pids.max", str(limits.pids_max)),
     ]
@@ -253,6 +261,8 @@ class Cgroup:
             where = self.controllers.get(controller)
             if where is None:
                 log.info("cgroup %s: no %s controller here, %s not set", self.name, controller, name)
+            elif name in BURST_FILES and not (where / name).exists():
+                continue  # kernels before 5.14: no bursts, the quota alone
             elif controller in V1_OPTIONAL + V2_OPTIONAL:
                 try:
                     (where / name).write_text(value)

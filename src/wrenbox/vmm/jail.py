@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wrenbox.errors import InvalidArgument
+from wrenbox.vmm.cgroups import Cgroup
 
 __all__ = ["ENTER_JAIL", "Confinement", "Console", "JailSpec", "grant_read", "own"]
 
@@ -45,11 +46,11 @@ _MAX_ID = 2**32 - 2
 
 @dataclass(frozen=True, slots=True)
 class Confinement:
-    """Who one VM's VMM runs as and which cgroups it joins (their ``cgroup.procs`` files)."""
+    """Who one VM's VMM runs as and the cgroup it joins (removed when the VMM is gone)."""
 
     uid: int
     gid: int
-    cgroups: tuple[Path, ...] = ()
+    cgroup: Cgroup | None = None
 
     def __post_init__(self) -> None:
         for name in ("uid", "gid"):
@@ -83,12 +84,16 @@ class JailSpec:
     console: Console | None = None
     devices: tuple[str, ...] = _DEVICES
 
+    def _cgroup_procs(self) -> list[Path]:
+        cgroup = self.confinement.cgroup
+        return cgroup.procs_files if cgroup is not None else []
+
     def argv(self, vmm: list[str]) -> list[str]:
         """The command line that confines, then runs ``vmm``."""
         spec = {
             "uid": self.confinement.uid,
             "gid": self.confinement.gid,
-            "cgroups": [str(p) for p in self.confinement.cgroups],
+            "cgroups": [str(p) for p in self._cgroup_procs()],
             "root": str(self.root),
             "netns": str(self.netns) if self.netns else None,
             "read": [*_SYSTEM_READ, *(str(p) for p in self.read)],

@@ -323,7 +323,7 @@ class QemuVm(Vm):
         if not await anyio.to_thread.run_sync(self.process.wait_gone, q_cfg.quit_timeout_s):
             log.warning("%r ignored quit; terminating it", self)
             await anyio.to_thread.run_sync(self.process.terminate, q_cfg.kill_grace_s)
-        _tidy(self)
+        await _tidy(self)
         self.timings["quit"] = time.monotonic() - t0
 
     async def _monitor_up(self) -> None:
@@ -449,11 +449,18 @@ class QemuDriver(Driver):
 async def _kill(vm: QemuVm) -> None:
     """End a VM that failed to start: no monitor handshake to wait for, straight to signals."""
     await anyio.to_thread.run_sync(vm.process.terminate, vm.driver.config.kill_grace_s)
-    _tidy(vm)
+    await _tidy(vm)
 
 
-def _tidy(vm: QemuVm) -> None:
-    """What a gone QEMU leaves: its socket, and its jail's (empty) mount point."""
+async def _tidy(vm: QemuVm) -> None:
+    """What a gone QEMU leaves: its socket, its jail's (empty) mount point, and its cgroup (once its
+    console keeper, which ends with QEMU, has left it too)."""
     vm.qmp_socket.unlink(missing_ok=True)
     with contextlib.suppress(FileNotFoundError, OSError):
         _jail_root(vm.config.run_dir).rmdir()
+    confinement = vm.config.confinement
+    if confinement is not None and confinement.cgroup is not None:
+        try:
+            await anyio.to_thread.run_sync(confinement.cgroup.remove, 2.0)
+        except WrenboxError as exc:  # the sweep at the next start reclaims it
+            log.warning("leaving the cgroup of %r: %s", vm, exc.message)
