@@ -139,15 +139,17 @@ def test_create_writes_the_sandbox_limits(tree: CgroupTree, tmp_path: Path) -> N
     disk = whole_disk_of(tmp_path)
     assert disk is not None
     limits = CgroupLimits.for_sandbox(vcpus=2, memory_mib=96, config=config, io_device=disk)
-    assert limits == CgroupLimits(200_000, 128 * MIB, 100, io=IoLimit(disk, 8 * MIB, 4 * MIB))
+    # Two vCPUs and one CPU for QEMU's own threads.
+    assert limits == CgroupLimits(300_000, 128 * MIB, 100, io=IoLimit(disk, 8 * MIB, 4 * MIB))
 
     cg = tree.create("sbx1", limits)
 
     def read(controller: str, name: str) -> str:
         return (cg.controllers[controller] / name).read_text().strip()
 
-    assert read("cpu", "cpu.cfs_quota_us") == "200000"
+    assert read("cpu", "cpu.cfs_quota_us") == "300000"
     assert read("cpu", "cpu.cfs_period_us") == "100000"
+    assert read("cpu", "cpu.cfs_burst_us") == "300000"
     assert read("memory", "memory.limit_in_bytes") == str(128 * MIB)
     assert read("pids", "pids.max") == "100"
     assert read("blkio", "blkio.throttle.read_bps_device") == f"{disk} {8 * MIB}"
@@ -506,7 +508,7 @@ def test_v2_limit_files_in_a_fake_tree(tmp_path: Path) -> None:
     )
     files = {p.name: p.read_text() for p in cg.dirs[0].iterdir()}
     assert files == {
-        "cpu.max": "300000 100000",
+        "cpu.max": "400000 100000",
         "memory.max": str(768 * MIB),
         "pids.max": "256",
         "io.max": "8:0 rbps=1048576 wbps=max",
@@ -524,7 +526,7 @@ def test_v2_without_the_required_controllers_is_unsupported(tmp_path: Path) -> N
 def test_limits_from_the_sandbox_size() -> None:
     config = CgroupConfig()
     limits = CgroupLimits.for_sandbox(vcpus=4, memory_mib=1024, config=config, io_device="8:0")
-    assert limits == CgroupLimits(cpu_quota_us=400_000, memory_bytes=1280 * MIB, pids_max=256)
+    assert limits == CgroupLimits(cpu_quota_us=500_000, memory_bytes=1280 * MIB, pids_max=256)  # 4 + 1 CPUs
     with pytest.raises(InvalidArgument):
         CgroupLimits.for_sandbox(vcpus=0, memory_mib=1024, config=config)
     with pytest.raises(InvalidArgument):
