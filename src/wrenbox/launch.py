@@ -90,6 +90,7 @@ class LaunchConfig:
     poll_interval_s: float = 0.01
     vmm_uid_base: int | None = 2_000_000_000
     vmm_gid: int = 2_000_000_000
+    dns_servers: tuple[str, ...] = ("8.8.8.8", "8.8.4.4")  # what a cold-booted guest resolves with
 
 
 class Launcher:
@@ -113,7 +114,10 @@ class Launcher:
     ) -> Vm:
         """Cold-boot ``image`` into ``placement``; returns once ``agent`` answers (no ``/init``)."""
         args = guest_kernel_args(
-            image.manifest.kernel_args, ip=f"{GUEST_IP}/{GUEST_NETWORK.prefixlen}", gateway=str(GATEWAY_IP)
+            image.manifest.kernel_args,
+            ip=f"{GUEST_IP}/{GUEST_NETWORK.prefixlen}",
+            gateway=str(GATEWAY_IP),
+            dns=self.config.dns_servers,
         )
         kernel = Kernel(image.kernel, image.initramfs, " ".join(args))
         vm = await self.driver.boot(

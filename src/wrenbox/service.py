@@ -142,10 +142,10 @@ def vmm_driver(caps: HostCapabilities, *, seccomp: bool = True) -> Driver:
 def launcher(settings: Settings, caps: HostCapabilities) -> Launcher:
     """How the product starts VMs here: the probe's driver, VMMs confined, in cgroups where the host has
     them (``[cgroups] mode``: ``auto`` runs without and says why, ``required`` refuses, ``off``)."""
-    vmm = settings.vmm
+    vmm, dns = settings.vmm, tuple(str(a) for a in settings.network.dns_servers)
     if not vmm.confine:
-        return Launcher(vmm_driver(caps, seccomp=False), LaunchConfig(vmm_uid_base=None))
-    config = LaunchConfig(vmm_uid_base=vmm.uid_base, vmm_gid=vmm.gid)
+        return Launcher(vmm_driver(caps, seccomp=False), LaunchConfig(vmm_uid_base=None, dns_servers=dns))
+    config = LaunchConfig(vmm_uid_base=vmm.uid_base, vmm_gid=vmm.gid, dns_servers=dns)
     return Launcher(vmm_driver(caps), config, cgroups=vmm_cgroups(settings.cgroups))
 
 
