@@ -15,6 +15,7 @@ from wrenbox.config import Settings
 from wrenbox.launch import LaunchConfig
 from wrenbox.manager import CreateRequest, SandboxManager
 from wrenbox.runtime.sweep import our_processes
+from wrenbox.service import vmm_cgroups
 from wrenbox.vmm.cgroups import CgroupConfig
 
 from .conftest import GUEST_MEMORY_MB, leftovers
@@ -70,15 +71,21 @@ def _check_the_jail(pid: int, settings: Settings, sandbox_id: str) -> None:
 
 
 def _check_the_cgroups(pid: int, settings: Settings) -> None:
-    # Its cgroups: the slot's, under ours, sized from the sandbox (guest RAM + QEMU's allowance).
-    groups = dict(line.split(":", 2)[1:] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines())
-    memory = Path("/sys/fs/cgroup/memory") / groups["memory"].lstrip("/")
-    assert memory.parent.name == "wrenbox"
-    assert memory.name.startswith(settings.network.prefix)
+    """Its cgroup: the slot's, under ours, sized from the sandbox (guest RAM + QEMU's allowance), on
+    whichever hierarchy the host has (the product runs without where it has none it may use)."""
+    found = vmm_cgroups(CgroupConfig())
+    if found is None:
+        return
+    tree = found[0]
+    (name,) = [n for n in tree.names() if n.startswith(f"{settings.network.prefix}-")]
+    cgroup = tree.get(name)
+    assert pid in cgroup.pids()
     limit = (GUEST_MEMORY_MB + CgroupConfig().memory_overhead_mib) << 20
-    assert int((memory / "memory.limit_in_bytes").read_text()) == limit
-    pids = Path("/sys/fs/cgroup/pids") / groups["pids"].lstrip("/")
-    assert int((pids / "pids.max").read_text()) == CgroupConfig().pids_max
+    memory_file, pids_file = (
+        ("memory.max", "pids.max") if tree.version == 2 else ("memory.limit_in_bytes", "pids.max")
+    )
+    assert int((cgroup.controllers["memory"] / memory_file).read_text()) == limit
+    assert int((cgroup.controllers["pids"] / pids_file).read_text()) == CgroupConfig().pids_max
 
 
 async def test_the_vmm_runs_as_its_own_user_in_a_root_of_its_own(
