@@ -28,13 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +40,7 @@ from pathlib import Path
 import anyio
 import httpx
 
+from common import CACHE, Server, figure
 from wrenbox.config import LimitsConfig, SandboxDefaults, Settings
 from wrenbox.envd import ENVD_PORT, AsyncEnvdClient, EnvdConfig
 from wrenbox.images import build_image
@@ -51,13 +48,8 @@ from wrenbox.manager import CreateRequest
 from wrenbox.network import Network, NetworkConfig
 from wrenbox.service import ensure_template, image_config, open_manager
 
-CACHE = Path(os.environ.get("WRENBOX_TEST_DATA_DIR", "/var/tmp/wrenbox-test"))
 TEMPLATE = "minimal"
 Samples = dict[str, list[float]]
-
-
-def figure(name: str, value: float, unit: str) -> dict[str, object]:
-    return {"figure": name, "value": round(value, 4), "unit": unit}
 
 
 def bench_settings(root: Path) -> Settings:
@@ -112,61 +104,10 @@ def in_process(settings: Settings, samples: Samples, creates: int, rtts: int, si
     anyio.run(run)
 
 
-class Server:
-    """``wrenbox serve`` on the bench's data dir, and a key for it."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.env = {
-            **os.environ,
-            "WRENBOX_DATA_DIR": str(settings.data_dir),
-            "WRENBOX_MEMORY_DIR": str(settings.memory_dir),
-            "WRENBOX_ON_SHUTDOWN": "destroy",
-            "WRENBOX_NETWORK__PREFIX": settings.network.prefix,
-            "WRENBOX_NETWORK__HOST_RANGE": str(settings.network.host_range),
-            "WRENBOX_NETWORK__TRANSFER_RANGE": str(settings.network.transfer_range),
-            "WRENBOX_DEFAULTS__MEMORY_MB": str(settings.defaults.memory_mb),
-            "WRENBOX_DEFAULTS__TIMEOUT_S": "0",
-            "WRENBOX_API__TEMPLATES": json.dumps([TEMPLATE]),
-        }
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.key = json.loads(self._cli("keys", "create", "--name", "bench", "--json").stdout)["key"]
-        self.process: subprocess.Popen[str] | None = None
-
-    def _cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        code = "from wrenbox.cli import main; main()"
-        return subprocess.run(
-            [sys.executable, "-c", code, *args], env=self.env, capture_output=True, text=True, check=True
-        )
-
-    def __enter__(self) -> Server:
-        code = "from wrenbox.cli import main; main()"
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", code, "serve", "--listen", f"127.0.0.1:{self.port}"],
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not re.search(r"wrenbox serving on", line):
-            self.process.kill()
-            raise SystemExit(f"the server did not start: {line!r}")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=120)
-
-
 def through_server(settings: Settings, samples: Samples, creates: int, rtts: int, size: int) -> None:
     from e2b import Sandbox
 
-    with Server(settings) as server:
+    with Server(settings, templates=(TEMPLATE,)) as server:
         opts = {"api_key": server.key, "api_url": server.url, "sandbox_url": server.url}
         for _ in range(creates):
             t0 = time.perf_counter()
