@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -188,6 +189,22 @@ class Sandboxes:
 
     def placement(self, directory: Path, disk: Disk, slot: NetworkSlot, run: str = "run") -> Placement:
         return Placement(directory / run, disk.drive(), slot, directory / "memory")
+
+    @asynccontextmanager
+    async def placed(self, index: int, name: str) -> AsyncIterator[Placement]:
+        """A placement in slot ``index`` with a disk of its own and a copy of the template's RAM, for a
+        test that launches into it itself; the disk and the directory go when the block ends."""
+        slot = await self.slot(index)
+        directory = self.root / name
+        directory.mkdir(parents=True)
+        disk = await self.rootfs.create(self.template.rootfs_image(), name)
+        try:
+            placement = self.placement(directory, disk, slot)
+            self.template.copy_memory(placement.memory)
+            yield placement
+        finally:
+            await self.rootfs.remove(disk)
+            shutil.rmtree(directory)
 
     async def start(self, index: int) -> Sandbox:
         """A VM from the template in slot ``index``, with a disk and a RAM file of its own."""

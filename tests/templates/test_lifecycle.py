@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import shutil
 import signal
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import anyio
 import pytest
@@ -144,17 +142,12 @@ async def test_snapshot_then_resume_keeps_the_vm_running(sandboxes: Sandboxes, l
 
 
 async def test_a_restored_agent_takes_its_first_init_only_from_the_host(
-    sandboxes: Sandboxes, launcher: Launcher, template: Template, rootfs: RootfsBackend, data_dir: Path
+    sandboxes: Sandboxes, launcher: Launcher, template: Template
 ) -> None:
     """Finding 12: between a restore and the host's /init, anyone who reaches the agent's port must get
     nothing: neither set their own token first (denying the host) nor run a command."""
-    slot = await sandboxes.slot(9)
-    directory = data_dir / "vms" / "raced"
-    directory.mkdir(parents=True)
-    disk = await rootfs.create(template.rootfs_image(), "raced")
-    placement = sandboxes.placement(directory, disk, slot)
-    try:
-        template.copy_memory(placement.memory)
+    async with sandboxes.placed(9, "raced") as placement:
+        slot = placement.slot
         async with agent_client(slot) as stranger, agent_client(slot, template.manifest.agent_token) as host:
             vm = await launcher.restore(placement, template.snapshot(), **sandboxes.machine, agent=stranger)
             try:
@@ -164,57 +157,39 @@ async def test_a_restored_agent_takes_its_first_init_only_from_the_host(
                     await stranger.processes.exec(["true"])
                 await host.init(access_token="the-sandboxes-own")  # the host's token still works
                 assert (await host.processes.exec(["true"])).exit_code == 0
+                # And now only the sandbox's own token does.
                 async with agent_client(slot, template.manifest.agent_token) as late:
-                    with pytest.raises(
-                        GuestError, match="unauthenticated"
-                    ):  # and now only the sandbox's own does
+                    with pytest.raises(GuestError, match="unauthenticated"):
                         await late.processes.exec(["true"])
             finally:
                 await vm.destroy()
-    finally:
-        await rootfs.remove(disk)
-        shutil.rmtree(directory)
 
 
 async def test_destroy_kills_a_vmm_that_does_not_answer(
-    sandboxes: Sandboxes, launcher: Launcher, template: Template, rootfs: RootfsBackend, data_dir: Path
+    sandboxes: Sandboxes, launcher: Launcher, template: Template
 ) -> None:
     patience = replace(launcher.driver.config, quit_timeout_s=0.5, kill_grace_s=0.5)  # type: ignore[attr-defined]
     impatient = Launcher(QemuDriver(patience), launcher.config)
-    slot = await sandboxes.slot(8)
-    directory = data_dir / "vms" / "hung"
-    directory.mkdir(parents=True)
-    disk = await rootfs.create(template.rootfs_image(), "hung")
-    placement = sandboxes.placement(directory, disk, slot)
-    try:
-        template.copy_memory(placement.memory)
-        async with agent_client(slot) as agent:
+    async with sandboxes.placed(8, "hung") as placement:
+        async with agent_client(placement.slot) as agent:
             vm = await impatient.restore(placement, template.snapshot(), **sandboxes.machine, agent=agent)
         os.kill(vm.pid, signal.SIGSTOP)  # QEMU can no longer answer its monitor, nor SIGTERM
         t0 = time.monotonic()
         await vm.destroy()
         assert time.monotonic() - t0 < 5
         assert not vm.alive()
-        assert processes_using(directory) == []
-    finally:
-        await rootfs.remove(disk)
+        assert processes_using(placement.run_dir.parent) == []
 
 
 async def test_a_cancelled_restore_leaves_no_vm(
-    sandboxes: Sandboxes, launcher: Launcher, template: Template, rootfs: RootfsBackend, data_dir: Path
+    sandboxes: Sandboxes, launcher: Launcher, template: Template
 ) -> None:
     """Cancelled at any moment, a launch either returned a VM or left no VMM process (the RAM file and the
     disk are the caller's: the host runtime holds them in its ledger before the launch)."""
-    slot = await sandboxes.slot(11)
     cancelled = 0
     for i, delay in enumerate((0.0, 0.02, 0.06, 0.12, 0.2, 0.3)):
-        directory = data_dir / "vms" / f"cancelled-{i}"
-        directory.mkdir(parents=True)
-        disk = await rootfs.create(template.rootfs_image(), f"cancelled-{i}")
-        placement = sandboxes.placement(directory, disk, slot)
-        template.copy_memory(placement.memory)
-        try:
-            async with agent_client(slot) as agent:
+        async with sandboxes.placed(11, f"cancelled-{i}") as placement:
+            async with agent_client(placement.slot) as agent:
                 with anyio.move_on_after(delay) as scope:
                     vm = await launcher.restore(
                         placement, template.snapshot(), **sandboxes.machine, agent=agent
@@ -223,8 +198,5 @@ async def test_a_cancelled_restore_leaves_no_vm(
                 cancelled += 1
             else:
                 await vm.destroy()
-            assert processes_using(directory) == [], f"QEMU left after a cancel at {delay} s"
-        finally:
-            await rootfs.remove(disk)
-            shutil.rmtree(directory)
+            assert processes_using(placement.run_dir.parent) == [], f"QEMU left after a cancel at {delay} s"
     assert cancelled >= 3
