@@ -135,10 +135,15 @@ class Unavailable(WrenboxError):
 
 class GuestError(Unavailable):
     """The guest agent failed, or answered what the host refuses (too big, encoded, malformed). Its
-    sandbox may be broken or hostile; retrying the same call will not help."""
+    sandbox may be broken or hostile; retrying the same call will not help. ``guest_code``: the code the
+    agent reported, if it reported one (the host may act on it; callers never see it as their own)."""
 
     http_status = 502
     retryable = False
+
+    def __init__(self, message: str, guest_code: str | None = None) -> None:
+        super().__init__(message)
+        self.guest_code = guest_code
 
 
 class QuotaExceeded(Unavailable):

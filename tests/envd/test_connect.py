@@ -45,3 +45,14 @@ def test_error_for_response(status: int, body: bytes, kind: type[WrenboxError], 
     assert type(error) is kind
     assert error.message.startswith("GET /files: ")
     assert message in error.message
+
+
+def test_a_guest_refusal_keeps_its_code_for_the_host_alone() -> None:
+    """The host still learns which refusal it was (a token the agent no longer takes), though no caller
+    sees it as its own: the error is a GuestError, 502."""
+    for body in (b'{"code": 401, "message": "bad token"}', b'{"code": "unauthenticated", "message": "x"}'):
+        error = error_for_response(401, body, "POST /init")
+        assert isinstance(error, GuestError)
+        assert error.guest_code == "unauthenticated"
+        assert error.http_status == 502
+    assert error_for_response(502, b"<html>", "GET /x").guest_code == "unavailable"  # type: ignore[attr-defined]

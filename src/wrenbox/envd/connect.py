@@ -106,7 +106,8 @@ def guest_error(code: object, message: object, what: str) -> WrenboxError:
     text = clean_text(message if isinstance(message, str) and message else str(code))
     if isinstance(code, str) and code in _GUEST_CODES:
         return error_for_code(code, f"{what}: {text}")
-    return GuestError(f"{what}: the agent failed ({clean_text(str(code), 40)}): {text}")
+    shown = clean_text(str(code), 40)
+    return GuestError(f"{what}: the agent failed ({shown}): {text}", code if isinstance(code, str) else None)
 
 
 def error_for_response(status: int, body: bytes, what: str, *, from_guest: bool = True) -> WrenboxError:

@@ -23,7 +23,7 @@ import anyio
 
 from wrenbox import faults
 from wrenbox.envd import AsyncEnvdClient
-from wrenbox.errors import Conflict, CorruptData, NotFound, Unauthenticated, WrenboxError
+from wrenbox.errors import Conflict, CorruptData, GuestError, NotFound, WrenboxError
 from wrenbox.fileio import clone_or_copy
 from wrenbox.images import Image, load_image
 from wrenbox.launch import Launcher, Placement, agent_client
@@ -403,8 +403,8 @@ class HostRuntime:
         token = rec.resources.get(R.VM, {}).get("next_token", rec.access_token)
         try:
             await self._clients[rec.id].init(env_vars=rec.env, access_token=token)
-        except Unauthenticated:
-            if token == rec.access_token:
+        except GuestError as exc:  # the agent refusing a token: a code it may report, not the caller's error
+            if exc.guest_code != "unauthenticated" or token == rec.access_token:
                 raise
             # The agent took the new token already, and a crash came before the record said so.
             await self._close_client(rec.id)
