@@ -149,12 +149,18 @@ class Launcher:
         cgroup = self._cgroup(placement, None)
         return self.driver.adopt(replace(config, confinement=self.confinement(placement, cgroup)), process)
 
+    @property
+    def confining(self) -> bool:
+        """VMMs run confined: confining is on and the driver can."""
+        return self.config.vmm_uid_base is not None and self.driver.confines
+
     def confinement(self, placement: Placement, cgroup: Cgroup | None = None) -> Confinement | None:
         """Whom the VMM in ``placement`` runs as (None: root, where confining is off or unsupported)."""
-        base = self.config.vmm_uid_base
-        if base is None or not self.driver.confines:
+        if not self.confining:
             return None
-        return Confinement(uid=base + placement.slot.index, gid=self.config.vmm_gid, cgroup=cgroup)
+        assert self.config.vmm_uid_base is not None
+        uid = self.config.vmm_uid_base + placement.slot.index
+        return Confinement(uid=uid, gid=self.config.vmm_gid, cgroup=cgroup)
 
     def reclaim_cgroups(self, prefix: str, in_use: Iterable[NetworkSlot]) -> list[str]:
         """Remove the slot cgroups of network ``prefix`` that no VM uses (the leak sweep; blocking)."""
@@ -167,7 +173,7 @@ class Launcher:
     def _cgroup(self, placement: Placement, machine: tuple[int, int] | None) -> Cgroup | None:
         """The slot's cgroup: made (or reused) and sized for a ``(vcpus, memory_mib)`` machine, or, for
         an adopted VM (``machine`` None), the one it runs in if it exists."""
-        if self.cgroups is None or not self.driver.confines or self.config.vmm_uid_base is None:
+        if self.cgroups is None or not self.confining:
             return None
         tree, settings = self.cgroups
         if machine is None:

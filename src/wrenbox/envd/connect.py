@@ -143,8 +143,14 @@ class Answer:
     status: int
     body: bytes
 
-    def json_object(self, what: str) -> dict[str, Any]:
+    def json(self, what: str) -> Any:
         decoded = _json(self.body)
+        if decoded is None:
+            raise GuestError(f"{what}: the agent answered with invalid JSON")
+        return decoded
+
+    def json_object(self, what: str) -> dict[str, Any]:
+        decoded = self.json(what)
         if not isinstance(decoded, dict):
             raise GuestError(f"{what}: expected a JSON object from the agent")
         return decoded

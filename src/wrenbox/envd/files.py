@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
@@ -63,8 +62,8 @@ class AsyncFiles:
                 extensions={"timeout": self._channel.transfer_timeout.as_dict()},
             )
         try:
-            return WriteInfo.from_json(json.loads(answer.body)[0])
-        except (ValueError, LookupError, AttributeError, TypeError, RecursionError) as exc:
+            return WriteInfo.from_json(answer.json(what)[0])
+        except (GuestError, ValueError, LookupError, AttributeError, TypeError) as exc:
             raise GuestError(
                 f"{what}: unexpected answer {clean_text(answer.body[:200].decode(errors='replace'))!r}"
             ) from exc

@@ -66,11 +66,9 @@ async def sweep(runtime: HostRuntime, records: list[SandboxRecord]) -> dict[str,
         await anyio.to_thread.run_sync(process.terminate, 5.0)
     report["processes"] = [str(p.pid) for p in stray]
 
-    runtime.network.adopt(
-        NetworkSlot.from_dict(r.resources[R.SLOT]).index for r in records if R.SLOT in r.resources
-    )
-    report["slots"] = [str(i) for i in await runtime.network.reclaim()]
     slots = [NetworkSlot.from_dict(r.resources[R.SLOT]) for r in records if R.SLOT in r.resources]
+    runtime.network.adopt(slot.index for slot in slots)
+    report["slots"] = [str(i) for i in await runtime.network.reclaim()]
     prefix = runtime.network.config.prefix
     report["cgroups"] = await anyio.to_thread.run_sync(runtime.launcher.reclaim_cgroups, prefix, slots)
     disks = [Disk.model_validate(r.resources[R.DISK]) for r in records if R.DISK in r.resources]

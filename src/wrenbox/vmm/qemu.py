@@ -219,8 +219,7 @@ def _enter(spec: JailSpec, memory: Path) -> None:
         os.close(os.open(memory, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
     c = spec.confinement
     for path in (*spec.write, memory):
-        if not path.is_char_device():
-            own(path, c)
+        own(path, c)
     for path in spec.read:
         grant_read(path, c)
 
@@ -456,7 +455,7 @@ async def _tidy(vm: QemuVm) -> None:
     """What a gone QEMU leaves: its socket, its jail's (empty) mount point, and its cgroup (once its
     console keeper, which ends with QEMU, has left it too)."""
     vm.qmp_socket.unlink(missing_ok=True)
-    with contextlib.suppress(FileNotFoundError, OSError):
+    with contextlib.suppress(OSError):  # gone already, or a jail that never started
         _jail_root(vm.config.run_dir).rmdir()
     confinement = vm.config.confinement
     if confinement is not None and confinement.cgroup is not None:
