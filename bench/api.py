@@ -28,40 +28,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import anyio
 import httpx
 
-from common import CACHE, Server, figure
+from common import Server, figure, scratch_host
 from wrenbox.config import LimitsConfig, SandboxDefaults, Settings
 from wrenbox.envd import ENVD_PORT, AsyncEnvdClient, EnvdConfig
-from wrenbox.images import build_image
 from wrenbox.manager import CreateRequest
-from wrenbox.network import Network, NetworkConfig
-from wrenbox.service import ensure_template, image_config, open_manager
+from wrenbox.service import ensure_template, open_manager
 
 TEMPLATE = "minimal"
 Samples = dict[str, list[float]]
-
-
-def bench_settings(root: Path) -> Settings:
-    tag = secrets.token_hex(2)
-    return Settings(
-        data_dir=root,
-        memory_dir=Path(f"/dev/shm/wbp-{tag}"),
-        on_shutdown="destroy",
-        network=NetworkConfig(prefix=f"wbp{tag}", host_range="10.49.0.0/16", transfer_range="10.50.0.0/16"),
-        defaults=SandboxDefaults(memory_mb=512, timeout_s=0),
-        limits=LimitsConfig(max_sandboxes=4),
-    )
 
 
 async def envd_figures(client: AsyncEnvdClient, samples: Samples, side: str, rtts: int, size: int) -> None:
@@ -134,23 +116,18 @@ def through_server(settings: Settings, samples: Samples, creates: int, rtts: int
 
 
 def figures(quick: bool) -> list[dict[str, object]]:
-    build_image(image_config(Settings(data_dir=CACHE)), TEMPLATE)
-    root = Path(tempfile.mkdtemp(prefix="wbp-", dir="/var/tmp"))
-    (root / "images").symlink_to(CACHE / "images")
-    (root / "host").symlink_to(CACHE / "host")
-    settings = bench_settings(root)
     rounds, creates, rtts = (2, 3, 30) if quick else (3, 7, 100)
     size = (16 if quick else 64) << 20
     samples: Samples = {}
     sides: list[Callable[[Settings, Samples, int, int, int], None]] = [in_process, through_server]
-    try:
+    fields = {
+        "defaults": SandboxDefaults(memory_mb=512, timeout_s=0),
+        "limits": LimitsConfig(max_sandboxes=4),
+    }
+    with scratch_host("wbp", ("10.49.0.0/16", "10.50.0.0/16"), **fields) as settings:
         for n in range(rounds):
             for side in sides if n % 2 == 0 else reversed(sides):
                 side(settings, samples, creates, rtts, size)
-    finally:
-        anyio.run(Network(settings.network).teardown)
-        shutil.rmtree(settings.memory_dir, ignore_errors=True)
-        shutil.rmtree(root, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in samples.items()}
     return [
         figure("manager_create_exec_p50_s", med["manager_create"], "s"),

@@ -6,19 +6,56 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import anyio
 
 from wrenbox.config import Settings
+from wrenbox.images import build_image
+from wrenbox.network import Network, NetworkConfig
+from wrenbox.service import image_config
 
 CACHE = Path(os.environ.get("WRENBOX_TEST_DATA_DIR", "/var/tmp/wrenbox-test"))
 
 
 def figure(name: str, value: float, unit: str) -> dict[str, object]:
     return {"figure": name, "value": round(value, 4), "unit": unit}
+
+
+@contextmanager
+def scratch_host(tag: str, ranges: tuple[str, str], **fields: Any) -> Iterator[Settings]:
+    """Settings for a data dir of the bench's own (under /var/tmp, sharing the cached guest image) with a
+    network prefix and a RAM dir named from ``tag``, the host and transfer ``ranges``, sandboxes destroyed
+    on shutdown, and ``fields``; whatever was made in it is removed when the block ends."""
+    build_image(image_config(Settings(data_dir=CACHE)), "minimal")
+    root = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir="/var/tmp"))
+    (root / "images").symlink_to(CACHE / "images")
+    (root / "host").symlink_to(CACHE / "host")
+    suffix = secrets.token_hex(2)
+    network = NetworkConfig(prefix=f"{tag}{suffix}", host_range=ranges[0], transfer_range=ranges[1])
+    settings = Settings(
+        data_dir=root,
+        memory_dir=Path(f"/dev/shm/{tag}-{suffix}"),
+        on_shutdown="destroy",
+        network=network,
+        **fields,
+    )
+    try:
+        yield settings
+    finally:
+        anyio.run(Network(settings.network).teardown)
+        shutil.rmtree(settings.memory_dir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 class Server:

@@ -31,27 +31,21 @@ import json
 import os
 import random
 import secrets
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio
-
-from common import CACHE, Server, figure
+from common import Server, figure, scratch_host
 from wrenbox.config import LimitsConfig, SandboxDefaults, Settings
-from wrenbox.images import build_image
-from wrenbox.network import Network, NetworkConfig
 from wrenbox.network.links import link_names
 from wrenbox.network.netns import list_netns
 from wrenbox.runtime.sweep import our_processes
-from wrenbox.service import image_config, vmm_cgroups
+from wrenbox.service import vmm_cgroups
 from wrenbox.vmm.cgroups import CgroupConfig
 
 TEMPLATE = "minimal"
@@ -228,18 +222,6 @@ def settle(server: Server, settings: Settings, timeout: float = 60.0) -> None:
         time.sleep(0.5)
 
 
-def bench_settings(root: Path, clients: int) -> Settings:
-    tag = secrets.token_hex(2)
-    return Settings(
-        data_dir=root,
-        memory_dir=Path(f"/dev/shm/wbl-{tag}"),
-        on_shutdown="destroy",
-        network=NetworkConfig(prefix=f"wbl{tag}", host_range="10.55.0.0/16", transfer_range="10.56.0.0/16"),
-        defaults=SandboxDefaults(memory_mb=256, timeout_s=0),
-        limits=LimitsConfig(max_sandboxes=2 * clients + 2),
-    )
-
-
 def parse_mix(text: str | None) -> dict[str, float]:
     mix = dict(DEFAULT_MIX)
     for part in filter(None, (text or "").split(",")):
@@ -251,31 +233,28 @@ def parse_mix(text: str | None) -> dict[str, float]:
 
 
 def figures(clients: int, seconds: float, mix: dict[str, float]) -> list[dict[str, object]]:
-    build_image(image_config(Settings(data_dir=CACHE)), TEMPLATE)
-    root = Path(tempfile.mkdtemp(prefix="wbl-", dir="/var/tmp"))
-    (root / "images").symlink_to(CACHE / "images")
-    (root / "host").symlink_to(CACHE / "host")
-    settings = bench_settings(root, clients)
     out: list[dict[str, object]] = []
-    try:
-        with Server(settings, templates=(TEMPLATE,)) as server:
-            assert server.process is not None
-            pid = server.process.pid
-            baseline = host_objects(settings)
-            rss = [rss_mib(pid)]
-            tallies, elapsed = [], 0.0
-            for n in range(2):
-                tally, took = one_run(server, clients, seconds, mix, seed=1000 * n)
-                settle(server, settings)
-                tallies.append(tally)
-                elapsed += took
-                rss.append(rss_mib(pid))
-            after = host_objects(settings)
-            after["listed"] = listed(server)
-    finally:
-        anyio.run(Network(settings.network).teardown)
-        shutil.rmtree(settings.memory_dir, ignore_errors=True)
-        shutil.rmtree(root, ignore_errors=True)
+    fields = {
+        "defaults": SandboxDefaults(memory_mb=256, timeout_s=0),
+        "limits": LimitsConfig(max_sandboxes=2 * clients + 2),
+    }
+    with (
+        scratch_host("wbl", ("10.55.0.0/16", "10.56.0.0/16"), **fields) as settings,
+        Server(settings, templates=(TEMPLATE,)) as server,
+    ):
+        assert server.process is not None
+        pid = server.process.pid
+        baseline = host_objects(settings)
+        rss = [rss_mib(pid)]
+        tallies, elapsed = [], 0.0
+        for n in range(2):
+            tally, took = one_run(server, clients, seconds, mix, seed=1000 * n)
+            settle(server, settings)
+            tallies.append(tally)
+            elapsed += took
+            rss.append(rss_mib(pid))
+        after = host_objects(settings)
+        after["listed"] = listed(server)
     ops: dict[str, list[float]] = {}
     errors: dict[str, int] = {}
     for t in tallies:

@@ -30,30 +30,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import anyio
 
-from wrenbox.config import LimitsConfig, SandboxDefaults, Settings, VmmConfig
-from wrenbox.images import build_image
+from common import figure, scratch_host
+from wrenbox.config import LimitsConfig, SandboxDefaults, VmmConfig
 from wrenbox.manager import CreateRequest, Sandboxes
-from wrenbox.network import Network, NetworkConfig
-from wrenbox.service import ensure_template, image_config, open_manager
+from wrenbox.service import ensure_template, open_manager
 
-CACHE = Path(os.environ.get("WRENBOX_TEST_DATA_DIR", "/var/tmp/wrenbox-test"))
 DIRTY = "head -c 33554432 /dev/urandom > /dev/shm/dirty"
-
-
-def figure(name: str, value: float, unit: str) -> dict[str, object]:
-    return {"figure": name, "value": round(value, 4), "unit": unit}
 
 
 def p(values: list[float], q: float) -> float:
@@ -113,39 +102,22 @@ async def pause_figures(mgr: Sandboxes, quick: bool) -> list[dict[str, object]]:
     ]
 
 
-def bench_settings(root: Path, *, confine: bool = True) -> Settings:
-    tag = secrets.token_hex(2)
-    return Settings(
-        vmm=VmmConfig(confine=confine),
-        data_dir=root,
-        memory_dir=Path(f"/dev/shm/wbb-{tag}"),
-        on_shutdown="destroy",
-        network=NetworkConfig(prefix=f"wbb{tag}", host_range="10.45.0.0/16", transfer_range="10.46.0.0/16"),
-        defaults=SandboxDefaults(memory_mb=512, timeout_s=0),
-        limits=LimitsConfig(max_sandboxes=4),
-    )
-
-
 def figures(quick: bool, *, latency: bool = True, confine: bool = True) -> Iterator[dict[str, object]]:
     """All figures; ``latency=False`` only the pause/resume/snapshot-size group (for bench/memory.py)."""
-    build_image(image_config(Settings(data_dir=CACHE)), "minimal")
-    root = Path(tempfile.mkdtemp(prefix="wbb-", dir="/var/tmp"))
-    (root / "images").symlink_to(CACHE / "images")
-    (root / "host").symlink_to(CACHE / "host")
-    settings = bench_settings(root, confine=confine)
+    fields = {
+        "vmm": VmmConfig(confine=confine),
+        "defaults": SandboxDefaults(memory_mb=512, timeout_s=0),
+        "limits": LimitsConfig(max_sandboxes=4),
+    }
+    with scratch_host("wbb", ("10.45.0.0/16", "10.46.0.0/16"), **fields) as settings:
 
-    async def run() -> list[dict[str, object]]:
-        async with open_manager(settings, reaper=False) as mgr:
-            await ensure_template(mgr, settings)
-            results = await latency_figures(mgr, quick) if latency else []
-            return results + await pause_figures(mgr, quick)
+        async def run() -> list[dict[str, object]]:
+            async with open_manager(settings, reaper=False) as mgr:
+                await ensure_template(mgr, settings)
+                results = await latency_figures(mgr, quick) if latency else []
+                return results + await pause_figures(mgr, quick)
 
-    try:
         results = anyio.run(run)
-    finally:
-        anyio.run(Network(settings.network).teardown)
-        shutil.rmtree(settings.memory_dir, ignore_errors=True)
-        shutil.rmtree(root, ignore_errors=True)
     yield from results
 
 
