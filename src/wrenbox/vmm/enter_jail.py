@@ -80,6 +80,13 @@ def _bind(root: str, path: str, *, writable: bool) -> None:
     _mount(None, inside, None, flags)
 
 
+def _become(uid: int, gid: int) -> None:
+    """The VM's user and group alone, for good (real, effective and saved ids; no supplementary groups)."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
 def _keep_console(console: dict, uid: int, gid: int) -> None:
     out = os.open(
         console["path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
@@ -89,9 +96,7 @@ def _keep_console(console: dict, uid: int, gid: int) -> None:
         try:
             os.dup2(read_end, 0)
             os.dup2(out, 1)
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
+            _become(uid, gid)
             os.execv("/usr/bin/tail", ["tail", "-c", str(console["keep"])])
         finally:
             os._exit(127)
@@ -142,9 +147,7 @@ def main(argv: list[str]) -> None:
         _keep_console(spec["console"], spec["uid"], spec["gid"])
     _build_root(spec)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    os.setgroups([])
-    os.setresgid(spec["gid"], spec["gid"], spec["gid"])
-    os.setresuid(spec["uid"], spec["uid"], spec["uid"])
+    _become(spec["uid"], spec["gid"])
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
     os.execve(vmm[0], vmm, spec["env"])
 
