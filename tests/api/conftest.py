@@ -27,6 +27,7 @@ import httpx
 import pytest
 from tests.sandbox.conftest import leftovers, make_settings
 from tests.support.images import scratch_data_dir
+from tests.support.ranges import suite_ranges
 
 from wrenbox.config import Settings
 from wrenbox.network import Network, NetworkConfig
@@ -142,7 +143,7 @@ def server() -> Iterator[Server]:
         root,
         tag,
         memory_dir=Path(f"/dev/shm/wba-{tag}"),
-        network=NetworkConfig(prefix=f"wba{tag}", host_range="10.47.0.0/16", transfer_range="10.48.0.0/16"),
+        network=NetworkConfig(prefix=f"wba{tag}", **suite_ranges(47)),
     )
     running = Server(settings, _free_port(), root / "server.log")
     running.start()

@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import pytest
 from tests.support.images import scratch_data_dir
+from tests.support.ranges import suite_ranges
 
 from wrenbox.config import LimitsConfig, SandboxDefaults, Settings
 from wrenbox.errors import InUse
@@ -42,9 +43,7 @@ def make_settings(root: Path, tag: str, **overrides: object) -> Settings:
         "data_dir": root,
         "memory_dir": Path(f"/dev/shm/wbs-{tag}"),
         "on_shutdown": "destroy",
-        "network": NetworkConfig(
-            prefix=f"wbs{tag}", host_range="10.41.0.0/16", transfer_range="10.42.0.0/16"
-        ),
+        "network": NetworkConfig(prefix=f"wbs{tag}", **suite_ranges(41)),
         "defaults": SandboxDefaults(memory_mb=GUEST_MEMORY_MB, timeout_s=0),
         "limits": LimitsConfig(max_sandboxes=8, max_concurrent_starts=4),
     }

@@ -23,6 +23,7 @@ from pathlib import Path
 import anyio
 import pytest
 from tests.support.images import scratch_data_dir
+from tests.support.ranges import suite_ranges
 
 from wrenbox.config import Settings
 from wrenbox.manager import CreateRequest, SandboxManager
@@ -50,7 +51,7 @@ def crash_settings() -> Iterator[Settings]:
         tag,
         on_shutdown="pause",
         memory_dir=Path(f"/dev/shm/wbc-{tag}"),
-        network=NetworkConfig(prefix=f"wbc{tag}", host_range="10.43.0.0/16", transfer_range="10.44.0.0/16"),
+        network=NetworkConfig(prefix=f"wbc{tag}", **suite_ranges(43)),
     )
     yield s
     left = leftovers(s)
