@@ -7,6 +7,7 @@ entropy ioctls are harmless and run for real as root.
 from __future__ import annotations
 
 import base64
+import errno
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -120,5 +121,26 @@ async def test_metrics_fields(client) -> None:
 
 @pytest.mark.root
 def test_real_entropy_ioctls() -> None:
-    # RNDADDENTROPY + RNDRESEEDCRNG on the host's /dev/random: mixing in bytes never weakens the pool.
+    """RNDADDENTROPY + RNDRESEEDCRNG on the host's /dev/random (mixing in bytes never weakens the pool):
+    root's calls are accepted, and the same calls without CAP_SYS_ADMIN are refused with EPERM, which only
+    the kernel's own handlers of these two ioctls do (/dev/random itself is writable by anyone)."""
     HostClock().add_entropy(os.urandom(32))
+    assert _entropy_errno_as_nobody() == errno.EPERM
+
+
+def _entropy_errno_as_nobody() -> int:
+    """The errno of ``add_entropy`` in a child that has dropped to uid/gid 65534 (0: it succeeded)."""
+    pid = os.fork()
+    if pid == 0:  # the child: no Python-level cleanup, only its exit status
+        code = 255
+        try:
+            os.setgid(65534)
+            os.setuid(65534)  # from root to another uid: the capabilities go too
+            HostClock().add_entropy(os.urandom(32))
+            code = 0
+        except OSError as exc:
+            code = exc.errno or 255
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)

@@ -103,13 +103,14 @@ class FakeRuntime:
     async def start(self, rec: SandboxRecord, template: TemplateRecord, ledger: Ledger, *, cold: bool) -> str:
         for key in ("slot", "disk", "vm"):
             self._acquire(ledger, key, "create")
-        faults.point("create.ready")
+        faults.point("create.init")
         return self._ip()
 
     async def pause(self, rec: SandboxRecord, ledger: Ledger, *, memory: bool) -> None:
         faults.point("pause.stop")
-        self._acquire(ledger, "snapshot", "pause")
-        faults.point("pause.written")
+        ledger.hold("snapshot", f"{rec.id}:snapshot")
+        self.held.add(f"{rec.id}:snapshot")
+        faults.point("pause.memory")
         self.committed.add(rec.id)
         self.pauses.append((rec.id, memory))
         for key in ("vm", "slot"):
@@ -118,7 +119,7 @@ class FakeRuntime:
     async def resume(self, rec: SandboxRecord, ledger: Ledger, *, memory: bool) -> str:
         for key in ("slot", "vm"):
             self._acquire(ledger, key, "resume")
-        faults.point("resume.ready")
+        faults.point("resume.init")
         self.resumes.append((rec.id, memory))
         return self._ip()
 

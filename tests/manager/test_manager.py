@@ -3,6 +3,7 @@ The same operations against real VMs are in tests/manager/test_lifecycle_vm.py."
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import anyio
@@ -20,6 +21,7 @@ from wrenbox.errors import (
 from wrenbox.manager import CreateRequest, ManagerConfig, SandboxManager, SandboxMetrics
 from wrenbox.manager.store import Store
 from wrenbox.records import SandboxState, TemplateState
+from wrenbox.runtime import host as host_runtime
 
 from .conftest import make_manager
 from .fakes import FakeMetrics, FakeRuntime
@@ -41,13 +43,36 @@ async def test_create_records_everything(mgr: SandboxManager, store: Store, runt
     assert kinds == ["creating", "running"]
 
 
-CREATE_STEPS = ["create.slot", "create.disk", "create.vm", "create.ready"]
+CREATE_STEPS = ["create.slot", "create.disk", "create.vm", "create.init"]
 
 
-async def test_create_steps_are_what_the_fault_tests_cover(mgr: SandboxManager) -> None:
-    with faults.recording() as steps:
-        await mgr.create(CreateRequest())
-    assert [s for s in steps if s.startswith("create.")] == CREATE_STEPS
+def real_points() -> list[str]:
+    """The fault points the host runtime marks, in source order (each method's order is its steps')."""
+    calls = [
+        node
+        for node in ast.walk(ast.parse(Path(host_runtime.__file__).read_text()))
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "faults.point"
+    ]
+    calls.sort(key=lambda node: (node.lineno, node.col_offset))
+    return [node.args[0].value for node in calls if isinstance(node.args[0], ast.Constant)]
+
+
+async def test_the_fakes_steps_are_the_real_runtimes(mgr: SandboxManager) -> None:
+    """Each step the fake runtime fails at is one the host runtime has, in the host runtime's order, and
+    the fake creates in all of the runtime's steps: a policy proved here against a failed step is proved
+    against a step that exists."""
+    real = real_points()
+    with faults.recording() as seen:
+        rec = await mgr.create(CreateRequest())
+        await mgr.pause(rec.id)
+        await mgr.resume(rec.id)
+        await mgr.snapshot(rec.id, "from-fake")
+    for op in ("create", "pause", "resume", "snapshot"):
+        fake = [s for s in seen if s.startswith(f"{op}.")]
+        ours = [s for s in real if s.startswith(f"{op}.")]
+        assert fake, op
+        assert [s for s in ours if s in fake] == fake, f"{op}: the fake's {fake}, the runtime's {ours}"
+    assert [s for s in real if s.startswith("create.")] == CREATE_STEPS
 
 
 @pytest.mark.parametrize("step", CREATE_STEPS)
@@ -68,7 +93,7 @@ async def test_failed_release_during_rollback_is_an_error_with_leftovers(
     mgr: SandboxManager, runtime: FakeRuntime
 ) -> None:
     runtime.failing_release.add("disk")
-    with faults.armed("create.ready"), pytest.raises(faults.InjectedFault):
+    with faults.armed("create.init"), pytest.raises(faults.InjectedFault):
         await mgr.create(CreateRequest(sandbox_id="fail0002"))
     rec = mgr.get("fail0002")
     assert rec.state is S.ERROR
@@ -96,7 +121,7 @@ async def test_pause_resume_keeps_identity(mgr: SandboxManager, runtime: FakeRun
 
 async def test_failed_pause_keeps_it_running(mgr: SandboxManager, runtime: FakeRuntime) -> None:
     rec = await mgr.create(CreateRequest())
-    with faults.armed("pause.written"), pytest.raises(faults.InjectedFault):
+    with faults.armed("pause.memory"), pytest.raises(faults.InjectedFault):
         await mgr.pause(rec.id)
     got = mgr.get(rec.id)
     assert got.state is S.RUNNING
@@ -104,7 +129,7 @@ async def test_failed_pause_keeps_it_running(mgr: SandboxManager, runtime: FakeR
     assert f"{rec.id}:vm" in runtime.held
 
 
-@pytest.mark.parametrize("step", ["resume.slot", "resume.vm", "resume.ready"])
+@pytest.mark.parametrize("step", ["resume.slot", "resume.vm", "resume.init"])
 async def test_failed_resume_keeps_it_paused(mgr: SandboxManager, runtime: FakeRuntime, step: str) -> None:
     rec = await mgr.create(CreateRequest())
     await mgr.pause(rec.id)
