@@ -23,7 +23,8 @@ The tree::
     │   └── NotRunning                failed_precondition 409  sandbox not in a state that can serve this
     ├── Unavailable                   unavailable        503   limits reached, backend not ready
     │   ├── GuestError                unavailable        502   the guest agent failed or broke the rules
-    │   └── QuotaExceeded             resource_exhausted 429   a team's quota is used up: free something
+    │   ├── QuotaExceeded             resource_exhausted 429   a team's quota is used up: free something
+    │   └── StorageFull               resource_exhausted 507   the host's data filesystem is full
     ├── Timeout                       deadline_exceeded  504
     ├── Unsupported                   unimplemented      501   this host lacks a capability
     │   └── MissingTool               unimplemented      501   a host program is not installed
@@ -53,6 +54,7 @@ __all__ = [
     "NotRunning",
     "PermissionDenied",
     "QuotaExceeded",
+    "StorageFull",
     "Timeout",
     "Unauthenticated",
     "Unavailable",
@@ -152,6 +154,16 @@ class QuotaExceeded(Unavailable):
 
     code = "resource_exhausted"
     http_status = 429
+    retryable = False
+
+
+class StorageFull(Unavailable):
+    """The filesystem of the data dir has no room for what the operation writes (ENOSPC, EDQUOT). What
+    was being written is thrown away and the sandbox stays as it was; the operator must free space (the
+    caller cannot), after which the same request succeeds."""
+
+    code = "resource_exhausted"
+    http_status = 507
     retryable = False
 
 

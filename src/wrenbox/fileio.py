@@ -22,10 +22,10 @@ import secrets
 import shutil
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from wrenbox.errors import AlreadyExists, PermissionDenied, Unsupported
+from wrenbox.errors import AlreadyExists, PermissionDenied, StorageFull, Unsupported, WrenboxError
 
 __all__ = [
     "clone_or_copy",
@@ -34,6 +34,7 @@ __all__ = [
     "data_extents",
     "fsync_path",
     "fsync_tree",
+    "no_space_is_storage_full",
     "private_dir",
     "publish",
     "remove_path",
@@ -255,6 +256,33 @@ def publish(src: Path, dest: Path, *, replace: bool = False, durable: bool = Tru
             remove_path(src)
         except OSError as exc:
             log.warning("could not remove %s, replaced by %s (a sweep will): %s", src, dest, exc)
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def no_space_is_storage_full(where: Path, doing: str) -> Iterator[None]:
+    """Report a full filesystem under ``where`` as :class:`StorageFull`, whoever hit it: this process
+    (OSError ENOSPC or EDQUOT) or a program it ran (QEMU, qemu-img: an error quoting the errno's text).
+    The caller must already throw away what it wrote; this only names the cause for the person who must
+    free space."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        raise StorageFull(_full(where, doing, exc.strerror or "")) from exc
+    except WrenboxError as exc:
+        if isinstance(exc, StorageFull) or not any(os.strerror(e) in exc.message for e in _NO_SPACE):
+            raise
+        raise StorageFull(_full(where, doing, exc.message)) from exc
+
+
+def _full(where: Path, doing: str, detail: str) -> str:
+    return (
+        f"{doing} failed: no space left on the filesystem of {where} ({detail}); free space there and retry"
+    )
 
 
 def remove_path(path: Path) -> None:

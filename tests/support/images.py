@@ -17,7 +17,14 @@ from wrenbox import service
 from wrenbox.config import Settings
 from wrenbox.images import Image, ImageConfig, build_image
 
-__all__ = ["TEST_DATA_DIR", "ensure_test_image", "image_config", "image_settings", "scratch_data_dir"]
+__all__ = [
+    "TEST_DATA_DIR",
+    "ensure_test_image",
+    "image_config",
+    "image_settings",
+    "scratch_data_dir",
+    "share_cache",
+]
 
 TEST_DATA_DIR = Path(os.environ.get("WRENBOX_TEST_DATA_DIR", "/var/tmp/wrenbox-test"))
 
@@ -40,8 +47,13 @@ def ensure_test_image(name: str = "minimal") -> Image:
 def scratch_data_dir(prefix: str) -> Path:
     """A new data dir under /var/tmp (short: unix socket paths are limited to 108 bytes) that shares the
     cached guest image and the host probe's cache (the KVM verdict) with every other test."""
-    ensure_test_image()
     root = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    share_cache(root)
+    return root
+
+
+def share_cache(root: Path) -> None:
+    """Make the empty data dir ``root`` use the cached guest image and host probe (built if need be)."""
+    ensure_test_image()
     (root / "images").symlink_to(TEST_DATA_DIR / "images")
     (root / "host").symlink_to(TEST_DATA_DIR / "host")
-    return root

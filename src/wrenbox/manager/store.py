@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from wrenbox.errors import AlreadyExists, NotFound
+from wrenbox.errors import AlreadyExists, NotFound, StorageFull
 from wrenbox.records import SandboxRecord, SandboxState, TemplateRecord, TemplateState
 
 __all__ = ["MIGRATIONS", "Event", "Store"]
@@ -129,14 +129,27 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._full_is_storage_full():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # a failed COMMIT may have rolled back already
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+
+    @contextmanager
+    def _full_is_storage_full(self) -> Iterator[None]:
+        """A write refused for want of space changed nothing (SQLite rolls it back): say so, typed."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                raise
+            raise StorageFull(
+                f"the store {self.path} could not be written: its filesystem is full; free space there"
+            ) from exc
 
     @property
     def schema_version(self) -> int:

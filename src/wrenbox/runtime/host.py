@@ -24,7 +24,7 @@ import anyio
 from wrenbox import faults
 from wrenbox.envd import AsyncEnvdClient
 from wrenbox.errors import Conflict, CorruptData, GuestError, NotFound, WrenboxError
-from wrenbox.fileio import clone_or_copy
+from wrenbox.fileio import clone_or_copy, no_space_is_storage_full
 from wrenbox.images import Image, load_image
 from wrenbox.launch import Launcher, Placement, agent_client
 from wrenbox.ledger import Ledger
@@ -120,7 +120,10 @@ class HostRuntime:
         ledger.update(R.VM, {**rec.resources[R.VM], "pause_token": token})
         await self._close_client(rec.id)
         t0 = time.monotonic()
-        with SnapshotWriter(snap_dir, replace=True) as writer:
+        with (
+            no_space_is_storage_full(snap_dir.parent, f"pausing sandbox {rec.id}"),
+            SnapshotWriter(snap_dir, replace=True) as writer,
+        ):
             ledger.on_failure("continue the VM", vm.resume)
             faults.point("pause.stop")
             if memory:
@@ -201,16 +204,17 @@ class HostRuntime:
                 f"sandbox {rec.id} was paused without its memory; resume it to snapshot it into a template"
             )
         t0 = time.monotonic()
-        async with self.templates.derive(name, parent, source=rec.id) as draft:
-            if running:
-                await self._snapshot_running(rec, draft)
-            else:
-                await self._snapshot_paused(rec, draft)
-            faults.point("snapshot.write")
-            draft.timings["write"] = round(time.monotonic() - t0, 3)
-            # The agent in the template's memory still holds this sandbox's token: children need it once,
-            # for their first /init; this sandbox gets a new one when it next resumes.
-            draft.agent_token = rec.access_token
+        with no_space_is_storage_full(self.templates.root, f"template {name} from sandbox {rec.id}"):
+            async with self.templates.derive(name, parent, source=rec.id) as draft:
+                if running:
+                    await self._snapshot_running(rec, draft)
+                else:
+                    await self._snapshot_paused(rec, draft)
+                faults.point("snapshot.write")
+                draft.timings["write"] = round(time.monotonic() - t0, 3)
+                # The agent in the template's memory still holds this sandbox's token: children need it once,
+                # for their first /init; this sandbox gets a new one when it next resumes.
+                draft.agent_token = rec.access_token
         assert draft.template is not None
         return _template_record(draft.template)
 

@@ -1,0 +1,226 @@
+"""A full data filesystem: pausing or snapshotting a real sandbox fails with StorageFull, writes nothing
+that is then listed or left behind, and keeps the sandbox running; once space is freed the same call
+succeeds with the data intact. A guest that grows its disk meanwhile gets I/O errors, and no other
+sandbox loses anything.
+
+The data dir is a small ext4 filesystem on a loop device of this module's own (only the cached image and
+host probe are shared, by symlink), so sandboxes' disks, snapshots and templates all land on it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from tests.support.images import share_cache
+from tests.support.ranges import suite_ranges
+
+from wrenbox.config import Settings
+from wrenbox.errors import StorageFull
+from wrenbox.manager import CreateRequest, SandboxManager
+from wrenbox.network import Network, NetworkConfig
+from wrenbox.records import SandboxState
+from wrenbox.service import Host, ensure_template, open_host
+
+from .conftest import delete_templates, leftovers, make_settings
+from .guest import Contents, run
+
+pytestmark = [pytest.mark.anyio, pytest.mark.vm, pytest.mark.root]
+S = SandboxState
+FS_MIB = 1024  # the minimal template (~450 MiB) and a few sandboxes, with room to spare until filled
+FILLER = "filler"
+
+
+def _run(*argv: str | Path) -> None:
+    subprocess.run([str(a) for a in argv], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def small_fs() -> Iterator[Path]:
+    """A mounted ext4 filesystem of FS_MIB under /var/tmp, removed afterwards with its backing file."""
+    root = Path(f"/var/tmp/wbd-{secrets.token_hex(3)}")
+    backing = root.with_name(f"{root.name}.img")
+    root.mkdir()
+    try:
+        _run("truncate", "-s", f"{FS_MIB}M", backing)
+        _run("mkfs.ext4", "-q", "-m", "0", backing)  # no blocks reserved for root: full means full
+        _run("mount", "-o", "loop", backing, root)
+        try:
+            share_cache(root)
+            yield root
+        finally:
+            _run("umount", root)
+    finally:
+        backing.unlink(missing_ok=True)
+        root.rmdir()
+
+
+@pytest.fixture(scope="module")
+def settings(small_fs: Path) -> Iterator[Settings]:
+    tag = secrets.token_hex(2)
+    s = make_settings(
+        small_fs,
+        tag,
+        memory_dir=Path(f"/dev/shm/wbd-{tag}"),
+        network=NetworkConfig(prefix=f"wbd{tag}", **suite_ranges(51)),
+    )
+    yield s
+    left = leftovers(s)
+    anyio.run(Network(s.network).teardown)
+    shutil.rmtree(s.memory_dir, ignore_errors=True)
+    assert left == {}, f"the disk-full tests left things behind: {left}"
+
+
+@pytest.fixture
+async def host(settings: Settings) -> AsyncIterator[Host]:
+    async with open_host(settings, reaper=False) as host:
+        mgr = host.manager
+        await ensure_template(mgr, settings)
+        try:
+            yield host
+        finally:
+            free(settings.data_dir)
+            with anyio.CancelScope(shield=True):
+                for rec in mgr.list():
+                    await mgr.destroy(rec.id)
+                await delete_templates(mgr)
+        assert [t.name for t in mgr.templates()] == ["minimal"]
+
+
+@pytest.fixture
+def manager(host: Host) -> SandboxManager:
+    return host.manager
+
+
+def fill(root: Path, leave: int = 0) -> None:
+    """Take the filesystem's free blocks but ``leave`` bytes: one big allocation, then (to fill it up
+    completely) 4 KiB writes until ENOSPC."""
+    st = os.statvfs(root)
+    fd = os.open(root / FILLER, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, st.f_bavail * st.f_frsize - leave - (1 << 20))
+        while not leave and _written(fd, b"\xff" * 4096):
+            pass
+    finally:
+        os.close(fd)
+    free_now = os.statvfs(root).f_bavail * st.f_frsize
+    assert free_now <= leave + (1 << 20), free_now
+
+
+def _written(fd: int, data: bytes) -> bool:
+    """Write and sync ``data``; False once the filesystem has no room for it."""
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        return False
+    return True
+
+
+def free(root: Path) -> None:
+    (root / FILLER).unlink(missing_ok=True)
+
+
+def temporaries(settings: Settings) -> list[str]:
+    """Half-written files or directories anywhere in the data dir (the shared image cache aside)."""
+    found = []
+    for top in (settings.sandboxes_dir, settings.templates_dir, settings.data_dir / "disks"):
+        found += [str(p.relative_to(settings.data_dir)) for p in top.rglob("*") if ".tmp" in p.name]
+    return found
+
+
+# Full: the store itself cannot record the pause, which fails before anything is done. Nearly full
+# (room for the store's few pages, not for a snapshot): the snapshot's writing fails and is thrown away.
+@pytest.mark.parametrize(
+    ("leave", "refused_by"), [(0, "the store"), (8 << 20, "pausing sandbox")], ids=["full", "nearly-full"]
+)
+async def test_a_pause_on_a_full_disk_keeps_it_running_and_works_once_space_is_freed(
+    manager: SandboxManager, host: Host, settings: Settings, leave: int, refused_by: str
+) -> None:
+    sb = await manager.create(CreateRequest())
+    contents = Contents.random(1 << 20)
+    await contents.write(manager, sb.id)
+    await run(manager, sb.id, "sync", user="root")
+    running = manager.get(sb.id)
+    held = leftovers(settings)
+    snapshot_dir = host.runtime.files.snapshot_dir(sb.id)
+
+    fill(settings.data_dir, leave)
+    for _ in range(2):  # and again: a failed pause leaves nothing in the way of the next one
+        with pytest.raises(StorageFull, match=f"{refused_by}.*free space"):
+            await manager.pause(sb.id)
+        rec = manager.get(sb.id)
+        assert (rec.state, rec.host_ip, set(rec.resources)) == (
+            S.RUNNING,
+            running.host_ip,
+            set(running.resources),
+        )
+        assert not snapshot_dir.exists()
+        assert temporaries(settings) == []
+        assert leftovers(settings) == held
+        assert await run(manager, sb.id, "echo alive") == "alive\n"
+    free(settings.data_dir)
+
+    await manager.pause(sb.id)
+    assert manager.get(sb.id).state is S.PAUSED
+    await manager.resume(sb.id)
+    assert await contents.check(manager, sb.id) == []
+
+
+async def test_a_snapshot_on_a_full_disk_lists_no_template_and_works_once_space_is_freed(
+    manager: SandboxManager, settings: Settings
+) -> None:
+    sb = await manager.create(CreateRequest())
+    contents = Contents.random(1 << 20)
+    await contents.write(manager, sb.id)
+    await run(manager, sb.id, "sync", user="root")
+    on_disk = sorted(p.name for p in settings.templates_dir.iterdir())
+
+    fill(settings.data_dir, 8 << 20)
+    with pytest.raises(StorageFull, match=r"template full-disk from sandbox .*free space"):
+        await manager.snapshot(sb.id, "full-disk")
+    assert [t.name for t in manager.templates()] == ["minimal"]
+    assert sorted(p.name for p in settings.templates_dir.iterdir()) == on_disk
+    assert temporaries(settings) == []
+    assert manager.get(sb.id).state is S.RUNNING
+    assert await run(manager, sb.id, "echo alive") == "alive\n"
+    free(settings.data_dir)
+
+    await manager.snapshot(sb.id, "full-disk")
+    child = await manager.create(CreateRequest(template="full-disk"))
+    assert await contents.check(manager, child.id) == []
+    assert await contents.check(manager, sb.id) == []
+
+
+async def test_a_guest_growing_its_disk_on_a_full_host_gets_io_errors_and_harms_no_one_else(
+    manager: SandboxManager, settings: Settings
+) -> None:
+    paused, running, grower = [await manager.create(CreateRequest()) for _ in range(3)]
+    kept = {sb.id: Contents.random(1 << 20) for sb in (paused, running)}
+    for sandbox_id, contents in kept.items():
+        await contents.write(manager, sandbox_id)
+        await run(manager, sandbox_id, "sync", user="root")
+    await manager.pause(paused.id)
+
+    fill(settings.data_dir)
+    grow = await manager.exec(
+        grower.id, "dd if=/dev/urandom of=/home/user/big bs=1M count=64 conv=fsync", user="root"
+    )
+    assert grow.exit_code != 0
+    assert b"Input/output error" in grow.stderr or b"No space" in grow.stderr, grow.stderr
+    assert manager.get(grower.id).state is S.RUNNING
+    free(settings.data_dir)
+
+    assert await run(manager, grower.id, "echo alive") == "alive\n"
+    assert await kept[running.id].check(manager, running.id) == []
+    await manager.resume(paused.id)
+    assert await kept[paused.id].check(manager, paused.id) == []
