@@ -63,7 +63,7 @@ def test_boot_argv_under_tcg(tmp_path: Path) -> None:
     objects = _option(argv, "-object")
     assert f"memory-backend-file,id=ram0,size=256M,mem-path={tmp_path}/ram,share=on" in objects
     assert _option(argv, "-drive") == [
-        f"id=disk0,file={tmp_path}/root.qcow2,format=qcow2,if=none",
+        f"id=disk0,file={tmp_path}/root.qcow2,format=qcow2,if=none,werror=report",
         f"id=disk1,file={tmp_path}/data.img,format=raw,if=none,readonly=on",
     ]
     devices = _option(argv, "-device")

@@ -150,7 +150,9 @@ def qemu_argv(config: VmConfig, qemu: QemuConfig, *, incoming: bool) -> list[str
         argv += [
             "-drive",
             f"id=disk{i},file={_esc(drive.path)},format={drive.format},if=none"
-            + (",readonly=on" if drive.read_only else ""),
+            # A write the host cannot store (its disk is full) is the guest's I/O error: QEMU's default
+            # stops the whole VM instead, which then answers nobody until someone frees space.
+            + (",readonly=on" if drive.read_only else ",werror=report"),
             "-device", f"virtio-blk-device,drive=disk{i}",
         ]  # fmt: skip
     for i, nic in enumerate(m.nics):
