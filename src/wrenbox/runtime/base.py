@@ -10,7 +10,7 @@ any one of those resources, so the same call serves rollback, destroy, pause and
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -124,4 +124,19 @@ class Runtime(Protocol):
 
     async def sweep(self, records: list[SandboxRecord]) -> dict[str, list[str]]:
         """Remove everything on the host that no record names; say what went."""
+        ...
+
+    # Watching running sandboxes (see SandboxManager.watch_vms and check_host).
+
+    async def watch_vms(self, lost: Callable[[str], Awaitable[None]]) -> None:
+        """Call ``lost(sandbox_id)`` as soon as a sandbox's VM exits without the runtime ending it; runs
+        until cancelled."""
+        ...
+
+    async def check_agent(self, rec: SandboxRecord) -> bool:
+        """Initialise the running sandbox's guest agent again if it lost its state; True if it had to."""
+        ...
+
+    async def repair_host(self) -> list[str]:
+        """Put back host-wide parts someone removed (the firewall table); names what was repaired."""
         ...
