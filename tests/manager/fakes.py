@@ -190,6 +190,7 @@ class FakeRuntime:
             vm=vm,  # type: ignore[arg-type]
             pause_committed=rec.id in self.committed,
             revertible=rec.id in self.revertible_ids,
+            exited="vm" in rec.resources and not alive,
         )
 
     async def continue_vm(self, rec: SandboxRecord) -> None:

@@ -498,9 +498,10 @@ class SandboxManager(RecoveryMixin):
                 await self._runtime.pause(rec, ledger, memory=memory)
                 ledger.commit()
         except BaseException as exc:  # cancelled too: settle, then propagate
-            self._failed(rec, exc, fallback=S.RUNNING)
             with anyio.CancelScope(shield=True):
-                await self._settle_if_lost(rec)  # it failed because the VM is gone?
+                lost = await self._settle_if_lost(rec)  # it failed because the VM is gone
+            if not lost:
+                self._failed(rec, exc, fallback=S.RUNNING)
             raise
         return self._move(rec, S.PAUSED, host_ip=None, pause_failures=0)
 
@@ -566,12 +567,13 @@ class SandboxManager(RecoveryMixin):
             await self._settle_if_lost(self.get(sandbox_id))
 
     async def _settle_if_lost(self, rec: SandboxRecord) -> bool:
-        """If ``rec`` is running but its VM is gone, settle it by the rule of :meth:`_vm_lost` (calls in
-        flight on it fail at once, saying so); True if it was. The caller holds the sandbox's lock."""
-        if rec.state is not S.RUNNING:
+        """If ``rec`` is running (or was pausing) but its VMM has exited, settle it by the rule of
+        :meth:`_vm_lost` (calls in flight on it fail at once, saying so); True if it was. A VMM that is
+        alive but slow to answer is left alone. The caller holds the sandbox's lock."""
+        if rec.state not in (S.RUNNING, S.PAUSING):
             return False
         seen = await self._runtime.inspect(rec)
-        if seen.vm != "gone":
+        if not seen.exited:
             return False
         log.warning("sandbox %s: its VM is gone; settling it", rec.id)
         self._activity.cut(rec.id, "lost its VM")

@@ -46,6 +46,9 @@ class Inspection:
     vm: Literal["running", "paused", "gone"]  # paused: the vCPUs are stopped
     pause_committed: bool  # the pause under way when wrenbox stopped had written its snapshot
     revertible: bool  # giving back what only a live VM holds leaves a consistent paused sandbox
+    # The VMM process has ended (not merely stopped answering its monitor, which "gone" also covers):
+    # what a live manager settles as lost without ending anything itself.
+    exited: bool = False
 
 
 class Runtime(Protocol):

@@ -291,8 +291,10 @@ class HostRuntime:
         pause_token = rec.resources.get(R.VM, {}).get("pause_token")
         on_disk = self._snapshot_token(rec.id)
         held = rec.resources.get(R.CHECKPOINT)
+        vm = self._adopt(rec)
         return Inspection(
             vm=await self._vm_state(rec),
+            exited=R.VM in rec.resources and (vm is None or not vm.alive()),
             pause_committed=pause_token is not None and pause_token == on_disk,
             # The disk has a checkpoint taken for the snapshot on disk, which releasing it reverts to.
             revertible=held is not None and on_disk is not None and held.get("snapshot") == on_disk,
