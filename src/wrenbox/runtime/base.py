@@ -66,7 +66,10 @@ class Runtime(Protocol):
 
     async def resume(self, rec: SandboxRecord, ledger: Ledger, *, memory: bool) -> str:
         """Bring a paused sandbox back (from its memory, or booted from its disk when it was paused
-        without memory or ``memory`` is false); returns its new host IP."""
+        without memory or ``memory`` is false); returns its new host IP. A damaged snapshot (its memory
+        chain's or device state's checksum, or length, does not match) raises CorruptData before any VM
+        runs on it: the sandbox stays paused with that error, its snapshot and disk untouched, and a
+        resume without memory still boots its disk."""
         ...
 
     async def set_egress(self, rec: SandboxRecord) -> None:
