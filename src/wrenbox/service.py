@@ -204,8 +204,9 @@ async def open_host(settings: Settings, *, reaper: bool = True) -> AsyncIterator
             await mgr.recover()
             failure: BaseException | None = None
             async with anyio.create_task_group() as tg:
+                tg.start_soon(mgr.watch_vms)
                 if reaper:
-                    tg.start_soon(Reaper(mgr, watches=[network.ensure_host_table]).run)
+                    tg.start_soon(Reaper(mgr, watches=[mgr.check_host]).run)
                 try:
                     yield Host(mgr, runtime, store, network, caps)
                 except BaseException as exc:  # raised below as it is, not wrapped in the group's

@@ -3,13 +3,15 @@ exactly what is held, and passes the same fault points the real runtime does."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 
 from wrenbox import faults
+from wrenbox.errors import Unavailable
 from wrenbox.ledger import Ledger
 from wrenbox.records import SandboxRecord, TemplateRecord, TemplateState
 from wrenbox.runtime.base import Inspection
@@ -80,7 +82,17 @@ class FakeRuntime:
         self.egress: dict[str, dict[str, list[str]]] = {}  # what each running sandbox's slot enforces
         self.failing_egress = False
         self.snapshot_bytes = 1000  # what a paused sandbox's snapshot occupies on disk (plus 100 of disk)
+        self.agents_restarted: set[str] = set()  # sandboxes whose agent lost its state
+        self.agent_inits: list[str] = []
+        self.host_damage: list[str] = []  # what repair_host finds removed (and puts back)
+        self._exits, self._exited = anyio.create_memory_object_stream[str](math.inf)
         self._ips = 0
+
+    def kill_vm(self, sandbox_id: str) -> None:
+        """The VM dies on its own (as an OOM kill would): gone, and reported to watch_vms."""
+        self.held.discard(f"{sandbox_id}:vm")
+        self.stopped.discard(sandbox_id)
+        self._exits.send_nowait(sandbox_id)
 
     def _acquire(self, ledger: Ledger, key: str, op: str) -> None:
         ledger.hold(key, f"{ledger.rec.id}:{key}")
@@ -107,6 +119,8 @@ class FakeRuntime:
         return self._ip()
 
     async def pause(self, rec: SandboxRecord, ledger: Ledger, *, memory: bool) -> None:
+        if f"{rec.id}:vm" not in self.held:
+            raise Unavailable("QEMU went away during 'stop'")
         faults.point("pause.stop")
         ledger.hold("snapshot", f"{rec.id}:snapshot")
         self.held.add(f"{rec.id}:snapshot")
@@ -177,6 +191,7 @@ class FakeRuntime:
             vm=vm,  # type: ignore[arg-type]
             pause_committed=rec.id in self.committed,
             revertible=rec.id in self.revertible_ids,
+            exited="vm" in rec.resources and not alive,
         )
 
     async def continue_vm(self, rec: SandboxRecord) -> None:
@@ -190,3 +205,19 @@ class FakeRuntime:
         stray = sorted(self.held - named)
         self.held -= set(stray)
         return {"things": stray}
+
+    async def watch_vms(self, lost: Callable[[str], Awaitable[None]]) -> None:
+        async with anyio.create_task_group() as tg:
+            async for sandbox_id in self._exited:
+                tg.start_soon(lost, sandbox_id)
+
+    async def check_agent(self, rec: SandboxRecord) -> bool:
+        if rec.id not in self.agents_restarted:
+            return False
+        self.agents_restarted.discard(rec.id)
+        self.agent_inits.append(rec.id)
+        return True
+
+    async def repair_host(self) -> list[str]:
+        repaired, self.host_damage = self.host_damage, []
+        return repaired

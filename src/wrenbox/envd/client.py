@@ -85,6 +85,13 @@ class AsyncEnvdClient:
                 raise Timeout(f"envd at {self.config.base_url} not healthy within {timeout:g} s ({last})")
             await anyio.sleep(min(interval, remaining))
 
+    async def initialised(self) -> bool:
+        """True if the agent demands an access token (it went through an ``/init`` that set one); False
+        for an agent that started afresh and serves anyone (e.g. restarted by the guest's init)."""
+        # A token nobody has: refused by an agent that has one, accepted by one that has none.
+        answer = await self._channel.request("GET", "/envs", headers={"X-Access-Token": "-"}, ok=(200, 401))
+        return answer.status == 401
+
     async def init(
         self,
         *,

@@ -4,7 +4,8 @@ A sandbox's end is its timeout counted from its start, moved only by ``set_timeo
 ``ping`` (E2B's lifetimes); the manager keeps it and the reaper only reads it. A sandbox whose auto-pause
 fails is kept running and retried with exponential backoff; it is never destroyed because a pause failed.
 Expired sandboxes are handled concurrently (bounded), so one slow pause does not hold up the others.
-It also runs the host's periodic ``watches`` (the network's host-table check) every ``watch_interval_s``.
+It also runs the host's periodic ``watches`` (the manager's ``check_host``: the firewall table, restarted
+agents) every ``watch_interval_s``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ snapshotting    the half-built template is dropped; a fork's source continues â†
 "Lost": the VM is gone (the host rebooted, someone killed it). If the sandbox was resumed from a pause,
 its disk has a checkpoint taken for that pause: the disk goes back to it and the sandbox is paused
 again, consistent, having lost only what happened since that resume. A sandbox never paused has no
-such state to go back to and ends in error.
+such state to go back to and ends in error (keeping its disk until it is destroyed). Either way
+everything only the VM held (its process, slot, RAM file, cgroup, agent client) is given back. The same
+rule settles a VM lost while wrenbox runs (its VMM exited: :meth:`SandboxManager.watch_vms`).
 
 Paused sandboxes are never touched: their state is on disk. After the per-sandbox endings, a sweep
 removes whatever no record names (:func:`wrenbox.runtime.sweep.sweep`), and template rows are
@@ -39,6 +41,7 @@ __all__ = ["RecoveryMixin"]
 
 log = logging.getLogger(__name__)
 S = SandboxState
+WHILE_DOWN = "while wrenbox was not running"
 
 
 class RecoveryMixin:
@@ -83,7 +86,7 @@ class RecoveryMixin:
             if seen.vm == "paused":
                 await rt.continue_vm(rec)
             elif seen.vm == "gone":
-                await self._vm_lost(rec, revertible=seen.revertible)
+                await self._vm_lost(rec, revertible=seen.revertible, when=WHILE_DOWN)
         elif rec.state is S.PAUSING:
             if seen.pause_committed:
                 await self._back_to_disk(rec, S.PAUSED)
@@ -91,7 +94,7 @@ class RecoveryMixin:
                 await rt.continue_vm(rec)
                 self._move(rec, S.RUNNING, error="a pause was interrupted by a restart; still running")
             else:
-                await self._vm_lost(rec, revertible=seen.revertible)
+                await self._vm_lost(rec, revertible=seen.revertible, when=WHILE_DOWN)
         elif rec.state is S.RESUMING:
             if seen.vm == "running":
                 host_ip = await rt.finish_resume(rec)
@@ -105,16 +108,16 @@ class RecoveryMixin:
                 await rt.continue_vm(rec)
                 self._move(rec, S.RUNNING)
             else:
-                await self._vm_lost(rec, revertible=seen.revertible)
+                await self._vm_lost(rec, revertible=seen.revertible, when=WHILE_DOWN)
 
-    async def _vm_lost(self, rec: SandboxRecord, *, revertible: bool) -> None:
-        """The VM is gone (the host rebooted, it was killed): back to the last pause if the disk can go
-        back with it, else error (a sandbox never paused has nothing to go back to)."""
+    async def _vm_lost(self, rec: SandboxRecord, *, revertible: bool, when: str) -> None:
+        """The VM is gone (the host rebooted, it was killed ``when``): back to the last pause if the disk
+        can go back with it, else error (a sandbox never paused has nothing to go back to)."""
         if revertible:
-            error = "the VM was lost while wrenbox was not running; back to the state of the last pause"
+            error = f"the VM was lost {when}; back to the state of the last pause"
             await self._back_to_disk(rec, S.PAUSED, error=error)
         else:
-            error = "the VM was lost while wrenbox was not running and the sandbox was never paused"
+            error = f"the VM was lost {when} and the sandbox was never paused"
             await self._back_to_disk(rec, S.ERROR, error=error)
 
     async def _back_to_disk(self, rec: SandboxRecord, target: SandboxState, **changes: Any) -> None:
@@ -122,7 +125,7 @@ class RecoveryMixin:
         leftovers = await self._release(rec, self._transient(rec))
         if leftovers:
             target = S.ERROR
-            changes.setdefault("error", "some resources could not be released after a restart")
+            changes.setdefault("error", "some resources of its VM could not be released")
         self._move(rec, target, leftovers=leftovers, host_ip=None, **changes)
 
     # Steps of the manager's, declared here so the dependency is visible.

@@ -10,7 +10,7 @@ any one of those resources, so the same call serves rollback, destroy, pause and
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -46,6 +46,9 @@ class Inspection:
     vm: Literal["running", "paused", "gone"]  # paused: the vCPUs are stopped
     pause_committed: bool  # the pause under way when wrenbox stopped had written its snapshot
     revertible: bool  # giving back what only a live VM holds leaves a consistent paused sandbox
+    # The VMM process has ended (not merely stopped answering its monitor, which "gone" also covers):
+    # what a live manager settles as lost without ending anything itself.
+    exited: bool = False
 
 
 class Runtime(Protocol):
@@ -63,7 +66,10 @@ class Runtime(Protocol):
 
     async def resume(self, rec: SandboxRecord, ledger: Ledger, *, memory: bool) -> str:
         """Bring a paused sandbox back (from its memory, or booted from its disk when it was paused
-        without memory or ``memory`` is false); returns its new host IP."""
+        without memory or ``memory`` is false); returns its new host IP. A damaged snapshot (its memory
+        chain's or device state's checksum, or length, does not match) raises CorruptData before any VM
+        runs on it: the sandbox stays paused with that error, its snapshot and disk untouched, and a
+        resume without memory still boots its disk."""
         ...
 
     async def set_egress(self, rec: SandboxRecord) -> None:
@@ -124,4 +130,19 @@ class Runtime(Protocol):
 
     async def sweep(self, records: list[SandboxRecord]) -> dict[str, list[str]]:
         """Remove everything on the host that no record names; say what went."""
+        ...
+
+    # Watching running sandboxes (see SandboxManager.watch_vms and check_host).
+
+    async def watch_vms(self, lost: Callable[[str], Awaitable[None]]) -> None:
+        """Call ``lost(sandbox_id)`` as soon as a sandbox's VM exits without the runtime ending it; runs
+        until cancelled."""
+        ...
+
+    async def check_agent(self, rec: SandboxRecord) -> bool:
+        """Initialise the running sandbox's guest agent again if it lost its state; True if it had to."""
+        ...
+
+    async def repair_host(self) -> list[str]:
+        """Put back host-wide parts someone removed (the firewall table); names what was repaired."""
         ...

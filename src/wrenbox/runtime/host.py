@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from wrenbox.pids import ProcessRef
 from wrenbox.records import SandboxRecord, TemplateRecord, TemplateState
 from wrenbox.rootfs import Disk, RootfsBackend
 from wrenbox.runtime.base import Inspection, Resource
+from wrenbox.runtime.exits import ExitWatch
 from wrenbox.runtime.files import SandboxFiles, allocated_file, new_pause
 from wrenbox.runtime.sweep import sweep
 from wrenbox.templates import Draft, Template, TemplateBuilder, TemplateLibrary
@@ -78,6 +79,7 @@ class HostRuntime:
         self.files = SandboxFiles(config.sandboxes_dir, config.memory_dir)
         self._vms: dict[str, Vm] = {}
         self._clients: dict[str, AsyncEnvdClient] = {}
+        self._exits = ExitWatch()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -293,8 +295,10 @@ class HostRuntime:
         pause_token = rec.resources.get(R.VM, {}).get("pause_token")
         on_disk = self._snapshot_token(rec.id)
         held = rec.resources.get(R.CHECKPOINT)
+        vm = self._adopt(rec)
         return Inspection(
             vm=await self._vm_state(rec),
+            exited=R.VM in rec.resources and (vm is None or not vm.alive()),
             pause_committed=pause_token is not None and pause_token == on_disk,
             # The disk has a checkpoint taken for the snapshot on disk, which releasing it reverts to.
             revertible=held is not None and on_disk is not None and held.get("snapshot") == on_disk,
@@ -313,6 +317,31 @@ class HostRuntime:
 
     async def sweep(self, records: list[SandboxRecord]) -> dict[str, list[str]]:
         return await sweep(self, records)
+
+    # -- watching running sandboxes ----------------------------------------------------------------------
+
+    async def watch_vms(self, lost: Callable[[str], Awaitable[None]]) -> None:
+        """Call ``lost(sandbox_id)`` as soon as a sandbox's VMM exits without wrenbox ending it (each
+        call in a task of its own); runs until cancelled."""
+        try:
+            async with anyio.create_task_group() as tg:
+                async for sandbox_id in self._exits.exits():
+                    tg.start_soon(_logged, lost, sandbox_id)
+        finally:
+            self._exits.close()
+
+    async def check_agent(self, rec: SandboxRecord) -> bool:
+        """Initialise the running sandbox's agent again if it lost its state (it was restarted in the
+        guest, by its init, with no token, env or clock of the sandbox's); True if it had to."""
+        if await self.envd(rec).initialised():
+            return False
+        await self._init_agent(rec)
+        return True
+
+    async def repair_host(self) -> list[str]:
+        """Put back what the host's sandboxes depend on and someone removed; names what was repaired."""
+        repaired = await self.network.ensure_host_table()
+        return [f"nftables table inet {self.network.config.prefix}"] if repaired else []
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -339,7 +368,7 @@ class HostRuntime:
 
     async def _vm_state(self, rec: SandboxRecord) -> str:
         vm = self._adopt(rec)
-        if vm is None:
+        if vm is None or not vm.alive():
             return "gone"
         try:
             status = await vm.status()
@@ -361,6 +390,7 @@ class HostRuntime:
         placement = self._placement(rec, self._disk(rec), NetworkSlot.from_dict(rec.resources[R.SLOT]))
         vm = self.launcher.adopt(placement, process, vcpus=rec.vcpus, memory_mib=rec.memory_mb)
         self._vms[rec.id] = vm
+        self._exits.watch(rec.id, process)
         return vm
 
     def _vm(self, rec: SandboxRecord) -> Vm:
@@ -392,6 +422,7 @@ class HostRuntime:
     def _adopted(self, rec: SandboxRecord, vm: Vm, ledger: Ledger) -> None:
         self._vms[rec.id] = vm
         ledger.hold(R.VM, {"pid": vm.process.pid, "start_time": vm.process.start_time})
+        self._exits.watch(rec.id, vm.process)
 
     def _new_client(
         self, rec: SandboxRecord, slot: NetworkSlot, *, token: str | None = None
@@ -460,6 +491,7 @@ class HostRuntime:
         await anyio.to_thread.run_sync(self.files.remove, self.files.snapshot_dir(rec.id))
 
     async def _destroy_vm(self, rec: SandboxRecord, value: dict[str, Any]) -> None:
+        self._exits.unwatch(rec.id)  # ended on purpose from here on: not an exit to report
         await self._close_client(rec.id)
         vm = self._vms.pop(rec.id, None)
         if vm is None:
@@ -498,6 +530,13 @@ class HostRuntime:
         copy = self.files.copy_paused_state
         await anyio.to_thread.run_sync(copy, rec.id, draft.snapshot_dir, draft.memory)
         draft.rootfs_image = await self.rootfs.flatten(self._disk(rec), draft.rootfs)
+
+
+async def _logged(lost: Callable[[str], Awaitable[None]], sandbox_id: str) -> None:
+    try:
+        await lost(sandbox_id)
+    except Exception:  # one sandbox's settling must not stop the watch over the others
+        log.exception("settling sandbox %s after its VMM exited failed", sandbox_id)
 
 
 def _egress(rec: SandboxRecord) -> EgressPolicy:

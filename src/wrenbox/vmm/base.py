@@ -32,6 +32,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
+import xxhash
 from pydantic import TypeAdapter, ValidationError
 
 from wrenbox.errors import CorruptData, InvalidArgument, NotFound
@@ -228,6 +229,9 @@ class SnapshotMeta:
     argv: tuple[str, ...]
     state_bytes: int
     created_at: float = field(default_factory=time.time)
+    # xxh3-128 of the state file, hex (None in snapshots from before it was recorded): a VMM loading
+    # damaged device state may fail obscurely or, worse, run the guest on it.
+    state_checksum: str | None = None
 
 
 _META = TypeAdapter(SnapshotMeta)
@@ -265,6 +269,8 @@ class Snapshot:
             raise CorruptData(
                 f"snapshot {directory}: {SNAPSHOT_STATE} has {size} bytes, {meta.state_bytes} were written"
             )
+        if meta.state_checksum is not None and _checksum(snapshot.state_path) != meta.state_checksum:
+            raise CorruptData(f"snapshot {directory}: {SNAPSHOT_STATE} is damaged (checksum mismatch)")
         return snapshot
 
     @classmethod
@@ -351,6 +357,7 @@ class Vm(ABC):
         """The VMM has written its state file: make it durable and record what it pins (every driver
         ends :meth:`snapshot` this way)."""
         size = await asyncio.to_thread(_fsync_size, state)
+        digest = await asyncio.to_thread(_checksum, state)
         meta = SnapshotMeta(
             vmm=self.driver.name,
             vmm_version=await self.driver.version(),
@@ -358,6 +365,7 @@ class Vm(ABC):
             pinned=self.driver.pinned(self.config.machine),
             argv=tuple(self.argv),
             state_bytes=size,
+            state_checksum=digest,
         )
         return Snapshot.save(dest, meta)
 
@@ -370,6 +378,15 @@ def log_tail(path: Path, max_bytes: int) -> str:
             return f.read().decode(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+def _checksum(path: Path) -> str:
+    """The state file's xxh3-128, hex (device state is small: a few hundred KiB with RAM left out)."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_size(path: Path) -> int:
