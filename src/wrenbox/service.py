@@ -39,6 +39,7 @@ from wrenbox.launch import LaunchConfig, Launcher
 from wrenbox.manager import ManagerConfig, Sandboxes, SandboxManager
 from wrenbox.manager.quotas import TeamQuota
 from wrenbox.manager.reaper import Reaper
+from wrenbox.manager.reserve import Reserve
 from wrenbox.manager.store import Store
 from wrenbox.network import Network
 from wrenbox.probe import HostCapabilities
@@ -199,7 +200,7 @@ async def open_host(settings: Settings, *, reaper: bool = True) -> AsyncIterator
             launcher=launcher(settings, caps),
             templates=TemplateLibrary(settings.templates_dir),
         )
-        with Store(settings.state_db) as store:
+        with Store(settings.state_db, reserve=Reserve.beside(settings.state_db)) as store:
             mgr = SandboxManager(manager_config(settings), store, runtime)
             await mgr.recover()
             failure: BaseException | None = None

@@ -85,11 +85,12 @@ class Admission:
             if rec.state is SandboxState.CREATING:
                 try:
                     self._catalog.ready(rec.template)  # it may have been deleted since it was looked up
-                    self._store.insert_sandbox(rec)
+                    with self._store.spending(f"creating {rec.id}"):
+                        event = ("creating", rec.id, {"template": rec.template})
+                        self._store.insert_sandbox(rec, event=event)
                 except BaseException:
                     self._starts.release()
                     raise
-                self._store.record_event("creating", rec.id, template=rec.template)
             if team is not None:
                 self._team_starts[team] += 1
         try:

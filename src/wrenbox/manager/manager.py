@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -60,6 +60,9 @@ __all__ = ["ManagerConfig", "SandboxManager"]
 
 log = logging.getLogger(__name__)
 S = SandboxState
+# The moves that begin an operation writing to the data filesystem (a create's row is inserted by
+# admission, likewise inside Store.spending).
+_SPENDING = frozenset({S.PAUSING, S.RESUMING, S.SNAPSHOTTING})
 WHILE_RUNNING = "while it ran (its VMM process exited)"
 AGENT_CHECK_TIMEOUT_S = 5.0
 AGENT_RESTARTED = "the guest agent restarted; processes started before it did are no longer tracked"
@@ -520,16 +523,21 @@ class SandboxManager(RecoveryMixin):
         self, rec: SandboxRecord, name: str, *, kind: str, back_to: SandboxState
     ) -> TemplateRecord:
         """Template ``name`` from ``rec`` (caller holds both locks); ``rec`` ends in ``back_to``."""
-        row = self._catalog.begin(
-            name,
-            kind=kind,
-            vcpus=rec.vcpus,
-            memory_mb=rec.memory_mb,
-            source=rec.id,
-            parent=rec.template,
-            team=rec.team,
-        )
-        self._move(rec, S.SNAPSHOTTING)
+        with self._store.spending(f"a {kind} of {rec.id}"):
+            row = self._catalog.begin(
+                name,
+                kind=kind,
+                vcpus=rec.vcpus,
+                memory_mb=rec.memory_mb,
+                source=rec.id,
+                parent=rec.template,
+                team=rec.team,
+            )
+        try:
+            self._move(rec, S.SNAPSHOTTING)
+        except BaseException:  # refused (a full disk): no building row stays behind
+            self._catalog.abandon(name)
+            raise
         try:
             async with self._ledger(rec, "snapshot") as ledger:
                 built = await self._runtime.snapshot(rec, name, ledger)
@@ -633,8 +641,11 @@ class SandboxManager(RecoveryMixin):
             rec.error = None
         for key, value in changes.items():
             setattr(rec, key, value)
-        self._store.save_sandbox(rec)
-        self._store.record_event(target.value, rec.id, previous=previous.value)
+        # A move that begins spending space on the data filesystem needs the store's reserve whole; every
+        # other one (those that settle a sandbox and a destroy's above all) may draw on it.
+        spending = self._store.spending(f"{target.value} {rec.id}") if target in _SPENDING else nullcontext()
+        with spending:
+            self._store.save_sandbox(rec, event=(target.value, rec.id, {"previous": previous.value}))
         faults.point(f"state.{target.value}")
         return rec
 

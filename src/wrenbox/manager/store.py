@@ -8,23 +8,33 @@ Every write is a single short transaction and is durable when the call returns (
 a lifecycle transition that was reported must survive a power cut, and these writes are rare enough that
 the fsync does not matter). Calls are synchronous and take well under a millisecond on a warm database,
 so the async manager calls them directly.
+
+A full filesystem: a write SQLite refuses with SQLITE_FULL draws on a reserve of room kept beside the
+database and is retried (:mod:`wrenbox.manager.reserve` says why), so the writes that settle a sandbox land;
+writes that begin an operation which will spend space are made inside :meth:`Store.spending` instead,
+which refuses them while the reserve cannot be kept whole.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from wrenbox.errors import AlreadyExists, NotFound, StorageFull
 from wrenbox.records import SandboxRecord, SandboxState, TemplateRecord, TemplateState
 
-__all__ = ["MIGRATIONS", "Event", "Store"]
+if TYPE_CHECKING:
+    from wrenbox.manager.reserve import Reserve
+
+__all__ = ["MIGRATIONS", "Event", "EventSpec", "Store"]
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: initial schema
@@ -88,6 +98,14 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+# An event to log with a write: kind, sandbox id, detail.
+EventSpec = tuple[str, str | None, Mapping[str, Any]]
+# Set while writes begin an operation that will spend space (Store.spending); per task, as the manager's
+# operations interleave on one event loop.
+_spending: ContextVar[bool] = ContextVar("wrenbox_store_spending", default=False)
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
 _SANDBOX_JSON = ("metadata", "env", "resources", "leftovers", "egress")
 _TEMPLATE_JSON = ("manifest",)
 
@@ -99,8 +117,9 @@ class Event(dict[str, Any]):
 class Store:
     """The SQLite store. Thread-safe; use as a context manager or call :meth:`close`."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, reserve: Reserve | None = None) -> None:
         self.path = Path(path)
+        self._reserve = reserve
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -111,6 +130,8 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         try:
             self._migrate()
+            if reserve is not None and not reserve.refill():
+                log.warning("no room for the store's reserve beside %s: free space there", self.path)
         except BaseException:
             self._db.close()
             raise
@@ -127,29 +148,50 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, self._full_is_storage_full():
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:  # a failed COMMIT may have rolled back already
-                    self._db.execute("ROLLBACK")
-                raise
+    def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``body`` in one write transaction. One refused for want of space changed nothing (SQLite
+        rolls it back): it draws on the reserve and is tried again, unless it starts spending space
+        (:meth:`spending`) or the reserve is spent; then it is StorageFull."""
+        with self._lock:
+            while True:
+                try:
+                    return self._transaction(body)
+                except sqlite3.OperationalError as exc:
+                    if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                        raise
+                    if _spending.get() or self._reserve is None or not self._reserve.draw():
+                        raise StorageFull(
+                            f"the store {self.path} could not be written: its filesystem is full; "
+                            "free space there"
+                        ) from exc
+                    log.warning("the store's filesystem is full: drew on its reserve to write")
+
+    def _transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            result = body(self._db)
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:  # a failed COMMIT may have rolled back already
+                self._db.execute("ROLLBACK")
+            raise
+        return result
 
     @contextmanager
-    def _full_is_storage_full(self) -> Iterator[None]:
-        """A write refused for want of space changed nothing (SQLite rolls it back): say so, typed."""
+    def spending(self, what: str) -> Iterator[None]:
+        """Writes inside begin ``what``, an operation that will take space on the store's filesystem:
+        the reserve is made whole first (StorageFull if there is no room for it), and they do not draw
+        on it, so a refusal now is clean and the reserve is there to settle the operation later."""
+        if self._reserve is not None and not self._reserve.refill():
+            raise StorageFull(
+                f"the store {self.path} cannot keep its reserve of {self._reserve.size >> 20} MiB, so "
+                f"{what} is refused: its filesystem is full; free space there"
+            )
+        token = _spending.set(True)
         try:
             yield
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
-                raise
-            raise StorageFull(
-                f"the store {self.path} could not be written: its filesystem is full; free space there"
-            ) from exc
+        finally:
+            _spending.reset(token)
 
     @property
     def schema_version(self) -> int:
@@ -171,28 +213,40 @@ class Store:
 
     # -- sandboxes -----------------------------------------------------------------------------------
 
-    def _insert(self, table: str, row: dict[str, Any], what: str) -> None:
+    def _insert(self, table: str, row: dict[str, Any], what: str, event: EventSpec | None = None) -> None:
         cols = ", ".join(row)
         marks = ", ".join(f":{k}" for k in row)
+
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", row)
+            _log_event(db, event)
+
         try:
-            with self._tx() as db:
-                db.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", row)
+            self._write(insert)
         except sqlite3.IntegrityError as exc:
             raise AlreadyExists(f"{what} already exists") from exc
 
-    def _update(self, table: str, key: str, row: dict[str, Any], what: str) -> None:
+    def _update(
+        self, table: str, key: str, row: dict[str, Any], what: str, event: EventSpec | None = None
+    ) -> None:
         """Write a whole row, which must exist."""
         sets = ", ".join(f"{k} = :{k}" for k in row if k != key)
-        with self._tx() as db:
+
+        def update(db: sqlite3.Connection) -> None:
             if db.execute(f"UPDATE {table} SET {sets} WHERE {key} = :{key}", row).rowcount != 1:
                 raise NotFound(f"{what} not found")
+            _log_event(db, event)
 
-    def insert_sandbox(self, rec: SandboxRecord) -> None:
-        self._insert("sandboxes", _sandbox_row(rec), f"sandbox {rec.id}")
+        self._write(update)
 
-    def save_sandbox(self, rec: SandboxRecord) -> None:
-        """Write the whole record (it must exist)."""
-        self._update("sandboxes", "id", _sandbox_row(rec), f"sandbox {rec.id}")
+    def insert_sandbox(self, rec: SandboxRecord, *, event: EventSpec | None = None) -> None:
+        """Add the record, and ``event`` (kind, detail) about it in the same transaction."""
+        self._insert("sandboxes", _sandbox_row(rec), f"sandbox {rec.id}", event)
+
+    def save_sandbox(self, rec: SandboxRecord, *, event: EventSpec | None = None) -> None:
+        """Write the whole record (it must exist), and ``event`` (kind, detail) about it in the same
+        transaction: a state and the event that says how it came are never one without the other."""
+        self._update("sandboxes", "id", _sandbox_row(rec), f"sandbox {rec.id}", event)
 
     def get_sandbox(self, sandbox_id: str) -> SandboxRecord:
         with self._lock:
@@ -231,8 +285,7 @@ class Store:
         return [_sandbox_from_row(r) for r in rows]
 
     def delete_sandbox(self, sandbox_id: str) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+        self._write(lambda db: db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,)))
 
     # -- templates -----------------------------------------------------------------------------------
 
@@ -270,17 +323,12 @@ class Store:
         return [f"sandbox {r[0]}" for r in sandboxes]
 
     def delete_template(self, name: str) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM templates WHERE name = ?", (name,))
+        self._write(lambda db: db.execute("DELETE FROM templates WHERE name = ?", (name,)))
 
     # -- events --------------------------------------------------------------------------------------
 
     def record_event(self, kind: str, sandbox_id: str | None = None, **detail: Any) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO events (ts, sandbox_id, kind, detail) VALUES (?, ?, ?, ?)",
-                (time.time(), sandbox_id, kind, json.dumps(detail, default=str)),
-            )
+        self._write(lambda db: _log_event(db, (kind, sandbox_id, detail)))
 
     def events(self, *, sandbox_id: str | None = None, after: int = 0, limit: int = 1000) -> list[Event]:
         sql = "SELECT * FROM events WHERE seq > ?"
@@ -291,6 +339,16 @@ class Store:
         with self._lock:
             rows = self._db.execute(sql + " ORDER BY seq LIMIT ?", [*args, limit]).fetchall()
         return [Event(dict(r) | {"detail": json.loads(r["detail"])}) for r in rows]
+
+
+def _log_event(db: sqlite3.Connection, event: EventSpec | None) -> None:
+    if event is None:
+        return
+    kind, sandbox_id, detail = event
+    db.execute(
+        "INSERT INTO events (ts, sandbox_id, kind, detail) VALUES (?, ?, ?, ?)",
+        (time.time(), sandbox_id, kind, json.dumps(detail, default=str)),
+    )
 
 
 def _to_row(rec: SandboxRecord | TemplateRecord, json_fields: tuple[str, ...]) -> dict[str, Any]:
