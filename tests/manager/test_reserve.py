@@ -64,7 +64,7 @@ def test_on_a_full_disk_settling_writes_draw_on_the_reserve_and_spending_ones_ar
 
     # Beginning a pause: refused as it stands, without touching the reserve.
     rec.state = SandboxState.PAUSING
-    with pytest.raises(StorageFull, match="could not be written.*free space"), store.spending("pausing"):
+    with pytest.raises(StorageFull, match=r"could not be written.*free space"), store.spending("pausing"):
         store.save_sandbox(rec, event=("pausing", rec.id, {}))
     assert store.get_sandbox(rec.id).state is SandboxState.RUNNING
     assert reserve(small_fs).held() == 4 * CHUNK
@@ -79,7 +79,7 @@ def test_on_a_full_disk_settling_writes_draw_on_the_reserve_and_spending_ones_ar
     assert 0 < held < 4 * CHUNK  # drawn on, one chunk at a time: some is left for the next settling write
 
     # Beginning anything now is refused: the reserve cannot be made whole.
-    with pytest.raises(StorageFull, match="cannot keep its reserve.*free space"), store.spending("creating"):
+    with pytest.raises(StorageFull, match=r"cannot keep its reserve.*free space"), store.spending("creating"):
         pytest.fail("refused before any write")
     assert reserve(small_fs).held() == held
 
@@ -98,7 +98,7 @@ def test_a_spent_reserve_is_storage_full_and_nothing_is_written(store: Store, sm
     fill(small_fs)  # what the chunks held is taken too
 
     rec.state = SandboxState.STOPPING
-    with pytest.raises(StorageFull, match="could not be written.*free space"):
+    with pytest.raises(StorageFull, match=r"could not be written.*free space"):
         store.save_sandbox(rec, event=("stopping", rec.id, {}))
     assert store.get_sandbox(rec.id).state is SandboxState.RUNNING
     assert store.events(sandbox_id=rec.id) == []

@@ -26,6 +26,7 @@ from tests.support.ranges import suite_ranges
 from wrenbox.config import Settings
 from wrenbox.errors import StorageFull
 from wrenbox.manager import CreateRequest, SandboxManager
+from wrenbox.manager.reserve import Reserve
 from wrenbox.network import Network, NetworkConfig
 from wrenbox.records import SandboxState
 from wrenbox.service import Host, ensure_template, open_host
@@ -79,25 +80,33 @@ def settings(small_fs: Path) -> Iterator[Settings]:
     assert left == {}, f"the disk-full tests left things behind: {left}"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"  # module-wide, so that the host below is too
+
+
+@pytest.fixture(scope="module")
 async def host(settings: Settings) -> AsyncIterator[Host]:
+    """One host and its template for the module (building the template is most of its cost)."""
     async with open_host(settings, reaper=False) as host:
         mgr = host.manager
         await ensure_template(mgr, settings)
-        try:
-            yield host
-        finally:
-            free(settings.data_dir)
-            with anyio.CancelScope(shield=True):
-                for rec in mgr.list():
-                    await mgr.destroy(rec.id)
-                await delete_templates(mgr)
+        yield host
         assert [t.name for t in mgr.templates()] == ["minimal"]
 
 
 @pytest.fixture
-def manager(host: Host) -> SandboxManager:
-    return host.manager
+async def manager(host: Host, settings: Settings) -> AsyncIterator[SandboxManager]:
+    """The module's manager; after each test the space is freed and its sandboxes and templates go."""
+    mgr = host.manager
+    try:
+        yield mgr
+    finally:
+        free(settings.data_dir)
+        with anyio.CancelScope(shield=True):
+            for rec in mgr.list():
+                await mgr.destroy(rec.id)
+            await delete_templates(mgr)
 
 
 def fill(root: Path, leave: int = 0) -> None:
@@ -129,6 +138,11 @@ def _written(fd: int, data: bytes) -> bool:
 
 def free(root: Path) -> None:
     (root / FILLER).unlink(missing_ok=True)
+
+
+def free_bytes(root: Path) -> int:
+    st = os.statvfs(root)
+    return st.f_bavail * st.f_frsize
 
 
 def temporaries(settings: Settings) -> list[str]:
@@ -173,6 +187,47 @@ async def test_a_pause_on_a_full_disk_keeps_it_running_and_works_once_space_is_f
 
     await manager.pause(sb.id)
     assert manager.get(sb.id).state is S.PAUSED
+    await manager.resume(sb.id)
+    assert await contents.check(manager, sb.id) == []
+
+
+async def test_a_disk_filling_up_under_a_pause_still_settles_it_and_a_destroy_frees_space(
+    manager: SandboxManager, host: Host, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's own writes meet the full disk too (the pause's records, its move back to running,
+    a destroy's): its reserve lets them land, so nothing is stranded in a transient state."""
+    sb, other = [await manager.create(CreateRequest()) for _ in range(2)]
+    contents = Contents.random(1 << 20)
+    await contents.write(manager, sb.id)
+    await run(manager, sb.id, "sync", user="root")
+    reserve = Reserve.beside(settings.state_db)
+    assert reserve.held() == reserve.size
+    pause = host.runtime.pause
+
+    async def pause_on_a_disk_filling_up(*args: object, **kwargs: object) -> object:
+        fill(settings.data_dir)  # once the pause has begun: all that is written from here finds no room
+        return await pause(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(host.runtime, "pause", pause_on_a_disk_filling_up)
+    with pytest.raises(StorageFull, match="free space"):
+        await manager.pause(sb.id)
+    monkeypatch.undo()
+    assert manager.get(sb.id).state is S.RUNNING
+    assert 0 < reserve.held() < reserve.size  # the store needed it, and some of it is left
+    assert await run(manager, sb.id, "echo alive") == "alive\n"
+
+    fill(settings.data_dir)  # what the drawn chunks gave back is taken too
+    full = free_bytes(settings.data_dir)
+    with pytest.raises(StorageFull, match=r"reserve.*free space"):  # nothing new begins now
+        await manager.pause(sb.id)
+    assert manager.get(sb.id).state is S.RUNNING
+    await manager.destroy(other.id)  # but a destroy, which is how a user frees space, goes through
+    assert manager.get(other.id).state is S.DESTROYED
+    assert free_bytes(settings.data_dir) > full
+    free(settings.data_dir)
+
+    await manager.pause(sb.id)
+    assert reserve.held() == reserve.size  # made whole again before the pause began
     await manager.resume(sb.id)
     assert await contents.check(manager, sb.id) == []
 

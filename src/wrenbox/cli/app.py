@@ -94,6 +94,7 @@ def doctor(
     else:
         _render_capabilities(caps, driver, disks)
         console.print(f"[bold]confinement[/]: {confinement}", highlight=False)
+        console.print(f"[bold]store reserve[/]: {_store_reserve(settings)}", highlight=False)
     if caps.vmm.name == "none":
         raise typer.Exit(3)
 
@@ -112,6 +113,22 @@ def _confinement(settings: Settings, driver: str) -> str:
         return f"{jail}; per-slot cgroups in {find_hierarchy()}"
     except Unsupported as exc:
         return f"{jail}; [yellow]no cgroups[/]: {exc.message}"
+
+
+def _store_reserve(settings: Settings) -> str:
+    """How much of the room kept for the store on a full disk is held (wrenbox.manager.reserve)."""
+    from wrenbox.manager.reserve import Reserve
+
+    reserve = Reserve.beside(settings.state_db)
+    if not reserve.directory.exists():
+        return "none yet: made when wrenbox first opens its data dir"
+    held, size = _size(reserve.held()), _size(reserve.size)
+    if reserve.held() == reserve.size:
+        return f"{held} held beside the store ({reserve.directory})"
+    return (
+        f"[yellow]{held} of {size}[/] held ({reserve.directory}): the data filesystem was full; "
+        "it is made whole again once there is room"
+    )
 
 
 def _render_capabilities(caps: HostCapabilities, driver: str, disks: str) -> None:
