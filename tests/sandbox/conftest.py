@@ -15,10 +15,10 @@ import dataclasses
 import hashlib
 import secrets
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import pytest
@@ -38,6 +38,7 @@ from wrenbox.service import Host, ensure_template, open_host, vmm_cgroups
 from wrenbox.vmm.cgroups import CgroupConfig
 
 GUEST_MEMORY_MB = 256
+T = TypeVar("T")
 
 
 def make_settings(root: Path, tag: str, **overrides: object) -> Settings:
@@ -82,7 +83,7 @@ def footprint(settings: Settings) -> dict[str, list[str]]:
     the data dir has on the host, to compare exactly before and after a test. The table stays once a
     host has set it up (it confines VMs a crash left running), so it is not a leftover."""
     found = leftovers(settings)
-    listing = host_table_listing(settings.network)
+    listing = _off_loop(host_table_listing, settings.network)
     if listing is not None:
         found["host nft table"] = [
             f"{settings.network.prefix} {hashlib.sha256(listing.encode()).hexdigest()}"
@@ -131,9 +132,13 @@ def _cgroup_names() -> list[str]:
 
 
 def _link_names() -> list[str]:
+    return _off_loop(link_names)
+
+
+def _off_loop(fn: Callable[..., T], *args: object) -> T:
     # Netlink calls refuse to run on an event loop's thread, and async tests call leftovers() too.
     with ThreadPoolExecutor(1) as pool:
-        return pool.submit(link_names).result()
+        return pool.submit(fn, *args).result()
 
 
 @pytest.fixture(scope="session")

@@ -43,5 +43,8 @@ def scratch_data_dir(prefix: str) -> Path:
     ensure_test_image()
     root = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
     (root / "images").symlink_to(TEST_DATA_DIR / "images")
-    (root / "host").symlink_to(TEST_DATA_DIR / "host")
+    if (TEST_DATA_DIR / "host").is_dir():
+        (root / "host").symlink_to(TEST_DATA_DIR / "host")
+    else:  # no shared probe cache (nothing probed the cache dir itself): one of its own, kept between opens
+        (root / "host").mkdir()
     return root
