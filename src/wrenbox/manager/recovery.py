@@ -77,12 +77,14 @@ class RecoveryMixin:
 
     async def _recover_one(self, rec: SandboxRecord) -> None:
         rt = self._runtime
+        # First, even for a sandbox about to be destroyed: a live VM is adopted, so that releasing it
+        # ends it the way a VM this process started is ended (its cgroup and run files with it).
+        seen = await rt.inspect(rec)
         if rec.state in (S.CREATING, S.STOPPING):
             leftovers = await self._release(rec, rec.resources)
             target = S.ERROR if leftovers else S.DESTROYED
             self._move(rec, target, leftovers=leftovers, host_ip=None)
             return
-        seen = await rt.inspect(rec)
         if rec.state is S.RUNNING:
             if seen.vm == "paused":
                 await rt.continue_vm(rec)
