@@ -252,12 +252,12 @@ async def test_kill_during_fork(crash_settings: Settings, bystander: Bystander, 
         await ended(mgr, sid, S.RUNNING)
         await intact(mgr, sid)
         children = [r.id for r in mgr.list() if r.id not in (sid, bystander.id)]
-        assert len(children) == FORK[point]
+        assert len(children) == FORK[point], f"children: {children}"
         for child in children:
             await ended(mgr, child, S.RUNNING)
             await intact(mgr, child)
         forks = {t.name for t in mgr.templates() if t.name.startswith(f"fork-{sid}-")}
-        assert len(forks) == min(1, FORK[point])
+        assert len(forks) == min(1, FORK[point]), f"fork templates: {forks}"
 
 
 DESTROY = [  # (the sandbox's state, point): all end destroyed, everything given back
