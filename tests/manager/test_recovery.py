@@ -92,3 +92,25 @@ async def test_paused_sandboxes_are_untouched_and_resume(
     assert report["swept"] == {"things": ["orphan:slot"]}
     assert second.get(rec.id).state is S.PAUSED
     assert (await second.resume(rec.id)).state is S.RUNNING
+
+
+async def test_a_fork_template_no_sandbox_uses_is_deleted(
+    store: Store, runtime: FakeRuntime, tmp_path: Path
+) -> None:
+    """A crash before a fork made its children (or while it made the first) leaves its template
+    published and unused; one that made a child, and every other kind of template, stay."""
+    ready = TemplateState.READY
+    for name, kind in [("fork-a", "fork"), ("fork-b", "fork"), ("kept", "snapshot")]:
+        store.insert_template(TemplateRecord(name=name, kind=kind, path=f"/{name}", state=ready))
+        runtime.templates.add(name)
+    interrupted(store, runtime, "child001", S.RUNNING, ["slot", "disk", "vm"])
+    child = store.get_sandbox("child001")
+    child.template = "fork-b"
+    store.save_sandbox(child)
+    interrupted(store, runtime, "child002", S.CREATING, ["slot"])  # fork-a's, cut short
+    child = store.get_sandbox("child002")
+    child.template = "fork-a"
+    store.save_sandbox(child)
+    await manager(store, runtime, tmp_path).recover()
+    assert sorted(t.name for t in store.list_templates()) == ["fork-b", "kept", "minimal"]
+    assert runtime.templates == {"fork-b", "kept"}

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import secrets
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import pytest
@@ -28,6 +29,7 @@ from wrenbox.config import LimitsConfig, SandboxDefaults, Settings
 from wrenbox.errors import InUse
 from wrenbox.manager import Sandboxes, SandboxManager
 from wrenbox.network import Network, NetworkConfig
+from wrenbox.network.firewall import host_table_listing
 from wrenbox.network.links import link_names
 from wrenbox.network.netns import list_netns
 from wrenbox.records import SandboxState
@@ -36,6 +38,7 @@ from wrenbox.service import Host, ensure_template, open_host, vmm_cgroups
 from wrenbox.vmm.cgroups import CgroupConfig
 
 GUEST_MEMORY_MB = 256
+T = TypeVar("T")
 
 
 def make_settings(root: Path, tag: str, **overrides: object) -> Settings:
@@ -69,8 +72,58 @@ def leftovers(settings: Settings) -> dict[str, list[str]]:
         "sandbox dirs": _names(settings.sandboxes_dir),
         "disks": _names(settings.data_dir / "disks"),
         "cgroups": [n for n in _cgroup_names() if n.startswith(f"{prefix}-")],
+        "loop devices": (loops := _loop_devices(settings.data_dir)),
+        "dm devices": _dm_devices(loops),
     }
     return {k: v for k, v in found.items() if v}
+
+
+def footprint(settings: Settings) -> dict[str, list[str]]:
+    """:func:`leftovers` and the host's nftables table of this prefix (with a hash of its rules): what
+    the data dir has on the host, to compare exactly before and after a test. The table stays once a
+    host has set it up (it confines VMs a crash left running), so it is not a leftover."""
+    found = leftovers(settings)
+    listing = _off_loop(host_table_listing, settings.network)
+    if listing is not None:
+        found["host nft table"] = [
+            f"{settings.network.prefix} {hashlib.sha256(listing.encode()).hexdigest()}"
+        ]
+    return found
+
+
+def open_fds() -> list[str]:
+    """What this test process has open (a manager opened and closed in it must close what it opened)."""
+    return sorted(_readlink(fd) for fd in Path("/proc/self/fd").iterdir())
+
+
+def _readlink(fd: Path) -> str:
+    try:
+        return str(fd.readlink())
+    except FileNotFoundError:  # the listing's own descriptor, closed by now
+        return "(closed)"
+
+
+def _loop_devices(root: Path) -> list[str]:
+    """Loop devices backed by a file in ``root``."""
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        if Path(backing.read_text().strip()).is_relative_to(root):
+            found.append(backing.parent.parent.name)
+    return sorted(found)
+
+
+def _dm_devices(loops: list[str]) -> list[str]:
+    """Device-mapper devices stacked (directly or through others) on ``loops``, by name."""
+    ours = set(loops)
+    dms = list(Path("/sys/block").glob("dm-*"))
+    grew = True
+    while grew:
+        grew = False
+        for dm in dms:
+            if dm.name not in ours and {s.name for s in (dm / "slaves").iterdir()} & ours:
+                ours.add(dm.name)
+                grew = True
+    return sorted((dm / "dm" / "name").read_text().strip() for dm in dms if dm.name in ours)
 
 
 def _cgroup_names() -> list[str]:
@@ -79,9 +132,13 @@ def _cgroup_names() -> list[str]:
 
 
 def _link_names() -> list[str]:
+    return _off_loop(link_names)
+
+
+def _off_loop(fn: Callable[..., T], *args: object) -> T:
     # Netlink calls refuse to run on an event loop's thread, and async tests call leftovers() too.
     with ThreadPoolExecutor(1) as pool:
-        return pool.submit(link_names).result()
+        return pool.submit(fn, *args).result()
 
 
 @pytest.fixture(scope="session")

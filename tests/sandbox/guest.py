@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,12 @@ class Contents:
     @classmethod
     def random(cls, size: int) -> Contents:
         return cls(os.urandom(size), os.urandom(size))
+
+    @classmethod
+    def seeded(cls, seed: str, size: int = 1 << 18) -> Contents:
+        """The same bytes for the same seed (a crash worker writes what its test checks)."""
+        rng = random.Random(seed)
+        return cls(rng.randbytes(size), rng.randbytes(size))
 
     async def write(self, mgr: SandboxManager, sandbox_id: str) -> None:
         await upload(mgr, sandbox_id, TMPFS_FILE, self.tmpfs)

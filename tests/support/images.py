@@ -56,4 +56,6 @@ def share_cache(root: Path) -> None:
     """Make the empty data dir ``root`` use the cached guest image and host probe (built if need be)."""
     ensure_test_image()
     (root / "images").symlink_to(TEST_DATA_DIR / "images")
+    # The probe's cache (the 5 s KVM verdict above all) is shared too; its files are replaced atomically.
+    (TEST_DATA_DIR / "host").mkdir(exist_ok=True)
     (root / "host").symlink_to(TEST_DATA_DIR / "host")

@@ -347,6 +347,7 @@ class SandboxManager(RecoveryMixin):
         try:
             for _ in range(count):
                 children.append(await self.create(request))
+                faults.point("fork.child")
         except BaseException:
             # All or nothing: a fork that cannot make every child makes none.
             with anyio.CancelScope(shield=True):
@@ -560,6 +561,7 @@ class SandboxManager(RecoveryMixin):
                 log.error("sandbox %s: could not release %s: %s", rec.id, key, exc)
                 leftovers.append(key)
                 continue
+            faults.point(f"release.{key}")  # given back, still on record: a restart releases it again
             del rec.resources[key]
             self._store.save_sandbox(rec)
         return leftovers

@@ -21,7 +21,8 @@ rule settles a VM lost while wrenbox runs (its VMM exited: :meth:`SandboxManager
 
 Paused sandboxes are never touched: their state is on disk. After the per-sandbox endings, a sweep
 removes whatever no record names (:func:`wrenbox.runtime.sweep.sweep`), and template rows are
-brought in line with the templates on disk.
+brought in line with the templates on disk, and a fork template no sandbox uses (the crash came
+before its children, or during the first) is deleted, as a fork that failed deletes it.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ WHILE_DOWN = "while wrenbox was not running"
 class RecoveryMixin:
     """The manager's start-up recovery, mixed into :class:`wrenbox.manager.manager.SandboxManager`.
 
-    It needs the manager's store, runtime and template catalog, and three of its steps, declared below:
-    ``_move`` (a persisted transition), ``_release`` (give back resources, newest first) and
-    ``_transient`` (what only a live VM holds)."""
+    It needs the manager's store, runtime and template catalog, and four of its steps, declared below:
+    ``_move`` (a persisted transition), ``_release`` (give back resources, newest first),
+    ``_transient`` (what only a live VM holds) and ``_collect_template`` (delete an unused fork
+    template)."""
 
     _store: Store
     _runtime: Runtime
@@ -70,18 +72,22 @@ class RecoveryMixin:
                     self._move(rec, S.ERROR, error=f"recovery after a restart failed: {exc}")
             settled[rec.id] = f"{before.value} -> {self._store.get_sandbox(rec.id).state.value}"
         await self._catalog.sync()
+        for template in self._catalog.list():  # a fork the crash cut short: no child uses its template
+            await self._collect_template(template.name)
         swept = await self._runtime.sweep(self._store.list_sandboxes(states=set(S) - {S.DESTROYED}))
         self._store.record_event("recovered", None, sandboxes=settled, swept=swept)
         return {"sandboxes": settled, "swept": swept}
 
     async def _recover_one(self, rec: SandboxRecord) -> None:
         rt = self._runtime
+        # First, even for a sandbox about to be destroyed: a live VM is adopted, so that releasing it
+        # ends it the way a VM this process started is ended (its cgroup and run files with it).
+        seen = await rt.inspect(rec)
         if rec.state in (S.CREATING, S.STOPPING):
             leftovers = await self._release(rec, rec.resources)
             target = S.ERROR if leftovers else S.DESTROYED
             self._move(rec, target, leftovers=leftovers, host_ip=None)
             return
-        seen = await rt.inspect(rec)
         if rec.state is S.RUNNING:
             if seen.vm == "paused":
                 await rt.continue_vm(rec)
@@ -137,4 +143,7 @@ class RecoveryMixin:
         raise NotImplementedError
 
     def _transient(self, rec: SandboxRecord) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def _collect_template(self, name: str) -> None:
         raise NotImplementedError

@@ -217,6 +217,7 @@ class HostRuntime:
                 # The agent in the template's memory still holds this sandbox's token: children need it once,
                 # for their first /init; this sandbox gets a new one when it next resumes.
                 draft.agent_token = rec.access_token
+        faults.point("snapshot.published")  # complete on disk; the manager has not recorded it yet
         assert draft.template is not None
         return _template_record(draft.template)
 
