@@ -11,8 +11,8 @@ serve``, it prints JSON lines (``{"figure": NAME, "value": NUMBER, "unit": UNIT}
 ``hostile_<attack>_neighbour_p95_ratio`` attack p95 / quiet p95;
 ``hostile_<attack>_neighbour_errors``    neighbour commands that failed or answered wrongly (target 0);
 ``hostile_<attack>_vmm_rss_peak_mib``    the attacker's QEMU's peak RSS, sampled every 0.2 s;
-``hostile_<attack>_cgroup_limit_mib``    its cgroup's memory limit (``memory.max``);
-``hostile_<attack>_cgroup_peak_mib``     its cgroup's own peak (``memory.peak``, where the kernel has it);
+``hostile_<attack>_cgroup_limit_mib``    its cgroup's memory limit (``memory.max`` / ``limit_in_bytes``);
+``hostile_<attack>_cgroup_peak_mib``     its cgroup's own peak (``memory.peak`` / ``max_usage_in_bytes``);
 ``hostile_<attack>_vmm_oom_kills``       OOM kills in its cgroup (the VMM killed by its own limit);
 ``hostile_<attack>_host_available_min_mib``  the host's lowest ``MemAvailable`` during the attack;
 ``hostile_<attack>_server_health_max_ms``  the slowest ``GET /health`` of the server (polled every
@@ -52,6 +52,8 @@ import httpx
 from common import Server, figure, scratch_host
 from wrenbox.config import LimitsConfig, SandboxDefaults
 from wrenbox.runtime.sweep import our_processes
+from wrenbox.service import vmm_cgroups
+from wrenbox.vmm.cgroups import Cgroup, CgroupConfig
 
 TEMPLATE = "minimal"
 LINE = "x" * 4095
@@ -126,12 +128,21 @@ def _available_kib() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
-def cgroup_dir(pid: int) -> Path | None:
-    """The v2 cgroup directory of ``pid`` (None on v1 hosts: the figures that need it are skipped)."""
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        if line.startswith("0::"):
-            return Path("/sys/fs/cgroup") / line[3:].lstrip("/")
-    return None
+def vmm_group(pid: int) -> Cgroup | None:
+    """The cgroup the VMM ``pid`` runs in (None where VMMs run unconfined)."""
+    found = vmm_cgroups(CgroupConfig())
+    if found is None:
+        return None
+    tree = found[0]
+    return next((tree.get(n) for n in tree.names() if pid in tree.get(n).pids()), None)
+
+
+def cgroup_figures(name: str, cg: Cgroup) -> list[dict[str, object]]:
+    out = [figure(f"hostile_{name}_cgroup_limit_mib", cg.memory_limit_bytes() / 2**20, "MiB")]
+    if (peak := cg.memory_peak_bytes()) is not None:
+        out.append(figure(f"hostile_{name}_cgroup_peak_mib", peak / 2**20, "MiB"))
+    out.append(figure(f"hostile_{name}_vmm_oom_kills", cg.oom_kills(), "count"))
+    return out
 
 
 @dataclass
@@ -209,7 +220,7 @@ def attack(
     before = {p.pid for p in our_processes([data_dir])}
     attacker = Sandbox.create(TEMPLATE, timeout=3600, **opts)
     (vmm_pid,) = {p.pid for p in our_processes([data_dir])} - before
-    cg = cgroup_dir(vmm_pid)
+    cg = vmm_group(vmm_pid)
     quiet = neighbour.round_trips(counted(quiet_n))
     errors_before = neighbour.errors
     handle = attacker.commands.run(ATTACKS[name], background=True, user="root", timeout=0)
@@ -219,6 +230,7 @@ def attack(
     time.sleep(2)  # let it take hold
     with Watch(server, vmm_pid) as watch:
         loud = neighbour.round_trips(until(time.monotonic() + seconds))
+    held = cgroup_figures(name, cg) if cg is not None else []  # read before the kill removes the group
     t0 = time.perf_counter()
     attacker.kill()
     kill_s = time.perf_counter() - t0
@@ -237,18 +249,7 @@ def attack(
         figure(f"hostile_{name}_server_health_failures", watch.health_failures, "count"),
         figure(f"hostile_{name}_kill_s", kill_s, "s"),
     ]
-    if cg is not None and (cg / "memory.max").exists():
-        out.append(
-            figure(f"hostile_{name}_cgroup_limit_mib", int((cg / "memory.max").read_text()) / 2**20, "MiB")
-        )
-        if (cg / "memory.peak").exists():
-            out.append(
-                figure(
-                    f"hostile_{name}_cgroup_peak_mib", int((cg / "memory.peak").read_text()) / 2**20, "MiB"
-                )
-            )
-        events = dict(line.split() for line in (cg / "memory.events").read_text().splitlines())
-        out.append(figure(f"hostile_{name}_vmm_oom_kills", int(events.get("oom_kill", 0)), "count"))
+    out += held
     if flood is not None:
         rss = watch.server_rss_kib
         out.append(figure(f"hostile_{name}_streamed_mib_per_s", flood.rate_mib_s(), "MiB/s"))
