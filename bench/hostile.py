@@ -4,12 +4,14 @@ For each attack, run inside an attacker sandbox as root through E2B's SDK agains
 serve``, it prints JSON lines (``{"figure": NAME, "value": NUMBER, "unit": UNIT}``):
 
 ``hostile_<attack>_neighbour_quiet_p50_ms``, ``..._quiet_p95_ms``
-    the neighbour's ``commands.run("echo <word>")`` round trip with the attacker idle, measured just
-    before the attack (same run, same machine load);
+    the neighbour's ``commands.run("echo <word>")`` round trip with the attacker idle (half the samples
+    just before the attack, half just after it was killed: the same run, and the machine's drift
+    in load from other work is shared by both sides);
 ``hostile_<attack>_neighbour_attack_p50_ms``, ``..._attack_p95_ms``   the same during the attack;
 ``hostile_<attack>_neighbour_ratio``     attack p50 / quiet p50 (target ≤ 2.0);
 ``hostile_<attack>_neighbour_p95_ratio`` attack p95 / quiet p95;
 ``hostile_<attack>_neighbour_errors``    neighbour commands that failed or answered wrongly (target 0);
+``hostile_<attack>_vmm_cpu_cores``       CPU the attacker's QEMU used during the attack, in cores;
 ``hostile_<attack>_vmm_rss_peak_mib``    the attacker's QEMU's peak RSS, sampled every 0.2 s;
 ``hostile_<attack>_cgroup_limit_mib``    its cgroup's memory limit (``memory.max`` / ``limit_in_bytes``);
 ``hostile_<attack>_cgroup_peak_mib``     its cgroup's own peak (``memory.peak`` / ``max_usage_in_bytes``);
@@ -121,6 +123,12 @@ def _status_kib(pid: int, key: str) -> int:
     return 0
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds the process has used, all threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _available_kib() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -221,19 +229,24 @@ def attack(
     attacker = Sandbox.create(TEMPLATE, timeout=3600, **opts)
     (vmm_pid,) = {p.pid for p in our_processes([data_dir])} - before
     cg = vmm_group(vmm_pid)
-    quiet = neighbour.round_trips(counted(quiet_n))
+    quiet = neighbour.round_trips(counted(quiet_n // 2))
     errors_before = neighbour.errors
     handle = attacker.commands.run(ATTACKS[name], background=True, user="root", timeout=0)
     flood = Flood(attacker, handle, opts) if name == "output_flood" else None
     if flood is None:
         handle.disconnect()
     time.sleep(2)  # let it take hold
+    cpu_before = _cpu_s(vmm_pid)
     with Watch(server, vmm_pid) as watch:
-        loud = neighbour.round_trips(until(time.monotonic() + seconds))
+        t0 = time.monotonic()
+        loud = neighbour.round_trips(until(t0 + seconds))
+        cores = (_cpu_s(vmm_pid) - cpu_before) / (time.monotonic() - t0)
     held = cgroup_figures(name, cg) if cg is not None else []  # read before the kill removes the group
     t0 = time.perf_counter()
     attacker.kill()
     kill_s = time.perf_counter() - t0
+    errors_during = neighbour.errors - errors_before
+    quiet += neighbour.round_trips(counted(quiet_n - quiet_n // 2))  # half after: the machine's drift
     out = [
         figure(f"hostile_{name}_neighbour_quiet_p50_ms", quantile(quiet, 50) * 1000, "ms"),
         figure(f"hostile_{name}_neighbour_quiet_p95_ms", quantile(quiet, 95) * 1000, "ms"),
@@ -242,7 +255,8 @@ def attack(
         figure(f"hostile_{name}_neighbour_ratio", quantile(loud, 50) / quantile(quiet, 50), "ratio"),
         figure(f"hostile_{name}_neighbour_p95_ratio", quantile(loud, 95) / quantile(quiet, 95), "ratio"),
         figure(f"hostile_{name}_neighbour_samples", len(loud), "count"),
-        figure(f"hostile_{name}_neighbour_errors", neighbour.errors - errors_before, "count"),
+        figure(f"hostile_{name}_neighbour_errors", errors_during, "count"),
+        figure(f"hostile_{name}_vmm_cpu_cores", cores, "cores"),
         figure(f"hostile_{name}_vmm_rss_peak_mib", watch.rss_peak_kib / 1024, "MiB"),
         figure(f"hostile_{name}_host_available_min_mib", watch.available_min_kib / 1024, "MiB"),
         figure(f"hostile_{name}_server_health_max_ms", max(watch.health_ms, default=0.0), "ms"),
