@@ -38,6 +38,7 @@ ATTACKS = {
     "disk_filler": "while true; do dd if=/dev/zero of=/var/fill bs=1M count=4096 oflag=direct; done",
 }
 MIB = 1 << 20
+CAP = 256 * 1024  # what exec keeps of a flood, in the test
 
 
 def vmm_pid(mgr: SandboxManager, sandbox_id: str) -> int:
@@ -163,8 +164,10 @@ async def test_an_output_flood_costs_the_host_bounded_memory(
     manager: SandboxManager, settings: Settings
 ) -> None:
     """``yes`` of 4 KiB lines: one client streams it (and keeps receiving), another is attached and never
-    reads. The host process's memory does not follow the flood: what is not read stays in the guest
-    (the agent's back-pressure) or in socket buffers."""
+    reads, and a third collects it with ``exec`` (which keeps at most ``output_cap`` of it). The host
+    process's memory does not follow the flood: what is not read stays in the guest (the agent's
+    back-pressure) or in socket buffers. (What a guest that ignores the agent's rules can do to the
+    server's proxy: tests/api/test_flood.py.)"""
     neighbour = await manager.create(CreateRequest())
     attacker = await manager.create(CreateRequest())
     flood = "yes " + "x" * 4095
@@ -184,7 +187,11 @@ async def test_an_output_flood_costs_the_host_bounded_memory(
                 if time.monotonic() > deadline:
                     break
         assert await echo_round_trips(manager, neighbour.id, 1.0) >= 2
+        capped = await envd.processes.exec(f"timeout 3 {flood}", output_cap=CAP, timeout=120)
         peak = max(peak, rss_bytes_self())
+    assert capped.exit_code == 124  # ended by its timeout, not cut short by the cap
+    assert len(capped.stdout) == CAP
+    assert capped.stdout_truncated
     grown = peak - before
     assert received > 4 * MIB, f"the streaming client got only {received} bytes"
     assert grown < 64 * MIB, f"{received >> 20} MiB of output grew the host process by {grown >> 20} MiB"
@@ -195,7 +202,7 @@ async def test_an_output_flood_costs_the_host_bounded_memory(
 
 
 def rss_bytes_self() -> int:
-    return rss_bytes(int(Path("/proc/self").resolve().name))
+    return rss_bytes(os.getpid())
 
 
 DISK_MB = 512
