@@ -206,6 +206,18 @@ def rss_bytes_self() -> int:
 
 
 DISK_MB = 512
+# The guest's root device (from the root's device number) and its size; zeros over its last 64 MiB to its
+# end and on ("no space": the file system covers the whole device, so it ends there); one more MiB 64
+# MiB past the end (the kernel refuses even to seek there).
+RAW_FILL = """
+dev=/dev/$(sed -n 's/^DEVNAME=//p' /sys/dev/block/$(stat -c '%Hd:%Ld' /)/uevent)
+size=$(blockdev --getsize64 "$dev")
+echo "$size"
+dd if=/dev/zero of="$dev" bs=1M seek=$((size / 1048576 - 64)) oflag=direct 2>&1
+echo --
+dd if=/dev/zero of="$dev" bs=1M count=1 seek=$((size / 1048576 + 64)) oflag=direct 2>&1
+sync
+"""
 
 
 async def test_a_guest_filling_its_disk_cannot_grow_the_hosts_file_past_its_size(
@@ -221,13 +233,17 @@ async def test_a_guest_filling_its_disk_cannot_grow_the_hosts_file_past_its_size
     result = await manager.exec(filler.id, ["sh", "-c", fill], user="root", timeout=600)
     assert b"No space left on device" in result.stdout, result.stdout
     assert result.stdout.split()[-2] == b"100%", result.stdout  # df's Use% of /: full
-    # Once more, now that it is full: nothing more lands on the host.
     grown_to = _on_host(disk)
-    again = await manager.exec(filler.id, ["sh", "-c", fill.replace("/var/fill", "/var/fill2")], user="root")
-    assert b"No space left on device" in again.stdout
+    # Then the raw device itself: whatever lies past the file system, to the end, and past the end.
+    raw = await manager.exec(filler.id, ["sh", "-c", RAW_FILL], user="root", timeout=600)
+    to_end, past_end = raw.stdout.split(b"\n--\n")
+    assert int(to_end.split()[0]) == disk.size  # the guest sees the disk it was given
+    assert b"No space left on device" in to_end, raw.stdout
+    assert b"64+0 records out" in to_end, raw.stdout
+    assert b"0+0 records out" in past_end, raw.stdout
     overhead = 16 * MIB  # qcow2's header, L1/L2 and refcount tables for 512 MiB are well under this
     assert grown_to <= disk.size + overhead, f"the host file holds {grown_to} bytes for a {disk.size} disk"
-    assert _on_host(disk) <= disk.size + overhead
+    assert grown_to <= _on_host(disk) <= disk.size + overhead
     assert await run(manager, neighbour.id, "echo fine") == "fine\n"
     await manager.destroy(filler.id)
     await manager.destroy(neighbour.id)
