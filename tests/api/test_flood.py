@@ -94,7 +94,6 @@ def test_a_flood_through_the_proxy_costs_the_server_bounded_memory(e2b_env: Serv
         watcher.join()
         idle.close()
     grown = peak - before
-    print(f"flood: read {received / MIB:.1f} MiB, server grew {grown / MIB:.1f} MiB")
     assert received > 8 * MIB, f"the reading client got only {received} bytes"
     # Had the server buffered for the non-reader what the guest sent it, it would have grown by about
     # what the reader received (the guest writes to both as fast as they take it).
