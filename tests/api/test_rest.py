@@ -3,10 +3,17 @@ authentication, and that a refused request changes nothing."""
 
 from __future__ import annotations
 
+import re
 import socket
 import time
+from collections.abc import Iterator
+from typing import Any, cast
 
 import pytest
+
+from wrenbox.api.app import create_app
+from wrenbox.api.keys import KeyStore
+from wrenbox.manager import Sandboxes
 
 from .conftest import TEMPLATE, Server
 
@@ -22,6 +29,8 @@ SANDBOX_ROUTES = [
     ("POST", "/sandboxes/{id}/fork", {}),
     ("POST", "/sandboxes/{id}/snapshots", {}),
     ("POST", "/sandboxes/{id}/refreshes", {}),
+    ("PUT", "/sandboxes/{id}/network", {"denyOut": ["0.0.0.0/0"]}),
+    ("POST", "/sandboxes/{id}/resume", {}),
     ("GET", "/sandboxes/{id}/metrics", None),
     ("GET", "/sandboxes/{id}/logs", None),
 ]
@@ -41,13 +50,49 @@ def sandbox_ids(server: Server) -> set[str]:
         return {s["sandboxID"] for s in http.get("/v2/sandboxes").json()}
 
 
-@pytest.mark.parametrize("key", [None, "", "e2b_" + "0" * 40])
+# Documented as public (README): the server's health and metrics, and the API's own description.
+PUBLIC = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
+
+
+def app_routes(router: Any) -> Iterator[tuple[str, str]]:
+    """(method, path) of every route the server's app serves, included routers too."""
+    for route in router.routes:
+        inner = getattr(route, "original_router", None)  # FastAPI's wrapper of an included router
+        if inner is not None:
+            yield from app_routes(inner)
+        else:
+            path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)  # {name:path} is {name} on the wire
+            yield from ((m, path) for m in sorted(route.methods - {"HEAD"}))
+
+
+def served_routes() -> list[tuple[str, str]]:
+    """What the app serves, found from the app itself: a new route is covered without being listed."""
+    app = create_app(cast(Sandboxes, None), cast(KeyStore, None)).rest
+    found = sorted(set(app_routes(app)))
+    assert {path for _, path in found} >= set(app.openapi()["paths"]), "the walk missed routes"
+    return found
+
+
+def test_the_route_list_is_complete() -> None:
+    """Every route about one sandbox is in SANDBOX_ROUTES (which the tenancy tests try as an intruder)."""
+    listed = {(m, p.replace("{id}", "{sandbox_id}")) for m, p, _ in SANDBOX_ROUTES}
+    about_one = {(m, p) for m, p in served_routes() if "{sandbox_id}" in p}
+    assert about_one - listed == set()
+
+
+@pytest.mark.parametrize("key", [None, "", "e2b_" + "0" * 40, "not a key"])
 def test_every_route_wants_a_valid_key(server: Server, key: str | None) -> None:
+    placeholders = {"sandbox_id": "abc123", "template_id": TEMPLATE, "alias": TEMPLATE}
+    headers = {} if key is None else {"X-API-KEY": key}
+    routes = [(m, p) for m, p in served_routes() if p not in PUBLIC]
+    assert len(routes) >= 20  # the walk found the API
     with server.http(team=None) as http:
-        headers = {} if key is None else {"X-API-KEY": key}
-        for method, path, body in [*SANDBOX_ROUTES, ("POST", "/v2/sandboxes", {"templateID": TEMPLATE})]:
-            r = http.request(method, path.format(id="abc123"), json=body, headers=headers)
-            assert error_of(r)[0] == 401, (method, path)
+        for method, path in routes:
+            body = {"templateID": TEMPLATE} if method in ("POST", "PUT", "PATCH") else None
+            r = http.request(method, path.format(**placeholders), json=body, headers=headers)
+            assert error_of(r)[0] == 401, (method, path, r.text)
+        for path in sorted(PUBLIC):  # control: the public ones answer without a key
+            assert http.get(path).status_code == 200, path
     assert sandbox_ids(server) == set()
 
 

@@ -91,3 +91,24 @@ def test_a_team_out_of_quota_is_refused_with_429_that_says_why(server: Server) -
             assert frugal.get("/snapshots").json() == []
         finally:
             frugal.delete(f"/sandboxes/{sid}")
+
+
+def test_a_teams_sandbox_token_opens_only_its_own_sandbox_through_the_proxy(server: Server) -> None:
+    """The proxy routes by sandbox id, not by key: what guards a sandbox's agent is its own token. Another
+    team's token (valid, for that team's own sandbox) or key opens nothing of it."""
+    with server.http("owner") as owner, server.http("intruder") as intruder:
+        mine = created(owner.post("/v2/sandboxes", json={"templateID": TEMPLATE}))
+        theirs = created(intruder.post("/v2/sandboxes", json={"templateID": TEMPLATE}))
+        try:
+            assert envd(server, theirs["sandboxID"], theirs["envdAccessToken"]).status_code == 200  # control
+            assert envd(server, mine["sandboxID"], mine["envdAccessToken"]).status_code == 200  # control
+            assert envd(server, mine["sandboxID"], theirs["envdAccessToken"]).status_code == 401
+            headers = {
+                "E2b-Sandbox-Id": mine["sandboxID"],
+                "E2b-Sandbox-Port": "49983",
+                "X-API-KEY": server.key("intruder"),
+            }
+            assert intruder.get("/envs", headers=headers).status_code == 401  # a key is no token
+        finally:
+            owner.delete(f"/sandboxes/{mine['sandboxID']}")
+            intruder.delete(f"/sandboxes/{theirs['sandboxID']}")

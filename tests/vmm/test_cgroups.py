@@ -219,6 +219,9 @@ def test_a_memory_hog_is_killed_at_the_limit(tree: CgroupTree) -> None:
     assert done.returncode == -signal.SIGKILL, done
     assert b"allocated" not in done.stdout
     assert cg.oom_kills() >= 1
+    assert cg.memory_limit_bytes() == 48 * MIB
+    peak = cg.memory_peak_bytes()
+    assert peak is None or 40 * MIB < peak <= 48 * MIB  # it got to the limit, and not past it
 
 
 def test_a_fork_bomb_stops_at_pids_max(tree: CgroupTree) -> None:

@@ -253,6 +253,19 @@ class Cgroup:
         name = "memory.current" if self.version == 2 else "memory.usage_in_bytes"
         return int(self._file("memory", name).read_text())
 
+    def memory_limit_bytes(self) -> int:
+        """The group's memory limit as the kernel holds it (``memory.max`` / ``memory.limit_in_bytes``)."""
+        name = "memory.max" if self.version == 2 else "memory.limit_in_bytes"
+        return int(self._file("memory", name).read_text())
+
+    def memory_peak_bytes(self) -> int | None:
+        """The most memory ever charged to the group (None on v2 kernels before 5.19: no ``memory.peak``)."""
+        name = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"
+        try:
+            return int(self._file("memory", name).read_text())
+        except FileNotFoundError:
+            return None
+
     def oom_kills(self) -> int:
         """How many processes the kernel killed in this group for exceeding its memory limit."""
         name = "memory.events" if self.version == 2 else "memory.oom_control"
