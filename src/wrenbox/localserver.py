@@ -30,6 +30,7 @@ from wrenbox.service import LOCK_FILE
 __all__ = ["LocalServer", "listening_url", "lock_holder", "start_server"]
 
 _READY = re.compile(r"wrenbox serving on (http://\S+)")
+_INFO = re.compile(r"^ts=\S+ level=(debug|info) ")
 _LISTEN = "0A"  # the state of a listening socket in /proc/net/tcp
 
 
@@ -129,7 +130,7 @@ def start_server(
 ) -> LocalServer:
     """Start ``wrenbox serve`` on a free loopback port with ``env`` (the settings it reads; default: ours)
     and wait until it listens (on a fresh data dir it builds its templates first: minutes). Its log lines
-    go to ``on_line`` and the last ones are kept."""
+    go to ``on_line`` (once it serves, warnings and errors only) and the last ones are kept."""
     command = "from wrenbox.cli import main; main()"
     process = subprocess.Popen(
         [sys.executable, "-c", command, "serve", "--listen", "127.0.0.1:0"],
@@ -140,7 +141,7 @@ def start_server(
         text=True,
     )
     server = LocalServer(url="", pid=process.pid, process=process)
-    server.reader = threading.Thread(target=_pump, args=(process, server.log, on_line), daemon=True)
+    server.reader = threading.Thread(target=_pump, args=(server, on_line), daemon=True)
     server.reader.start()
     assert process.stdout is not None
     ready = _READY.search(process.stdout.readline())
@@ -153,9 +154,13 @@ def start_server(
     return server
 
 
-def _pump(process: subprocess.Popen[str], log: deque[str], on_line: Callable[[str], None] | None) -> None:
-    assert process.stderr is not None
-    for line in process.stderr:
-        log.append(line.rstrip("\n"))
-        if on_line is not None:
-            on_line(line.rstrip("\n"))
+def _pump(server: LocalServer, on_line: Callable[[str], None] | None) -> None:
+    """Keep the server's log lines; pass on those of its start (its template builds, which take long on a
+    fresh data dir) and, once it serves, its warnings and errors only."""
+    assert server.process is not None
+    assert server.process.stderr is not None
+    for raw in server.process.stderr:
+        line = raw.rstrip("\n")
+        server.log.append(line)
+        if on_line is not None and (not server.url or not _INFO.search(line)):
+            on_line(line)
