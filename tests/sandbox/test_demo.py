@@ -48,7 +48,8 @@ def templates(settings: Settings) -> list[str]:
 def test_the_demo_runs_every_step(settings: Settings) -> None:
     assert lock_holder(settings.data_dir) is None
     steps: list[DemoStep] = []
-    assert run_demo(settings, steps.append, server_env=demo_env(settings))
+    ok = run_demo(settings, steps.append, server_env=demo_env(settings))
+    assert ok, steps[-1]
     assert [(s.step, s.ok) for s in steps] == [(name, True) for name in STEPS]
     assert steps[0].detail.startswith("started wrenbox serve (pid ")
     assert steps[-1].detail.endswith("stopped")
