@@ -332,7 +332,7 @@ def demo(
             console.print(f"{step.step:<22} {step.seconds:8.3f} s  {mark}  {step.detail}", highlight=False)
 
     def progress(message: str) -> None:
-        err_console.print(message, style="dim", highlight=False, markup=False)
+        err_console.print(message, style="dim", highlight=False, markup=False, soft_wrap=True)
 
     try:
         ok = run_demo(settings, report, progress, url=url)
