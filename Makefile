@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml scripts/install-system.sh
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# The whole lifecycle through `wrenbox serve` and E2B's SDK (src/wrenbox/demo.py): the demo starts the
+# server on a free loopback port and stops it afterwards (or uses the one that holds the data dir).
 demo: install
 	$(VENV)/bin/wrenbox demo
 

@@ -5,7 +5,7 @@ those inside functions and under ``TYPE_CHECKING``). The rules are the design's 
   (``wrenbox.runtime.base``), never the parts below it;
 - a VMM driver knows nothing of network slots, templates or the layers above;
 - settings flow one way: only the composition root (``service``) and the entry points (``cli``,
-  ``demo``) read ``wrenbox.config``; every package below takes its own config object;
+  ``demo``, ``localserver``) read ``wrenbox.config``; every package below takes its own config object;
 - the guest agent imports only itself, the errors and the protocol code (it runs in every sandbox);
 - the coming API server (``wrenbox.api``) uses the manager's face and nothing of the host;
 - nothing imports the composition root or the entry points, except the entry points.
@@ -33,7 +33,8 @@ HOST_PARTS = (
     "wrenbox.images",
     "wrenbox.probe",
 )
-TOP = ("wrenbox.service", "wrenbox.cli", "wrenbox.demo")
+# ``localserver`` starts and finds ``wrenbox serve`` processes for the demo: an entry point's helper.
+TOP = ("wrenbox.service", "wrenbox.cli", "wrenbox.demo", "wrenbox.localserver")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Real sandboxes through the real manager (the stack ``wrenbox demo`` runs): QEMU under TCG, network
+"""Real sandboxes through the real manager (the stack under ``wrenbox serve``): QEMU under TCG, network
 slots, qcow2 disks, compact memory snapshots, SQLite.
 
 One data directory per session (short, under /var/tmp, because unix socket paths are limited to 108

@@ -306,28 +306,36 @@ def _template_json(t: TemplateRecord) -> dict[str, object]:
 @app.command()
 def demo(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON line per step.")] = False,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            help="A wrenbox server already running on this machine's data dir (default: the one that holds "
+            "the data dir, or one started on a free loopback port and stopped afterwards).",
+        ),
+    ] = None,
 ) -> None:
-    """Run the whole sandbox lifecycle once and time each step (builds the image and template if missing)."""
-    import anyio
-
+    """Run the whole sandbox lifecycle once through the server (E2B's SDK) and time each step (the first
+    server start builds the image and template)."""
     from wrenbox.demo import DemoStep, run_demo
 
     settings = load()
 
     def report(step: DemoStep) -> None:
         if as_json:
-            print(json.dumps({"step": step.step, "seconds": step.seconds, "ok": step.ok}), flush=True)
-            if step.detail:
+            line = {"step": step.step, "seconds": step.seconds, "ok": step.ok, "detail": step.detail}
+            print(json.dumps(line), flush=True)
+            if not step.ok:
                 err_console.print(f"[red]{step.step} failed:[/] {step.detail}", highlight=False)
         else:
             mark = "[green]ok[/]" if step.ok else "[bold red]FAILED[/]"
             console.print(f"{step.step:<22} {step.seconds:8.3f} s  {mark}  {step.detail}", highlight=False)
 
     def progress(message: str) -> None:
-        err_console.print(f"[dim]{message}[/]", highlight=False)
+        err_console.print(message, style="dim", highlight=False, markup=False, soft_wrap=True)
 
     try:
-        ok = anyio.run(run_demo, settings, report, progress)
+        ok = run_demo(settings, report, progress, url=url)
     except WrenboxError as exc:
         fail(exc)
     if as_json:

@@ -25,8 +25,10 @@ app.add_typer(keys_app, name="keys")
 
 def parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidArgument(f"--listen takes HOST:PORT (e.g. 127.0.0.1:3000), not {listen!r}")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise InvalidArgument(
+            f"--listen takes HOST:PORT (e.g. 127.0.0.1:3000; port 0: any free one), not {listen!r}"
+        )
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -63,7 +65,10 @@ def configure_logging(level: str) -> None:
 @app.command()
 def serve(
     listen: Annotated[
-        str | None, typer.Option("--listen", help="HOST:PORT to listen on (default: the settings' api)")
+        str | None,
+        typer.Option(
+            "--listen", help="HOST:PORT to listen on (default: the settings' api; port 0: any free one)"
+        ),
     ] = None,
 ) -> None:
     """Serve E2B's API and the sandbox proxy on one port until SIGTERM/SIGINT (sandboxes are paused then)."""
