@@ -14,6 +14,7 @@ from wrenbox.proto.process.process_connect import ProcessASGIApplication
 from .agent import Agent
 from .asgi import Receive, Scope, Send
 from .filesystem import FilesystemService
+from .framing import guard_envelopes
 from .process_service import ProcessService
 
 __all__ = ["RpcRouter"]
@@ -35,7 +36,7 @@ class RpcRouter:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         for prefix, app in self._apps.items():
             if scope["path"].startswith(prefix):
-                await app(scope, receive, send)  # type: ignore[arg-type]
+                await app(scope, guard_envelopes(scope, receive), send)  # type: ignore[arg-type]
                 return
 
 
