@@ -233,7 +233,8 @@ def _cycle(server: Server, clients: list[Client], rng: random.Random, cycle: int
 def _record(server: Server, sandbox_id: str) -> str:
     """What the store says of a sandbox, and what recovery did, for a failure's message."""
     with sqlite3.connect(f"file:{server.settings.state_db}?mode=ro", uri=True) as db:
-        row = db.execute("SELECT state, error, resources FROM sandboxes WHERE id = ?", [sandbox_id]).fetchone()
+        query = "SELECT state, error, resources FROM sandboxes WHERE id = ?"
+        row = db.execute(query, [sandbox_id]).fetchone()
         events = db.execute("SELECT kind, detail FROM events ORDER BY seq DESC LIMIT 3").fetchall()
     return f"sandbox {sandbox_id}: {row}; last events: {events}"
 

@@ -17,8 +17,8 @@ its disk has a checkpoint taken for that pause: the disk goes back to it and the
 again, consistent, having lost only what happened since that resume. A sandbox never paused has no
 such state to go back to and ends in error.
 
-Paused sandboxes are never touched: their state is on disk. After the per-sandbox endings, a sweep
-removes whatever no record names (:func:`wrenbox.runtime.sweep.sweep`), and template rows are
+Paused sandboxes are never touched: their state is on disk. Before and after the per-sandbox endings, a
+sweep removes whatever no record names (:func:`wrenbox.runtime.sweep.sweep`), and template rows are
 brought in line with the templates on disk.
 """
 
@@ -54,6 +54,10 @@ class RecoveryMixin:
 
     async def recover(self) -> dict[str, Any]:
         """Settle interrupted sandboxes, sync template rows, sweep the host. Call once, before serving."""
+        # First end what no record names: a VM started just before the crash, before its ledger entry
+        # was written, still holds its disk's lock and its slot's cgroup, and settling the sandbox it
+        # belongs to (giving back its checkpoint, say) would fail on them.
+        early = await self._runtime.sweep(self._store.list_sandboxes(states=set(S) - {S.DESTROYED}))
         settled = {}
         unsettled = set(SandboxState) - {S.DESTROYED, S.PAUSED, S.ERROR}
         for rec in self._store.list_sandboxes(states=unsettled):
@@ -67,7 +71,8 @@ class RecoveryMixin:
                     self._move(rec, S.ERROR, error=f"recovery after a restart failed: {exc}")
             settled[rec.id] = f"{before.value} -> {self._store.get_sandbox(rec.id).state.value}"
         await self._catalog.sync()
-        swept = await self._runtime.sweep(self._store.list_sandboxes(states=set(S) - {S.DESTROYED}))
+        late = await self._runtime.sweep(self._store.list_sandboxes(states=set(S) - {S.DESTROYED}))
+        swept = {kind: early.get(kind, []) + late.get(kind, []) for kind in early.keys() | late.keys()}
         self._store.record_event("recovered", None, sandboxes=settled, swept=swept)
         return {"sandboxes": settled, "swept": swept}
 
