@@ -61,8 +61,17 @@ async def download(agent: Agent, request: Request, send: Send) -> None:
             headers.append((b"content-encoding", b"gzip"))
         if limit is not None:
             headers.append((b"content-length", str(limit).encode()))
+        chunks = _file_chunks(fd, gzip, limit)
+        try:
+            # Read before answering: a file that cannot be read at all gets an error status, not a
+            # 200 whose connection is then cut.
+            first = await anext(chunks, b"")
+        except OSError as err:
+            await send_error(send, _read_error(err, path, size))
+            return
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        async for chunk in _file_chunks(fd, gzip, limit):
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        async for chunk in chunks:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     finally:
@@ -133,6 +142,12 @@ async def _file_chunks(fd: int, gzip: bool, limit: int | None) -> AsyncIterator[
             yield packed
     if compressor is not None:
         yield compressor.flush()
+
+
+def _read_error(err: OSError, path: str, size: int) -> WrenboxError:
+    if size == 0:  # a pseudo-file (/proc/self/mem, a sysfs attribute) that refuses to be read whole
+        return InvalidArgument(f"{safe_text(path)!r} cannot be read as a file: {err.strerror}")
+    return error_from_os(err, path)
 
 
 def _accepts_gzip(accept_encoding: str) -> bool:
