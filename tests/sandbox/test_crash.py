@@ -132,7 +132,15 @@ async def _destroy_all_but(mgr: SandboxManager, keep: str) -> None:
 
 
 CREATE = ["create.slot", "create.disk", "create.vm", "create.init", "state.running"]
-PAUSE = ["state.pausing", "pause.stop", "pause.vmstate", "pause.memory", "pause.committed", "state.paused"]
+PAUSE = [
+    "state.pausing",
+    "pause.stop",
+    "pause.vmstate",
+    "pause.memory",
+    "pause.committed",
+    "pause.released",
+    "state.paused",
+]
 RESUME = ["state.resuming", "resume.disk", "resume.slot", "resume.memory", "resume.vm", "resume.init"]
 SNAPSHOT = ["state.snapshotting", "snapshot.write"]
 

@@ -6,7 +6,8 @@ Each transitional state has one safe ending, decided from what is on record and 
 creating        give back everything → destroyed (the caller never got an answer)
 stopping        give back everything → destroyed
 running         VM alive → adopted (continued if a crash left it stopped); VM gone → "lost" (below)
-pausing         snapshot committed → finish the pause → paused; else VM alive → continued → running;
+pausing         snapshot committed (or the VM already given back, which a pause does only after its
+                commit) → finish the pause → paused; else VM alive → continued → running;
                 else → "lost"
 resuming        VM up and running → finish (agent, /init) → running; else back to paused, snapshot intact
 snapshotting    the half-built template is dropped; a fork's source continues → running, else paused
@@ -90,7 +91,9 @@ class RecoveryMixin:
             elif seen.vm == "gone":
                 await self._vm_lost(rec, revertible=seen.revertible)
         elif rec.state is S.PAUSING:
-            if seen.pause_committed:
+            # A pause gives back its VM only once its snapshot is committed, so a pausing sandbox without
+            # one had committed (its pause token went with the VM's entry) and was giving back the rest.
+            if seen.pause_committed or _vm_given_back(rec):
                 await self._back_to_disk(rec, S.PAUSED)
             elif seen.vm != "gone":
                 await rt.continue_vm(rec)
@@ -140,3 +143,7 @@ class RecoveryMixin:
 
     def _transient(self, rec: SandboxRecord) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def _vm_given_back(rec: SandboxRecord) -> bool:
+    return Resource.VM not in rec.resources and Resource.SNAPSHOT in rec.resources

@@ -152,6 +152,7 @@ class HostRuntime:
                 except Exception as exc:
                     log.error("sandbox %s paused, but its %s could not be released: %s", rec.id, key, exc)
                     ledger.leftovers.append(key)
+        faults.point("pause.released")  # given back, but the record still says pausing
 
     async def resume(self, rec: SandboxRecord, ledger: Ledger, *, memory: bool) -> str:
         snap_dir = self.files.snapshot_dir(rec.id)
