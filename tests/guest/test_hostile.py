@@ -64,6 +64,9 @@ RPCS = [
     "/filesystem.Filesystem/Nope",
     "/process.Process/",
 ]
+STREAMS = {f"/process.Process/{m}" for m in ("Connect", "Start", "StreamInput")} | {
+    "/filesystem.Filesystem/WatchDir"
+}
 RPC_TYPES = [
     "application/connect+json",
     "application/connect+proto",
@@ -254,7 +257,9 @@ def _fuzz_settings(examples: int):  # type: ignore[no-untyped-def]
 
 def _connect_case(agent: RunningAgent, scratch: Path, data: st.DataObject) -> None:
     path = data.draw(st.sampled_from(RPCS), label="rpc")
-    content_type = data.draw(st.sampled_from(RPC_TYPES), label="content-type")
+    # Half the time the type the method expects, so that most bodies reach the envelope and codec layers.
+    fitting = ["application/connect+json", "application/connect+proto"] if path in STREAMS else RPC_TYPES[2:4]
+    content_type = data.draw(st.sampled_from(fitting) | st.sampled_from(RPC_TYPES), label="content-type")
     streaming = content_type.startswith(("application/connect+", "application/grpc"))
     body = data.draw(envelopes(scratch) if streaming else encoded(scratch), label="body")
     headers = {"content-type": content_type, "connect-protocol-version": "1", "connect-timeout-ms": "1500"}
