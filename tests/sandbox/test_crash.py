@@ -131,7 +131,7 @@ async def _destroy_all_but(mgr: SandboxManager, keep: str) -> None:
     await delete_templates(mgr)
 
 
-CREATE = ["create.slot", "create.disk", "create.vm", "create.init", "state.running"]
+CREATE = ["create.slot", "create.disk", "create.started", "create.vm", "create.init", "state.running"]
 PAUSE = [
     "state.pausing",
     "pause.stop",
@@ -141,7 +141,15 @@ PAUSE = [
     "pause.released",
     "state.paused",
 ]
-RESUME = ["state.resuming", "resume.disk", "resume.slot", "resume.memory", "resume.vm", "resume.init"]
+RESUME = [
+    "state.resuming",
+    "resume.disk",
+    "resume.slot",
+    "resume.memory",
+    "resume.started",
+    "resume.vm",
+    "resume.init",
+]
 SNAPSHOT = ["state.snapshotting", "snapshot.write"]
 
 

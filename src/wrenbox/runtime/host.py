@@ -105,6 +105,7 @@ class HostRuntime:
             vm = await self.launcher.restore(
                 placement, tpl.snapshot(), vcpus=rec.vcpus, memory_mib=rec.memory_mb, agent=agent
             )
+        faults.point("create.started")  # the VM runs, but is not on record yet
         self._adopted(rec, vm, ledger)
         faults.point("create.vm")
         await self._init_agent(rec)
@@ -185,6 +186,7 @@ class HostRuntime:
         else:
             assert image is not None
             vm = await self._boot(rec, placement, image)
+        faults.point("resume.started")  # the VM runs, but is not on record yet
         self._adopted(rec, vm, ledger)
         faults.point("resume.vm")
         self._rotate_if_copied(rec, ledger)
