@@ -487,3 +487,12 @@ def test_a_stalled_upload_leaves_the_file_as_it_was(hostile_agent: RunningAgent,
         sock.sendall(f"{head}content-length: 1000\r\n\r\nnew".encode())
         assert _answer_or_close(sock).startswith(b"HTTP/1.1 408")
     assert target.read_bytes() == b"the old content"
+
+
+def test_a_client_leaving_mid_upload_is_no_error(hostile_agent: RunningAgent, scratch: Path) -> None:
+    """A client that hangs up inside its body leaves no traceback in the agent's log (see the fixture)."""
+    target = scratch / "box" / "left"
+    with _connect(hostile_agent.port) as sock:
+        head = f"POST /files?path={target} HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\n"
+        sock.sendall(f"{head}content-length: 1000\r\n\r\nsome".encode())
+    assert httpx.get(hostile_agent.url + "/health").status_code == 204

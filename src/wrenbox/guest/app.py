@@ -102,6 +102,8 @@ class AgentApp:
                 await send_json(send, err.http_status, err.to_dict())
             else:
                 await send_error(send, err)
+        except ConnectionResetError:  # the client left mid-request (see Request.body_chunks)
+            log.info("%s %s: the client left before its request was complete", request.method, request.path)
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             # The response may have started already; then the connection just ends.
