@@ -496,3 +496,17 @@ def test_a_client_leaving_mid_upload_is_no_error(hostile_agent: RunningAgent, sc
         head = f"POST /files?path={target} HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\n"
         sock.sendall(f"{head}content-length: 1000\r\n\r\nsome".encode())
     assert httpx.get(hostile_agent.url + "/health").status_code == 204
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_kernel_file_that_refuses_io_is_the_clients_error(hostile_agent: RunningAgent, method: str) -> None:
+    """/proc/self/mem reads and writes fail (EIO at offset 0): a 400 naming it, not a 500 or a cut 200."""
+    answer = httpx.request(
+        method,
+        hostile_agent.url + "/files",
+        params={"path": "/proc/self/mem"},
+        content=b"x" if method == "POST" else None,
+        headers={"content-type": "application/octet-stream"},
+    )
+    assert answer.status_code == 400, answer.text
+    assert "/proc/self/mem" in answer.json()["message"]

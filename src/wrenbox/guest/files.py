@@ -67,7 +67,7 @@ async def download(agent: Agent, request: Request, send: Send) -> None:
             # 200 whose connection is then cut.
             first = await anext(chunks, b"")
         except OSError as err:
-            await send_error(send, _read_error(err, path, size))
+            await send_error(send, _file_error(err, path))
             return
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": first, "more_body": True})
@@ -144,10 +144,16 @@ async def _file_chunks(fd: int, gzip: bool, limit: int | None) -> AsyncIterator[
         yield compressor.flush()
 
 
-def _read_error(err: OSError, path: str, size: int) -> WrenboxError:
-    if size == 0:  # a pseudo-file (/proc/self/mem, a sysfs attribute) that refuses to be read whole
-        return InvalidArgument(f"{safe_text(path)!r} cannot be read as a file: {err.strerror}")
-    return error_from_os(err, path)
+KERNEL_FILES = ("/proc/", "/sys/")
+
+
+def _file_error(err: OSError, path: str) -> WrenboxError:
+    """``error_from_os``, but a kernel interface file (/proc/self/mem, a sysfs attribute) that refuses
+    to be read or written as a plain file (EIO, ...) is the client's error; elsewhere EIO is the disk's."""
+    wrapped = error_from_os(err, path)
+    if type(wrapped) is WrenboxError and os.path.realpath(path).startswith(KERNEL_FILES):
+        return InvalidArgument(f"{safe_text(path)!r} cannot be used as a plain file: {err.strerror}")
+    return wrapped
 
 
 def _accepts_gzip(accept_encoding: str) -> bool:
@@ -286,7 +292,7 @@ def _write_error(err: OSError, path: str) -> WrenboxError:
         return InvalidArgument(f"path {safe_text(path)!r} is a directory")
     if err.errno == errno.ENOENT:
         return NotFound(f"parent directory of {safe_text(path)!r} does not exist")
-    return error_from_os(err, path)
+    return _file_error(err, path)
 
 
 def _metadata(headers: dict[str, str]) -> dict[str, str]:
