@@ -56,6 +56,9 @@ class ApiConfig(_Group):
     # resolves to this machine without any DNS set-up.
     domain: str = "localhost"
     metrics_interval_s: float = Field(5.0, gt=0)
+    # A connection whose request head (request line and headers) is not complete this long after it
+    # opened, or after its last response, is closed: slow clients must not hold connections forever.
+    head_timeout_s: float = Field(20.0, gt=0)
     # Templates ``wrenbox serve`` makes ready before it listens, each from the image of the same name
     # (built on first start): ``base`` is what E2B's SDK creates when no template is named.
     templates: tuple[str, ...] = ("base",)

@@ -336,6 +336,7 @@ async def serve(
                 domain=settings.api.domain,
                 disk_mb=settings.defaults.disk_mb,
                 metrics_interval_s=settings.api.metrics_interval_s,
+                head_timeout_s=settings.api.head_timeout_s,
             )
             config = uvicorn.Config(
                 app,

@@ -57,6 +57,7 @@ def server_env(settings: Settings) -> dict[str, str]:
         # A team whose quotas of paused sandboxes and templates are used up before it starts.
         "WRENBOX_QUOTAS__TEAMS": json.dumps({"frugal": {"max_paused": 0, "max_templates": 0}}),
         "WRENBOX_API__METRICS_INTERVAL_S": "1",
+        "WRENBOX_API__HEAD_TIMEOUT_S": "3",  # so test_slowloris sees dribbling clients cut off soon
         "WRENBOX_API__TEMPLATES": json.dumps(["minimal", "base"]),
     }
 

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +36,18 @@ class RunningAgent:
         self.process.wait(timeout=5)
 
 
-def start_agent(listen: str, log_path: Path, *args: str, env: dict[str, str] | None = None) -> RunningAgent:
-    """Start ``python -m wrenbox.guest --listen LISTEN`` and wait until /health answers."""
+def start_agent(
+    listen: str,
+    log_path: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    python: Sequence[str] = (sys.executable,),
+) -> RunningAgent:
+    """Start ``python -m wrenbox.guest --listen LISTEN`` (``python``: the interpreter's command line) and
+    wait until /health answers."""
     log_file = log_path.open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "wrenbox.guest", "--listen", listen, *args],
+        [*python, "-m", "wrenbox.guest", "--listen", listen, *args],
         stdout=subprocess.PIPE,
         stderr=log_file,
         text=True,

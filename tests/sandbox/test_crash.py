@@ -160,6 +160,7 @@ async def intact(mgr: SandboxManager, sandbox_id: str, contents: Contents = BEFO
 CREATE = {
     "create.slot": S.DESTROYED,  # a create that never answered gives everything back
     "create.disk": S.DESTROYED,
+    "create.started": S.DESTROYED,  # a VM running but not on record: the sweep ends it
     "create.vm": S.DESTROYED,
     "create.init": S.DESTROYED,  # the agent took its /init, the caller never got the sandbox
     "state.running": S.RUNNING,  # the create was recorded complete: its VM is adopted
@@ -170,6 +171,7 @@ PAUSE = {
     "pause.vmstate": S.RUNNING,  # stopped, its state half written: the VM is continued
     "pause.memory": S.RUNNING,
     "pause.committed": S.PAUSED,  # the snapshot is on disk: the pause is finished
+    "pause.released": S.PAUSED,  # the VM already given back: the rest is given back too
     "state.paused": S.PAUSED,
 }
 RESUME = {
@@ -177,6 +179,7 @@ RESUME = {
     "resume.disk": S.PAUSED,  # the disk's checkpoint is taken: it reverts to it
     "resume.slot": S.PAUSED,
     "resume.memory": S.PAUSED,
+    "resume.started": S.PAUSED,  # a VM running but not on record: swept, and the disk reverted
     "resume.vm": S.RUNNING,  # the VM runs: the resume is finished (agent /init)
     "resume.init": S.RUNNING,
 }

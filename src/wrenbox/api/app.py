@@ -82,13 +82,15 @@ class _Telemetry:
 class FrontDoor:
     """Sends each request to the sandbox proxy or the REST API."""
 
-    def __init__(self, rest: ASGIApp, proxy: SandboxProxy, telemetry: _Telemetry) -> None:
+    def __init__(
+        self, rest: ASGIApp, proxy: SandboxProxy, telemetry: _Telemetry, *, head_timeout_s: float
+    ) -> None:
         self.rest = rest
         self.proxy = proxy
         self.telemetry = telemetry
         # uvicorn's protocol class for this app (``uvicorn.Config(http=...)``): it lets the proxy reset
-        # the connection of a stream it cuts.
-        self.http_protocol = proxy.http_protocol()
+        # the connection of a stream it cuts, and cuts connections whose request head never completes.
+        self.http_protocol = proxy.http_protocol(head_timeout_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
@@ -113,6 +115,7 @@ def create_app(
     domain: str | None = None,
     disk_mb: int = 10 * 1024,
     metrics_interval_s: float = 5.0,
+    head_timeout_s: float = 20.0,
 ) -> FrontDoor:
     """The server's ASGI app over ``sandboxes``. Its lifespan runs the metrics sampler."""
     sampler = MetricsSampler(sandboxes, interval_s=metrics_interval_s)
@@ -160,4 +163,4 @@ def create_app(
     def metrics() -> Response:
         return Response(telemetry.render(), media_type=CONTENT_TYPE_LATEST)
 
-    return FrontDoor(rest, proxy, telemetry)
+    return FrontDoor(rest, proxy, telemetry, head_timeout_s=head_timeout_s)

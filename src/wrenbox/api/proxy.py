@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import h11
 import httpx
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -105,22 +106,55 @@ class SandboxProxy:
         # The server's client connections by peer address (see http_protocol), to reset one on a cut.
         self._clients: dict[tuple[str, int], asyncio.Transport] = {}
 
-    def http_protocol(self) -> type[H11Protocol]:
-        """uvicorn's HTTP/1.1 protocol, telling this proxy which connection a request came on."""
+    def http_protocol(self, head_timeout_s: float) -> type[H11Protocol]:
+        """uvicorn's HTTP/1.1 protocol, telling this proxy which connection a request came on.
+
+        It also closes a connection whose request head is not complete ``head_timeout_s`` after the
+        connection opened (or after its last response): uvicorn has no such timer, and its keep-alive
+        timer stops at the first byte, so a client dribbling a head (slowloris) would hold its
+        connection forever. An idle connection between requests is left to the keep-alive timer."""
         clients = self._clients
 
         class Protocol(H11Protocol):
+            _head_timer: asyncio.TimerHandle | None = None
+            _head_started = False  # bytes of a request head arrived since the timer was armed
+            _served = False
+
             def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
                 super().connection_made(transport)
                 peer = transport.get_extra_info("peername")
                 if peer:
                     clients[(peer[0], peer[1])] = transport
+                self._arm_head_timer()
 
             def connection_lost(self, exc: Exception | None) -> None:
                 peer = self.transport.get_extra_info("peername")
                 if peer:
                     clients.pop((peer[0], peer[1]), None)
+                if self._head_timer is not None:
+                    self._head_timer.cancel()
                 super().connection_lost(exc)
+
+            def data_received(self, data: bytes) -> None:
+                if self.conn.their_state is h11.IDLE:
+                    self._head_started = True
+                super().data_received(data)
+
+            def on_response_complete(self) -> None:
+                super().on_response_complete()
+                self._served = True
+                self._arm_head_timer()
+
+            def _arm_head_timer(self) -> None:
+                if self._head_timer is not None:
+                    self._head_timer.cancel()
+                self._head_started = False
+                self._head_timer = self.loop.call_later(head_timeout_s, self._head_overdue)
+
+            def _head_overdue(self) -> None:
+                self._head_timer = None
+                if self.conn.their_state is h11.IDLE and (self._head_started or not self._served):
+                    self.transport.close()
 
         return Protocol
 

@@ -27,6 +27,10 @@ class AgentConfig:
     port: int = 49983
     processes: ProcessLimits = field(default_factory=ProcessLimits)
     keepalive: float = 90.0  # seconds between keepalive events when the client names no interval
+    # An idle connection is closed after this long; so is one whose request headers never complete.
+    # Longer than the SDK's 60 s request timeout, so the SDK's pooled connections stay usable.
+    keep_alive_timeout: float = 65.0
+    body_timeout: float = 60.0  # a request body that stalls this long is refused (see asgi.stall_limited)
     max_watchers: int = 256
     max_watcher_events: int = 10_000
 

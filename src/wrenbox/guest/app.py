@@ -12,7 +12,18 @@ from typing import TYPE_CHECKING
 from wrenbox.errors import NotFound, Unauthenticated, WrenboxError
 
 from .agent import Agent
-from .asgi import Message, Receive, Request, Scope, Send, send_error, send_json, send_status
+from .asgi import (
+    BodyStalled,
+    Message,
+    Receive,
+    Request,
+    Scope,
+    Send,
+    send_error,
+    send_json,
+    send_status,
+    stall_limited,
+)
 from .auth import check_token, verify_file_signature
 
 if TYPE_CHECKING:
@@ -24,6 +35,8 @@ __all__ = ["AgentApp"]
 log = logging.getLogger("wrenbox.guest")
 
 RPC_PREFIXES = ("/process.Process/", "/filesystem.Filesystem/")
+# A client stream: its body is the process's input, which may rightly pause for any time.
+UNLIMITED_BODIES = frozenset({"/process.Process/StreamInput"})
 CORS_HEADERS = [
     (b"access-control-allow-origin", b"*"),
     (b"access-control-expose-headers", b"*"),
@@ -71,6 +84,9 @@ class AgentApp:
         if scope["type"] != "http":
             return  # no websockets here
         send = _with_cors(send)
+        if scope["path"] not in UNLIMITED_BODIES:
+            stalled = _rpc_stalled if scope["path"].startswith(RPC_PREFIXES) else BodyStalled
+            receive = stall_limited(receive, self.agent.config.body_timeout, stalled)
         request = Request(scope, receive)
         log.debug(
             "%s %s HTTP/%s accept-encoding=%s",
@@ -86,6 +102,8 @@ class AgentApp:
                 await send_json(send, err.http_status, err.to_dict())
             else:
                 await send_error(send, err)
+        except ConnectionResetError:  # the client left mid-request (see Request.body_chunks)
+            log.info("%s %s: the client left before its request was complete", request.method, request.path)
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             # The response may have started already; then the connection just ends.
@@ -133,6 +151,14 @@ class AgentApp:
             verify_file_signature(token, request.query, operation)
             return
         raise Unauthenticated("missing or wrong X-Access-Token")
+
+
+def _rpc_stalled(message: str) -> Exception:
+    # Raised inside connectrpc's body reader, so it must be its error type to become a Connect answer.
+    from connectrpc.code import Code
+    from connectrpc.errors import ConnectError
+
+    return ConnectError(Code.CANCELED, message)
 
 
 def _import_all(first: str, *more: str) -> object:

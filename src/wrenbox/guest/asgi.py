@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
@@ -9,7 +10,17 @@ from urllib.parse import parse_qsl
 
 from wrenbox.errors import InvalidArgument, WrenboxError
 
-__all__ = ["Receive", "Request", "Scope", "Send", "send_error", "send_json", "send_status"]
+__all__ = [
+    "BodyStalled",
+    "Receive",
+    "Request",
+    "Scope",
+    "Send",
+    "send_error",
+    "send_json",
+    "send_status",
+    "stall_limited",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -17,6 +28,37 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 MAX_SMALL_BODY = 1 << 20  # JSON bodies (/init); files stream instead
+
+
+class BodyStalled(WrenboxError):
+    """The client stopped sending its request body (408: the connection is not worth holding)."""
+
+    code = "canceled"
+    http_status = 408
+
+
+def stall_limited(receive: Receive, seconds: float, stalled: Callable[[str], Exception]) -> Receive:
+    """``receive`` that gives up on a request body when no part of it arrives for ``seconds``.
+
+    The server's own timers only cover a connection between requests: a client that sends its headers
+    and then dribbles (or never finishes) its body would hold a request open forever. Once the body is
+    complete, waiting (for the client to disconnect) is unlimited again: responses may stream for hours.
+    """
+    body_done = False
+
+    async def limited() -> Message:
+        nonlocal body_done
+        if body_done:
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), seconds)
+        except TimeoutError:
+            raise stalled(f"no part of the request body arrived for {seconds:g} s") from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            body_done = True
+        return message
+
+    return limited
 
 
 class Request:

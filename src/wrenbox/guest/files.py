@@ -61,8 +61,17 @@ async def download(agent: Agent, request: Request, send: Send) -> None:
             headers.append((b"content-encoding", b"gzip"))
         if limit is not None:
             headers.append((b"content-length", str(limit).encode()))
+        chunks = _file_chunks(fd, gzip, limit)
+        try:
+            # Read before answering: a file that cannot be read at all gets an error status, not a
+            # 200 whose connection is then cut.
+            first = await anext(chunks, b"")
+        except OSError as err:
+            await send_error(send, _file_error(err, path))
+            return
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        async for chunk in _file_chunks(fd, gzip, limit):
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        async for chunk in chunks:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     finally:
@@ -133,6 +142,18 @@ async def _file_chunks(fd: int, gzip: bool, limit: int | None) -> AsyncIterator[
             yield packed
     if compressor is not None:
         yield compressor.flush()
+
+
+KERNEL_FILES = ("/proc/", "/sys/")
+
+
+def _file_error(err: OSError, path: str) -> WrenboxError:
+    """``error_from_os``, but a kernel interface file (/proc/self/mem, a sysfs attribute) that refuses
+    to be read or written as a plain file (EIO, ...) is the client's error; elsewhere EIO is the disk's."""
+    wrapped = error_from_os(err, path)
+    if type(wrapped) is WrenboxError and os.path.realpath(path).startswith(KERNEL_FILES):
+        return InvalidArgument(f"{safe_text(path)!r} cannot be used as a plain file: {err.strerror}")
+    return wrapped
 
 
 def _accepts_gzip(accept_encoding: str) -> bool:
@@ -271,7 +292,7 @@ def _write_error(err: OSError, path: str) -> WrenboxError:
         return InvalidArgument(f"path {safe_text(path)!r} is a directory")
     if err.errno == errno.ENOENT:
         return NotFound(f"parent directory of {safe_text(path)!r} does not exist")
-    return error_from_os(err, path)
+    return _file_error(err, path)
 
 
 def _metadata(headers: dict[str, str]) -> dict[str, str]:

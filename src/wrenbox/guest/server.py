@@ -35,7 +35,7 @@ async def serve(agent: Agent, sock: socket.socket) -> None:
     config.bind = [f"fd://{sock.fileno()}"]
     config.accesslog = None
     config.loglevel = "WARNING"
-    config.keep_alive_timeout = 65  # longer than the SDK's 60 s request timeout
+    config.keep_alive_timeout = agent.config.keep_alive_timeout
     config.graceful_timeout = 1  # streams of running processes would otherwise hold up shutdown
     config.h2_max_concurrent_streams = 256
     stop = asyncio.Event()

@@ -12,8 +12,9 @@ from wrenbox.proto.filesystem.filesystem_connect import FilesystemASGIApplicatio
 from wrenbox.proto.process.process_connect import ProcessASGIApplication
 
 from .agent import Agent
-from .asgi import Receive, Scope, Send
+from .asgi import Receive, Scope, Send, send_status
 from .filesystem import FilesystemService
+from .framing import guard_envelopes
 from .process_service import ProcessService
 
 __all__ = ["RpcRouter"]
@@ -33,10 +34,21 @@ class RpcRouter:
         return any(path.startswith(prefix) for prefix in self._apps)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if _needs_trailers(scope) and "http.response.trailers" not in scope.get("extensions", {}):
+            # gRPC proper over HTTP/1.1: connectrpc would fail with a 500 after reading the request.
+            await send_status(send, 415, [(b"accept-post", b"application/connect+proto, application/proto")])
+            return
         for prefix, app in self._apps.items():
             if scope["path"].startswith(prefix):
-                await app(scope, receive, send)  # type: ignore[arg-type]
+                await app(scope, guard_envelopes(scope, receive), send)  # type: ignore[arg-type]
                 return
+
+
+def _needs_trailers(scope: Scope) -> bool:
+    content_type = dict(scope.get("headers", ())).get(b"content-type", b"").lower()
+    return content_type.startswith(b"application/grpc") and not content_type.startswith(
+        b"application/grpc-web"
+    )
 
 
 class _StrictCodec:

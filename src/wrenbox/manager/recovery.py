@@ -6,7 +6,8 @@ Each transitional state has one safe ending, decided from what is on record and 
 creating        give back everything → destroyed (the caller never got an answer)
 stopping        give back everything → destroyed
 running         VM alive → adopted (continued if a crash left it stopped); VM gone → "lost" (below)
-pausing         snapshot committed → finish the pause → paused; else VM alive → continued → running;
+pausing         snapshot committed (or the VM already given back, which a pause does only after its
+                commit) → finish the pause → paused; else VM alive → continued → running;
                 else → "lost"
 resuming        VM up and running → finish (agent, /init) → running; else back to paused, snapshot intact
 snapshotting    the half-built template is dropped; a fork's source continues → running, else paused
@@ -19,10 +20,10 @@ such state to go back to and ends in error (keeping its disk until it is destroy
 everything only the VM held (its process, slot, RAM file, cgroup, agent client) is given back. The same
 rule settles a VM lost while wrenbox runs (its VMM exited: :meth:`SandboxManager.watch_vms`).
 
-Paused sandboxes are never touched: their state is on disk. After the per-sandbox endings, a sweep
-removes whatever no record names (:func:`wrenbox.runtime.sweep.sweep`), and template rows are
-brought in line with the templates on disk, and a fork template no sandbox uses (the crash came
-before its children, or during the first) is deleted, as a fork that failed deletes it.
+Paused sandboxes are never touched: their state is on disk. Before and after the per-sandbox endings, a
+sweep removes whatever no record names (:func:`wrenbox.runtime.sweep.sweep`), template rows are brought
+in line with the templates on disk, and a fork template no sandbox uses (the crash came before its
+children, or during the first) is deleted, as a fork that failed deletes it.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class RecoveryMixin:
 
     async def recover(self) -> dict[str, Any]:
         """Settle interrupted sandboxes, sync template rows, sweep the host. Call once, before serving."""
+        # First end what no record names: a VM started just before the crash, before its ledger entry
+        # was written, still holds its disk's lock and its slot's cgroup, and settling the sandbox it
+        # belongs to (giving back its checkpoint, say) would fail on them.
+        early = await self._runtime.sweep(self._store.list_sandboxes(states=set(S) - {S.DESTROYED}))
         settled = {}
         unsettled = set(SandboxState) - {S.DESTROYED, S.PAUSED, S.ERROR}
         for rec in self._store.list_sandboxes(states=unsettled):
@@ -74,7 +79,8 @@ class RecoveryMixin:
         await self._catalog.sync()
         for template in self._catalog.list():  # a fork the crash cut short: no child uses its template
             await self._collect_template(template.name)
-        swept = await self._runtime.sweep(self._store.list_sandboxes(states=set(S) - {S.DESTROYED}))
+        late = await self._runtime.sweep(self._store.list_sandboxes(states=set(S) - {S.DESTROYED}))
+        swept = {kind: early.get(kind, []) + late.get(kind, []) for kind in early.keys() | late.keys()}
         self._store.record_event("recovered", None, sandboxes=settled, swept=swept)
         return {"sandboxes": settled, "swept": swept}
 
@@ -94,7 +100,9 @@ class RecoveryMixin:
             elif seen.vm == "gone":
                 await self._vm_lost(rec, revertible=seen.revertible, when=WHILE_DOWN)
         elif rec.state is S.PAUSING:
-            if seen.pause_committed:
+            # A pause gives back its VM only once its snapshot is committed, so a pausing sandbox without
+            # one had committed (its pause token went with the VM's entry) and was giving back the rest.
+            if seen.pause_committed or _vm_given_back(rec):
                 await self._back_to_disk(rec, S.PAUSED)
             elif seen.vm != "gone":
                 await rt.continue_vm(rec)
@@ -147,3 +155,7 @@ class RecoveryMixin:
 
     async def _collect_template(self, name: str) -> None:
         raise NotImplementedError
+
+
+def _vm_given_back(rec: SandboxRecord) -> bool:
+    return Resource.VM not in rec.resources and Resource.SNAPSHOT in rec.resources

@@ -412,14 +412,15 @@ class CgroupTree:
 
     def reclaim(self, keep: Iterable[str]) -> list[str]:
         """Remove every group not in ``keep`` (for the leak sweep, after it ended stray VMMs). A group
-        that still holds processes is left, with a warning: this kills nothing."""
+        that still holds processes a moment after (a VMM's helper leaves once its VMM has ended) is left,
+        with a warning: this kills nothing."""
         kept = set(keep)
         removed = []
         for name in self.names():
             if name in kept:
                 continue
             try:
-                self.get(name).remove(timeout=0)
+                self.get(name).remove()
                 removed.append(name)
             except InUse as exc:
                 log.warning("leaving %s", exc)
