@@ -5,6 +5,11 @@ A test arms a point in-process (``with faults.armed("create.network")``: the poi
 :class:`InjectedFault`) or, for crash tests of a manager running in another process, through the
 environment: ``WRENBOX_FAULTS="pause.processed=crash"`` makes the process SIGKILL itself at that point
 (``=fail`` raises instead). Names are ``<operation>.<step>``.
+
+``faults.crash_point`` marks a moment only a crash can strike: nothing between it and the next step can
+raise (a VM started but not yet on record, resources given back but the record not yet moved), so
+raising there would test a failure that cannot happen, and leak what the step holds. It acts only when
+armed with ``crash`` and is not recorded, so tests that fail each recorded step pass it by.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from contextlib import contextmanager
 
 from wrenbox.errors import WrenboxError
 
-__all__ = ["InjectedFault", "armed", "point", "recording"]
+__all__ = ["InjectedFault", "armed", "crash_point", "point", "recording"]
 
 _ENV = "WRENBOX_FAULTS"
 
@@ -48,6 +53,12 @@ def point(name: str) -> None:
     if action == "crash":
         os.kill(os.getpid(), signal.SIGKILL)
     raise InjectedFault(f"injected fault at {name}")
+
+
+def crash_point(name: str) -> None:
+    """Mark a moment between steps where only a crash can strike: SIGKILL if armed with ``crash``."""
+    if _armed.get(name) == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextmanager

@@ -37,6 +37,7 @@ from wrenbox.ledger import Ledger
 from wrenbox.manager.activity import Activity
 from wrenbox.manager.admission import Admission, default_guest_memory_mb
 from wrenbox.manager.catalog import TemplateCatalog
+from wrenbox.manager.liveness import LivenessMixin
 from wrenbox.manager.quotas import Quotas, TeamQuota
 from wrenbox.manager.recovery import RecoveryMixin
 from wrenbox.manager.sandboxes import (
@@ -63,9 +64,6 @@ S = SandboxState
 # The moves that begin an operation writing to the data filesystem (a create's row is inserted by
 # admission, likewise inside Store.spending).
 _SPENDING = frozenset({S.PAUSING, S.RESUMING, S.SNAPSHOTTING})
-WHILE_RUNNING = "while it ran (its VMM process exited)"
-AGENT_CHECK_TIMEOUT_S = 5.0
-AGENT_RESTARTED = "the guest agent restarted; processes started before it did are no longer tracked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +84,7 @@ class ManagerConfig:
     team_quotas: Mapping[str, TeamQuota] = field(default_factory=dict)
 
 
-class SandboxManager(RecoveryMixin):
+class SandboxManager(RecoveryMixin, LivenessMixin):
     """The lifecycle of sandboxes (:class:`~wrenbox.manager.sandboxes.Sandboxes`). Async; call from one
     event loop. ``store`` and ``runtime`` are its own: nobody else touches them."""
 
@@ -462,25 +460,6 @@ class SandboxManager(RecoveryMixin):
                 self._store.save_sandbox(rec)
                 raise
 
-    async def watch_vms(self) -> None:
-        """Settle each sandbox whose VM exits on its own (OOM-killed, crashed, powered off) as it happens,
-        exactly as :meth:`recover` settles a VM lost while wrenbox was down. Runs until cancelled."""
-        await self._runtime.watch_vms(self._vm_exited)
-
-    async def check_host(self) -> None:
-        """Every few seconds (a reaper watch): put back the host's firewall table if someone removed it,
-        and initialise again each running sandbox's agent that restarted in its guest (it comes back
-        with no token, env or clock). Both are recorded as events; an agent's restart on the sandbox."""
-        repaired = await self._runtime.repair_host()
-        if repaired:
-            self._store.record_event("host_repaired", None, repaired=repaired)
-        for rec in self.list_running():
-            lock = self._lock(rec.id)
-            if lock.locked():
-                continue  # a lifecycle operation is under way: looked at next time
-            async with lock:
-                await self._check_agent(rec.id)
-
     async def shutdown(self) -> None:
         """Pause (or destroy, per config) every running sandbox; errors are logged, not raised."""
         for rec in self.list_running():
@@ -569,45 +548,6 @@ class SandboxManager(RecoveryMixin):
     def _transient(self, rec: SandboxRecord) -> dict[str, Any]:
         """What only a live VM holds (a paused sandbox keeps the rest)."""
         return {k: v for k, v in rec.resources.items() if k not in PERSISTENT}
-
-    # -- sandboxes changing on their own ------------------------------------------------------------
-
-    async def _vm_exited(self, sandbox_id: str) -> None:
-        async with self._lock(sandbox_id):
-            await self._settle_if_lost(self.get(sandbox_id))
-
-    async def _settle_if_lost(self, rec: SandboxRecord) -> bool:
-        """If ``rec`` is running (or was pausing) but its VMM has exited, settle it by the rule of
-        :meth:`_vm_lost` (calls in flight on it fail at once, saying so); True if it was. A VMM that is
-        alive but slow to answer is left alone. The caller holds the sandbox's lock."""
-        if rec.state not in (S.RUNNING, S.PAUSING):
-            return False
-        seen = await self._runtime.inspect(rec)
-        if not seen.exited:
-            return False
-        log.warning("sandbox %s: its VM is gone; settling it", rec.id)
-        self._activity.cut(rec.id, "lost its VM")
-        self._store.record_event("vm_lost", rec.id, revertible=seen.revertible)
-        await self._vm_lost(rec, revertible=seen.revertible, when=WHILE_RUNNING)
-        self._running_since.pop(rec.id, None)
-        return True
-
-    async def _check_agent(self, sandbox_id: str) -> None:
-        """Initialise the sandbox's agent again if it restarted (caller holds the lock)."""
-        rec = self.get(sandbox_id)
-        if rec.state is not S.RUNNING:
-            return
-        try:
-            with anyio.fail_after(AGENT_CHECK_TIMEOUT_S):
-                restarted = await self._runtime.check_agent(rec)
-        except Exception as exc:  # e.g. the agent is still starting up: looked at again next time
-            log.warning("sandbox %s: could not check its guest agent: %s", sandbox_id, exc)
-            return
-        if restarted:
-            log.warning("sandbox %s: %s; initialised it again", sandbox_id, AGENT_RESTARTED)
-            rec.error = AGENT_RESTARTED
-            self._store.save_sandbox(rec)  # also the token, if the /init gave it a new one
-            self._store.record_event("agent_restarted", sandbox_id, processes="lost")
 
     # -- internals -----------------------------------------------------------------------------------
 

@@ -107,7 +107,7 @@ class HostRuntime:
             vm = await self.launcher.restore(
                 placement, tpl.snapshot(), vcpus=rec.vcpus, memory_mib=rec.memory_mb, agent=agent
             )
-        faults.point("create.started")  # the VM runs, but is not on record yet
+        faults.crash_point("create.started")  # the VM runs, but is not on record yet
         self._adopted(rec, vm, ledger)
         faults.point("create.vm")
         await self._init_agent(rec)
@@ -158,7 +158,7 @@ class HostRuntime:
                 except Exception as exc:
                     log.error("sandbox %s paused, but its %s could not be released: %s", rec.id, key, exc)
                     ledger.leftovers.append(key)
-        faults.point("pause.released")  # given back, but the record still says pausing
+        faults.crash_point("pause.released")  # given back, but the record still says pausing
 
     async def resume(self, rec: SandboxRecord, ledger: Ledger, *, memory: bool) -> str:
         snap_dir = self.files.snapshot_dir(rec.id)
@@ -191,7 +191,7 @@ class HostRuntime:
         else:
             assert image is not None
             vm = await self._boot(rec, placement, image)
-        faults.point("resume.started")  # the VM runs, but is not on record yet
+        faults.crash_point("resume.started")  # the VM runs, but is not on record yet
         self._adopted(rec, vm, ledger)
         faults.point("resume.vm")
         self._rotate_if_copied(rec, ledger)
