@@ -468,11 +468,6 @@ def test_slow_clients_are_cut_off_and_others_served(hostile_agent: RunningAgent,
             sock.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an upload writes the target in place: one that stalls or fails midway has already truncated it "
-    "(a fix: write beside it and rename, keeping owner, mode and metadata)",
-)
 def test_a_stalled_upload_leaves_the_file_as_it_was(hostile_agent: RunningAgent, scratch: Path) -> None:
     target = scratch / "box" / "kept"
     answer = httpx.post(

@@ -12,13 +12,18 @@ user, 404 missing file, 507 no space left. Downloads are gzip-compressed only wh
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import os
+import stat
+import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
 from wrenbox.errors import InvalidArgument, NotFound, WrenboxError
+from wrenbox.fileio import copy_range
 
 from .agent import Agent
 from .asgi import Request, Send, send_error, send_json
@@ -174,10 +179,10 @@ async def _upload_raw(agent: Agent, request: Request, user: User, metadata: dict
     body = request.body_chunks()
     if request.headers.get("content-encoding", "").strip().lower() == "gzip":
         body = _gunzip(body)
-    with _TargetFile(path, user) as target:
+    with _Spool(path) as spool:
         async for chunk in body:
-            target.write(chunk)
-        target.set_metadata(metadata)
+            spool.write(chunk)
+        spool.commit(user, metadata)
     return _written(path, metadata)
 
 
@@ -186,9 +191,9 @@ async def _upload_multipart(
 ) -> list[dict[str, Any]]:
     parser = MultipartParser(boundary_of(request.headers.get("content-type", "")))
     query_path = request.query.get("path")
-    written: list[dict[str, Any]] = []
-    target: _TargetFile | None = None
-    try:
+    spools: list[_Spool] = []
+    current: _Spool | None = None
+    with contextlib.ExitStack() as stack:
         async for chunk in request.body_chunks():
             for event in parser.feed(chunk):
                 if isinstance(event, PartStart):
@@ -200,25 +205,22 @@ async def _upload_multipart(
                             "a file part needs a filename (its path) or the path query parameter"
                         )
                     path = resolve(raw_path, user, agent.default_workdir)
-                    if any(entry["path"] == path for entry in written):
+                    if any(spool.path == path for spool in spools):
                         raise InvalidArgument(f"{safe_text(path)!r} appears twice in one upload")
-                    target = _TargetFile(path, user).__enter__()
+                    current = stack.enter_context(_Spool(path))
+                    spools.append(current)
                 elif isinstance(event, PartEnd):
-                    if target is not None:
-                        target.set_metadata(metadata)
-                        target.__exit__(None, None, None)
-                        written.append(_written(target.path, metadata))
-                        target = None
-                elif target is not None:
-                    target.write(event)
-    finally:
-        if target is not None:
-            target.__exit__(None, None, None)
-    if not parser.done:
-        raise InvalidArgument("the multipart body ended before its closing boundary")
-    if not written:
-        raise InvalidArgument("the upload contained no part named 'file'")
-    return written
+                    current = None
+                elif current is not None:
+                    current.write(event)
+        if not parser.done:
+            raise InvalidArgument("the multipart body ended before its closing boundary")
+        if not spools:
+            raise InvalidArgument("the upload contained no part named 'file'")
+        # Only now, with every part complete, does any target change.
+        for spool in spools:
+            spool.commit(user, metadata)
+    return [_written(spool.path, metadata) for spool in spools]
 
 
 def _written(path: str, metadata: dict[str, str]) -> dict[str, Any]:
@@ -232,31 +234,32 @@ def _written(path: str, metadata: dict[str, str]) -> dict[str, Any]:
     return entry
 
 
-class _TargetFile:
-    """A file being uploaded: parents created, truncated, owned by the user, written as data arrives."""
+class _Spool:
+    """One uploaded file's content, held aside until the whole request body has arrived, then written
+    into its target in place.
 
-    def __init__(self, path: str, user: User) -> None:
+    Bad or failed input changes nothing: a body that stalls, breaks off or turns out malformed must not
+    have truncated the target (or, in a multipart upload, written the earlier parts). Writing beside the
+    target and renaming over it would show watchers a rename where envd shows a create and a write (the
+    SDKs' tests check those events), and would replace the file's inode, owner and mode. So the body goes
+    into an unnamed file (``O_TMPFILE``: invisible to watchers, freed by the kernel however the request
+    ends) in the target's nearest existing directory, on the same filesystem so the copy stays in the
+    kernel; then :meth:`commit` writes it into the target like an ordinary write would.
+    """
+
+    def __init__(self, path: str) -> None:
         self.path = path
-        self._user = user
-        self._fd = -1
+        self.size = 0
+        existing, self._missing = _missing_parents(path)  # checked now: a bad path fails before the body
+        self._fd = _unnamed_file(existing, path)
 
-    def __enter__(self) -> _TargetFile:
-        ensure_parent_dirs(self.path, self._user)
-        try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO must not hang us
-            self._fd = os.open(self.path, flags, 0o666)
-            if _require_regular(self._fd, self.path).st_size:
-                # Only a file with content: truncating an empty one is still a modification event
-                # for watchers, and envd's writes report a new file as create, chmod, write only.
-                os.ftruncate(self._fd, 0)
-            os.set_blocking(self._fd, True)
-        except BaseException as err:
-            self.__exit__()
-            if isinstance(err, OSError):
-                raise _write_error(err, self.path) from None
-            raise
-        chown_to(self.path, self._user)
+    def __enter__(self) -> _Spool:
         return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -265,24 +268,125 @@ class _TargetFile:
                 view = view[os.write(self._fd, view) :]
         except OSError as err:
             raise _write_error(err, self.path) from None
+        self.size += len(data)
 
-    def set_metadata(self, metadata: dict[str, str]) -> None:
-        """The file's metadata becomes exactly ``metadata``: what an earlier upload left is dropped."""
+    def commit(self, user: User, metadata: dict[str, str]) -> None:
+        """Write the content into the target in place, owned by ``user``, with exactly ``metadata``.
+
+        Watchers see what envd's writes show: a new file is created, handed to its user (chmod) and
+        written; an existing one is written (one burst: reserve, copy and shrink are all IN_MODIFY).
+        """
+        fd, created = -1, False
         try:
-            for name in os.listxattr(self._fd):
-                if name.startswith(METADATA_XATTR):
-                    os.removexattr(self._fd, name)
-            for key, value in metadata.items():
-                os.setxattr(self._fd, METADATA_XATTR + key, value.encode())
-        except OSError as err:
-            raise InvalidArgument(
-                f"cannot store metadata on {safe_text(self.path)!r}: {err.strerror}"
-            ) from None
+            ensure_parent_dirs(self.path, user)
+            fd, created = _open_target(self.path)
+            before = _require_regular(fd, self.path)
+            os.set_blocking(fd, True)
+            chown_to(self.path, user)  # before the data, as envd: create, chmod, write
+            try:
+                _fill(fd, self._fd, self.size, before.st_size)
+            except OSError:
+                with contextlib.suppress(OSError):  # no room: the file goes back to its owner
+                    os.fchown(fd, before.st_uid, before.st_gid)
+                raise
+            # Last, as before: a metadata write is a chmod event, which comes after the write.
+            _set_metadata(fd, self.path, metadata)
+        except BaseException as err:
+            self._remove_created(created)
+            if isinstance(err, OSError):
+                raise _write_error(err, self.path) from None
+            raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
-    def __exit__(self, *exc: object) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+    def _remove_created(self, target: bool) -> None:
+        """Undo what a failed commit created: the target if ``target``, and its new (still empty) parents."""
+        if target:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        for directory in self._missing:  # nearest first
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+
+
+def _missing_parents(path: str) -> tuple[str, list[str]]:
+    """The nearest existing directory above ``path``, and the missing ones below it (nearest first)."""
+    missing: list[str] = []
+    probe = os.path.dirname(path) or "/"
+    while True:
+        try:
+            st = os.stat(probe)
+        except FileNotFoundError:
+            missing.append(probe)
+            probe = os.path.dirname(probe)  # "/" always exists: this ends
+            continue
+        except OSError as err:
+            raise error_from_os(err, probe) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise InvalidArgument(f"{safe_text(probe)!r} exists and is not a directory")
+        return probe, missing
+
+
+# O_TMPFILE is not supported there (EISDIR: kernels before 3.11), or the agent may not create files in
+# that directory although it may write the target itself: spool in the agent's temporary directory.
+_NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.EACCES, errno.EPERM}
+
+
+def _unnamed_file(directory: str, path: str) -> int:
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        if err.errno not in _NO_TMPFILE:
+            raise _write_error(err, path) from None
+    try:
+        with tempfile.TemporaryFile() as spool:  # itself O_TMPFILE where it can, else unlinked at once
+            return os.dup(spool.fileno())
+    except OSError as err:
+        raise _write_error(err, path) from None
+
+
+def _open_target(path: str) -> tuple[int, bool]:
+    """``path`` opened for writing, not truncated; True if this call created it."""
+    flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO must not hang us
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666), True
+    except FileExistsError:
+        return os.open(path, flags | os.O_CREAT, 0o666), False  # O_CREAT: a symlink to a new file
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate64.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _fill(fd: int, spool: int, size: int, old_size: int) -> None:
+    """Make ``fd``'s content the first ``size`` bytes of ``spool``.
+
+    The room is reserved first, so a full disk fails before a byte of the target changes. With
+    KEEP_SIZE, the reservation alone changes neither size nor content; posix_fallocate would grow the
+    file (and glibc's emulation writes zeros). A file with content is shrunk only after the copy, and an
+    empty one is never truncated: that would be a write event envd does not send.
+    """
+    if size and _libc.fallocate64(fd, FALLOC_FL_KEEP_SIZE, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENODEV, errno.EINVAL, errno.ENOSYS):  # no fallocate there
+            raise OSError(err, os.strerror(err))
+    copy_range(spool, fd, 0, 0, size)
+    if old_size > size:
+        os.ftruncate(fd, size)
+
+
+def _set_metadata(fd: int, path: str, metadata: dict[str, str]) -> None:
+    """The file's metadata becomes exactly ``metadata``: what an earlier upload left is dropped."""
+    try:
+        for name in os.listxattr(fd):
+            if name.startswith(METADATA_XATTR):
+                os.removexattr(fd, name)
+        for key, value in metadata.items():
+            os.setxattr(fd, METADATA_XATTR + key, value.encode())
+    except OSError as err:
+        raise InvalidArgument(f"cannot store metadata on {safe_text(path)!r}: {err.strerror}") from None
 
 
 def _write_error(err: OSError, path: str) -> WrenboxError:
@@ -316,3 +420,5 @@ async def _gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     tail = inflater.flush()
     if tail:
         yield tail
+    if not inflater.eof:  # a cut-off stream inflates without error: only its missing end tells
+        raise InvalidArgument("body is not valid gzip: the stream ends before its end marker")
