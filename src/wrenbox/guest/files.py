@@ -23,7 +23,6 @@ from typing import Any
 from urllib.parse import quote
 
 from wrenbox.errors import InvalidArgument, NotFound, WrenboxError
-from wrenbox.fileio import copy_range
 
 from .agent import Agent
 from .asgi import Request, Send, send_error, send_json
@@ -372,9 +371,20 @@ def _fill(fd: int, spool: int, size: int, old_size: int) -> None:
         err = ctypes.get_errno()
         if err not in (errno.EOPNOTSUPP, errno.ENODEV, errno.EINVAL, errno.ENOSYS):  # no fallocate there
             raise OSError(err, os.strerror(err))
-    copy_range(spool, fd, 0, 0, size)
+    _copy_in(spool, fd, size)
     if old_size > size:
         os.ftruncate(fd, size)
+
+
+def _copy_in(spool: int, fd: int, size: int) -> None:
+    """The spool's first ``size`` bytes into ``fd`` from its start, inside the kernel: sendfile works
+    within a filesystem and across two (the spool may have fallen back to the agent's temp dir)."""
+    offset = 0
+    while offset < size:
+        done = os.sendfile(fd, spool, offset, size - offset)
+        if done == 0:
+            raise OSError(errno.EIO, f"the upload's spool ended {size - offset} bytes early")
+        offset += done
 
 
 def _set_metadata(fd: int, path: str, metadata: dict[str, str]) -> None:
