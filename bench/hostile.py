@@ -139,10 +139,7 @@ def _available_kib() -> int:
 def vmm_group(pid: int) -> Cgroup | None:
     """The cgroup the VMM ``pid`` runs in (None where VMMs run unconfined)."""
     found = vmm_cgroups(CgroupConfig())
-    if found is None:
-        return None
-    tree = found[0]
-    return next((tree.get(n) for n in tree.names() if pid in tree.get(n).pids()), None)
+    return found[0].holding(pid) if found else None
 
 
 def cgroup_figures(name: str, cg: Cgroup) -> list[dict[str, object]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -22,15 +21,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anyio
 import httpx
 import pytest
-from tests.sandbox.conftest import leftovers, make_settings
+from tests.sandbox.conftest import make_settings, take_down
 from tests.support.images import scratch_data_dir
-from tests.support.ranges import suite_ranges
 
 from wrenbox.config import Settings
-from wrenbox.network import Network, NetworkConfig
 
 TEMPLATE = "minimal"
 _READY = re.compile(r"wrenbox serving on (http://\S+)")
@@ -139,13 +135,7 @@ class Server:
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
     root = scratch_data_dir("wba-")
-    tag = secrets.token_hex(2)
-    settings = make_settings(
-        root,
-        tag,
-        memory_dir=Path(f"/dev/shm/wba-{tag}"),
-        network=NetworkConfig(prefix=f"wba{tag}", **suite_ranges(47)),
-    )
+    settings = make_settings(root, "wba", 47)
     running = Server(settings, _free_port(), root / "server.log")
     running.start()
     try:
@@ -155,9 +145,7 @@ def server() -> Iterator[Server]:
             for sb in http.get("/v2/sandboxes").json():
                 http.delete(f"/sandboxes/{sb['sandboxID']}")
         code = running.stop() if running.process else 0
-        left = leftovers(settings)
-        anyio.run(Network(settings.network).teardown)
-        shutil.rmtree(settings.memory_dir, ignore_errors=True)
+        left = take_down(settings)
         log = running.log()
         shutil.copy(running.log_path, "/tmp/wrenbox-api-tests-server.log")  # for a post-mortem
         shutil.rmtree(root, ignore_errors=True)

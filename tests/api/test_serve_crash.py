@@ -32,13 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
-from tests.sandbox.conftest import leftovers, make_settings
+from tests.sandbox.conftest import make_settings, take_down
 from tests.support.images import scratch_data_dir
-from tests.support.ranges import suite_ranges
-
-from wrenbox.network import Network, NetworkConfig
 
 from .conftest import TEMPLATE, Server, _free_port
 
@@ -131,13 +127,7 @@ class Client:
 def crash_server() -> Iterator[Server]:
     """A server of its own (it is killed) on its own data dir, prefix and address ranges."""
     root = scratch_data_dir("wbk-")
-    tag = secrets.token_hex(2)
-    settings = make_settings(
-        root,
-        tag,
-        memory_dir=Path(f"/dev/shm/wbk-{tag}"),
-        network=NetworkConfig(prefix=f"wbk{tag}", **suite_ranges(53)),
-    )
+    settings = make_settings(root, "wbk", 53)
     running = Server(settings, _free_port(), root / "server.log")
     running.start()
     try:
@@ -150,10 +140,8 @@ def crash_server() -> Iterator[Server]:
             code = running.stop()
         else:
             code = 0
-        left = leftovers(settings)
-        tables = _nft_tables(settings.network.prefix)
-        anyio.run(Network(settings.network).teardown)
-        shutil.rmtree(settings.memory_dir, ignore_errors=True)
+        tables = _nft_tables(settings.network.prefix)  # before the network's teardown removes them
+        left = take_down(settings)
         log = running.log()
         shutil.copy(running.log_path, "/tmp/wrenbox-serve-crash-server.log")  # for a post-mortem
         shutil.copy(settings.state_db, "/tmp/wrenbox-serve-crash-state.db")

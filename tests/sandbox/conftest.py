@@ -41,16 +41,28 @@ GUEST_MEMORY_MB = 256
 T = TypeVar("T")
 
 
-def make_settings(root: Path, tag: str, **overrides: object) -> Settings:
+def make_settings(root: Path, suite: str = "wbs", second_octet: int = 41, **overrides: object) -> Settings:
+    """Settings for the test data dir ``root``, with a network prefix (``suite`` and a random tag) and a RAM
+    dir of its own, and its suite's address ranges (:func:`suite_ranges`)."""
+    tag = secrets.token_hex(2)
     fields: dict[str, object] = {
         "data_dir": root,
-        "memory_dir": Path(f"/dev/shm/wbs-{tag}"),
+        "memory_dir": Path(f"/dev/shm/{suite}-{tag}"),
         "on_shutdown": "destroy",
-        "network": NetworkConfig(prefix=f"wbs{tag}", **suite_ranges(41)),
+        "network": NetworkConfig(prefix=f"{suite}{tag}", **suite_ranges(second_octet)),
         "defaults": SandboxDefaults(memory_mb=GUEST_MEMORY_MB, timeout_s=0),
         "limits": LimitsConfig(max_sandboxes=8, max_concurrent_starts=4),
     }
     return Settings(**{**fields, **overrides})  # type: ignore[arg-type]
+
+
+def take_down(settings: Settings) -> dict[str, list[str]]:
+    """What the data dir left on the host (:func:`leftovers`, for the caller to assert on), once the
+    last host on it is closed; then its network and RAM dir are removed."""
+    left = leftovers(settings)
+    anyio.run(Network(settings.network).teardown)
+    shutil.rmtree(settings.memory_dir, ignore_errors=True)
+    return left
 
 
 def policy(host: Host, **changes: Any) -> SandboxManager:
@@ -144,11 +156,9 @@ def _off_loop(fn: Callable[..., T], *args: object) -> T:
 @pytest.fixture(scope="session")
 def settings() -> Iterator[Settings]:
     root = scratch_data_dir("wbs-")
-    s = make_settings(root, secrets.token_hex(2))
+    s = make_settings(root)
     yield s
-    left = leftovers(s)
-    anyio.run(Network(s.network).teardown)
-    shutil.rmtree(s.memory_dir, ignore_errors=True)
+    left = take_down(s)
     shutil.rmtree(root, ignore_errors=True)
     assert left == {}, f"the sandbox tests left things behind: {left}"
 

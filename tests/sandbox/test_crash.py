@@ -16,7 +16,6 @@ Each case kills at the first time its point is reached in the last operation of 
 
 from __future__ import annotations
 
-import secrets
 import shutil
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -27,20 +26,18 @@ from pathlib import Path
 import anyio
 import pytest
 from tests.support.images import scratch_data_dir
-from tests.support.ranges import suite_ranges
 
 from wrenbox import command
 from wrenbox.config import Settings
 from wrenbox.manager import CreateRequest, SandboxManager
 from wrenbox.manager.store import Store
 from wrenbox.names import new_sandbox_id
-from wrenbox.network import Network, NetworkConfig
 from wrenbox.pids import ProcessRef
 from wrenbox.records import SandboxRecord, SandboxState, TemplateState
 from wrenbox.runtime.sweep import our_processes
 from wrenbox.service import ensure_template, open_manager
 
-from .conftest import delete_templates, footprint, leftovers, make_settings, open_fds
+from .conftest import delete_templates, footprint, make_settings, open_fds, take_down
 from .crash_worker import crash
 from .guest import Contents, run, tree
 
@@ -55,18 +52,9 @@ PAUSED_HOLDS = {"disk", "snapshot"}
 def crash_settings() -> Iterator[Settings]:
     """A data dir of its own: crash tests restart managers, which sweep whatever no record names."""
     root = scratch_data_dir("wbc-")
-    tag = secrets.token_hex(2)
-    s = make_settings(
-        root,
-        tag,
-        on_shutdown="pause",
-        memory_dir=Path(f"/dev/shm/wbc-{tag}"),
-        network=NetworkConfig(prefix=f"wbc{tag}", **suite_ranges(43)),
-    )
+    s = make_settings(root, "wbc", 43, on_shutdown="pause")
     yield s
-    left = leftovers(s)
-    anyio.run(Network(s.network).teardown)
-    shutil.rmtree(s.memory_dir, ignore_errors=True)
+    left = take_down(s)
     shutil.rmtree(root, ignore_errors=True)
     assert left == {}, f"crash tests left things behind: {left}"
     assert footprint(s) == {}, "the network's teardown left its host table"

@@ -13,7 +13,6 @@ import errno
 import os
 import re
 import secrets
-import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,17 +20,15 @@ from pathlib import Path
 import anyio
 import pytest
 from tests.support.images import share_cache
-from tests.support.ranges import suite_ranges
 
 from wrenbox.config import Settings
 from wrenbox.errors import StorageFull
 from wrenbox.manager import CreateRequest, SandboxManager
 from wrenbox.manager.reserve import Reserve
-from wrenbox.network import Network, NetworkConfig
 from wrenbox.records import SandboxState
 from wrenbox.service import Host, ensure_template, open_host
 
-from .conftest import delete_templates, leftovers, make_settings
+from .conftest import delete_templates, leftovers, make_settings, take_down
 from .guest import Contents, run
 
 pytestmark = [pytest.mark.anyio, pytest.mark.vm, pytest.mark.root]
@@ -66,17 +63,9 @@ def small_fs() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def settings(small_fs: Path) -> Iterator[Settings]:
-    tag = secrets.token_hex(2)
-    s = make_settings(
-        small_fs,
-        tag,
-        memory_dir=Path(f"/dev/shm/wbd-{tag}"),
-        network=NetworkConfig(prefix=f"wbd{tag}", **suite_ranges(51)),
-    )
+    s = make_settings(small_fs, "wbd", 51)
     yield s
-    left = leftovers(s)
-    anyio.run(Network(s.network).teardown)
-    shutil.rmtree(s.memory_dir, ignore_errors=True)
+    left = take_down(s)
     assert left == {}, f"the disk-full tests left things behind: {left}"
 
 

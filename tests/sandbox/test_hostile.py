@@ -48,10 +48,7 @@ def vmm_pid(mgr: SandboxManager, sandbox_id: str) -> int:
 def vmm_group(pid: int) -> Cgroup | None:
     """The cgroup the VMM runs in (None where the host confines VMMs without cgroups)."""
     found = vmm_cgroups(CgroupConfig())
-    if found is None:
-        return None
-    tree = found[0]
-    return next((tree.get(n) for n in tree.names() if pid in tree.get(n).pids()), None)
+    return found[0].holding(pid) if found else None
 
 
 def alive(pid: int) -> bool:

@@ -190,6 +190,8 @@ def test_a_process_joins_by_writing_zero_and_remove_waits_for_it(tree: CgroupTre
     try:
         wait_exec(proc.pid, "sleep")
         assert cg.pids() == [proc.pid]
+        assert tree.holding(proc.pid) == cg
+        assert tree.holding(os.getpid()) is None
         lines = Path(f"/proc/{proc.pid}/cgroup").read_text().splitlines()
         for controller in ("cpu", "memory", "pids", "blkio"):
             assert any(f"{controller}:" in line and line.endswith(f"/{GROUP}/sbx1") for line in lines)

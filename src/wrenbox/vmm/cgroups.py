@@ -405,6 +405,10 @@ class CgroupTree:
             raise NotFound(f"no cgroup {name!r} under {', '.join(map(str, self.dirs))}")
         return cg
 
+    def holding(self, pid: int) -> Cgroup | None:
+        """The group process ``pid`` runs in, if it is one of ours."""
+        return next((cg for cg in map(self.get, self.names()) if pid in cg.pids()), None)
+
     def names(self) -> list[str]:
         """Groups that exist, in any hierarchy (a half-made one counts: it is ours to reclaim)."""
         found = {p.name for d in self.dirs if d.is_dir() for p in d.iterdir() if p.is_dir()}
