@@ -11,13 +11,13 @@ from __future__ import annotations
 import gzip
 import os
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from tests.support.mounts import tmpfs
 
 from .conftest import RunningAgent, start_agent
 
@@ -162,13 +162,8 @@ KIB = 1024
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs, mounted for this test alone."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(mount)], check=True)
-    try:
+    with tmpfs(tmp_path / "small", "size=1m,mode=0755") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def fill_to(mount: Path, free: int) -> None:

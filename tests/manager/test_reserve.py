@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.support.mounts import tmpfs
 
 from wrenbox.errors import StorageFull
 from wrenbox.manager.reserve import Reserve
@@ -23,13 +23,8 @@ CHUNK = 256 << 10
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    root = tmp_path / "fs"
-    root.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "wbreserve", root], check=True)
-    try:
+    with tmpfs(tmp_path / "fs", "size=4m") as root:
         yield root
-    finally:
-        subprocess.run(["umount", root], check=True)
 
 
 def fill(root: Path) -> None:

@@ -5,12 +5,12 @@ team quotas; the host's admission by memory and by room on the RAM filesystem.""
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.mounts import tmpfs
 
 from wrenbox.errors import NotFound, PermissionDenied, QuotaExceeded, Unavailable
 from wrenbox.manager import CreateRequest, Egress, SandboxManager
@@ -238,13 +238,8 @@ async def test_admission_counts_guest_memory(store: Store, runtime: FakeRuntime)
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "ram"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)], check=True)
-    try:
+    with tmpfs(tmp_path / "ram", "size=300m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 async def test_admission_needs_room_on_the_ram_filesystem(
