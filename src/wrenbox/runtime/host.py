@@ -300,9 +300,10 @@ class HostRuntime:
         on_disk = self._snapshot_token(rec.id)
         held = rec.resources.get(R.CHECKPOINT)
         vm = self._adopt(rec)
+        alive = vm is not None and vm.alive()
         return Inspection(
-            vm=await self._vm_state(rec),
-            exited=R.VM in rec.resources and (vm is None or not vm.alive()),
+            vm=await self._vm_state(rec, vm if alive else None),
+            exited=R.VM in rec.resources and not alive,
             pause_committed=pause_token is not None and pause_token == on_disk,
             # The disk has a checkpoint taken for the snapshot on disk, which releasing it reverts to.
             revertible=held is not None and on_disk is not None and held.get("snapshot") == on_disk,
@@ -370,9 +371,9 @@ class HostRuntime:
             placement, image, vcpus=rec.vcpus, memory_mib=rec.memory_mb, agent=self._clients[rec.id]
         )
 
-    async def _vm_state(self, rec: SandboxRecord) -> str:
-        vm = self._adopt(rec)
-        if vm is None or not vm.alive():
+    async def _vm_state(self, rec: SandboxRecord, vm: Vm | None) -> str:
+        """``vm``: the sandbox's live VM, if it has one."""
+        if vm is None:
             return "gone"
         try:
             status = await vm.status()
