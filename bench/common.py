@@ -36,7 +36,11 @@ def figure(name: str, value: float, unit: str) -> dict[str, object]:
 def scratch_host(tag: str, ranges: tuple[str, str], **fields: Any) -> Iterator[Settings]:
     """Settings for a data dir of the bench's own (under /var/tmp, sharing the cached guest image) with a
     network prefix and a RAM dir named from ``tag``, the host and transfer ``ranges``, sandboxes destroyed
-    on shutdown, and ``fields``; whatever was made in it is removed when the block ends."""
+    on shutdown, and ``fields``; whatever was made in it is removed when the block ends.
+
+    ``WRENBOX_TEST_NET`` moves both ranges as it moves the test suites' (``tests/support/ranges.py``), so
+    two checkouts can run the same bench at once without their slots' addresses meeting."""
+    ranges = _shifted(ranges)
     build_image(image_config(Settings(data_dir=CACHE)), "minimal")
     root = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir="/var/tmp"))
     (root / "images").symlink_to(CACHE / "images")
@@ -56,6 +60,16 @@ def scratch_host(tag: str, ranges: tuple[str, str], **fields: Any) -> Iterator[S
         anyio.run(Network(settings.network).teardown)
         shutil.rmtree(settings.memory_dir, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _shifted(ranges: tuple[str, str]) -> tuple[str, str]:
+    shift = 20 * int(os.environ.get("WRENBOX_TEST_NET", "0"))
+
+    def move(cidr: str) -> str:
+        a, b, rest = cidr.split(".", 2)
+        return f"{a}.{int(b) + shift}.{rest}"
+
+    return move(ranges[0]), move(ranges[1])
 
 
 class Server:
