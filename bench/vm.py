@@ -140,7 +140,9 @@ class Bench:
         qemu, ram = await self.bare(slot, incoming=True)
         state = str(self.template.snapshot().state_path)
         try:
-            return await asyncio.to_thread(qemu.restore, self.template.memory, ram, state, self.init_body())
+            return await asyncio.to_thread(
+                qemu.restore, self.template.memory, ram, state, self.init_body(), self.token
+            )
         finally:
             await asyncio.to_thread(qemu.quit)
             ram.unlink()
@@ -165,6 +167,11 @@ class Bench:
         finally:
             await asyncio.to_thread(qemu.quit)
             ram.unlink(missing_ok=True)
+
+    @property
+    def token(self) -> str | None:
+        """The token the agent in the template's memory demands for its first ``/init``."""
+        return self.template.manifest.agent_token
 
     def init_body(self) -> bytes:
         """What ``AsyncEnvdClient.init`` sends a restored agent: clock, entropy, a new token."""
@@ -195,7 +202,9 @@ class Bench:
         state = str(self.template.snapshot().state_path)
         dest = ram.parent / "paused.state"
         try:
-            await asyncio.to_thread(qemu.restore, self.template.memory, ram, state, self.init_body())
+            await asyncio.to_thread(
+                qemu.restore, self.template.memory, ram, state, self.init_body(), self.token
+            )
             return await asyncio.to_thread(qemu.snapshot_and_quit, dest)
         finally:
             await asyncio.to_thread(qemu.quit)
@@ -284,7 +293,7 @@ class BareQemu:
         self.wait_agent()
         return time.monotonic() - t0
 
-    def restore(self, memory: Path, ram: Path, state: str, init_body: bytes) -> float:
+    def restore(self, memory: Path, ram: Path, state: str, init_body: bytes, token: str | None) -> float:
         """Seconds from the RAM copy to the agent's answer to ``/init``."""
         t0 = time.monotonic()
         subprocess.run(["cp", "--sparse=always", str(memory), str(ram)], check=True)
@@ -298,7 +307,8 @@ class BareQemu:
         self.command("cont")
         self.wait_agent()
         conn = http.client.HTTPConnection(self.host_ip, 49983, timeout=10)
-        conn.request("POST", "/init", body=init_body, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"} | ({"X-Access-Token": token} if token else {})
+        conn.request("POST", "/init", body=init_body, headers=headers)
         if conn.getresponse().status not in (200, 204):
             raise SystemExit("the bare restore's /init was refused")
         return time.monotonic() - t0
