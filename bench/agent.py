@@ -7,11 +7,13 @@ baseline measured in the same run, and a ratio against it:
   ``python -c pass`` until it exits (the interpreter's own start).
 - ``agent_cold_start_first_exec_s``: spawn until a first ``true`` ran (the RPC modules load after
   ``/health`` already answers).
-- ``exec_rtt_p50_ms``: run ``true`` through raw Connect (Start stream, HTTP/1.1 keep-alive); baseline:
-  ``subprocess.run(["true"])`` here. ``exec_rtt_sdk_p50_ms``: ``commands.run("true")`` through the
-  official e2b SDK, which wraps every command in ``bash -l -c``; baseline: that login shell run here.
-- ``upload_mb_s`` / ``download_mb_s``: a 50 MB file over ``POST``/``GET /files``; baseline: writing and
-  reading the same bytes to and from the same directory directly.
+- ``agent_exec_rtt_p50_ms`` / ``agent_exec_rtt_p95_ms``: run ``true`` through raw Connect to an agent
+  process on this host (Start stream, HTTP/1.1 keep-alive; no VM); baseline: ``subprocess.run(["true"])``
+  here. ``agent_sdk_run_true_p50_ms``: ``commands.run("true")`` through the official e2b SDK to the same
+  agent, which wraps every command in ``bash -l -c``; baseline: that login shell run here.
+- ``upload_mb_s`` / ``download_mb_s``: median of several transfers of one file over ``POST``/``GET
+  /files``, each checked by content (SHA-256 of what the agent stored, and of what came back); baseline:
+  writing and reading the same bytes to and from the same directory directly, as many times.
 
 Usage: ``python bench/agent.py [--quick]`` (quick: fewer runs, a 10 MB file).
 """
@@ -19,6 +21,7 @@ Usage: ``python bench/agent.py [--quick]`` (quick: fewer runs, a 10 MB file).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -126,10 +129,10 @@ def exec_rtt(url: str, runs: int) -> None:
         subprocess.run(["true"], check=True)
         local.append(time.perf_counter() - t)
     connect, baseline = statistics.median(times) * 1000, statistics.median(local) * 1000
-    emit("exec_rtt_p50_ms", connect, "ms")
-    emit("exec_rtt_p95_ms", sorted(times)[int(len(times) * 0.95) - 1] * 1000, "ms")
+    emit("agent_exec_rtt_p50_ms", connect, "ms")
+    emit("agent_exec_rtt_p95_ms", sorted(times)[int(len(times) * 0.95) - 1] * 1000, "ms")
     emit("local_spawn_true_p50_ms", baseline, "ms")
-    emit("exec_rtt_vs_local_spawn", connect / baseline, "ratio")
+    emit("agent_exec_rtt_vs_local_spawn", connect / baseline, "ratio")
 
     from e2b import Sandbox
 
@@ -146,49 +149,70 @@ def exec_rtt(url: str, runs: int) -> None:
         subprocess.run(["/bin/bash", "-l", "-c", "true"], check=True)
         login_shell.append(time.perf_counter() - t)
     sdk, shell = statistics.median(sdk_times) * 1000, statistics.median(login_shell) * 1000
-    emit("exec_rtt_sdk_p50_ms", sdk, "ms")
+    emit("agent_sdk_run_true_p50_ms", sdk, "ms")
     emit("local_login_shell_true_p50_ms", shell, "ms")
-    emit("exec_rtt_sdk_vs_local_login_shell", sdk / shell, "ratio")
+    emit("agent_sdk_run_true_vs_local_login_shell", sdk / shell, "ratio")
 
 
-def transfer(url: str, size: int) -> None:
+def transfer(url: str, size: int, runs: int) -> None:
     data = os.urandom(size)
-    with tempfile.TemporaryDirectory(prefix="wrenbox-bench-") as tmp:
-        target = Path(tmp) / "upload.bin"
-        direct = Path(tmp) / "direct.bin"
-        with httpx.Client(base_url=url, timeout=120) as client:
+    digest = hashlib.sha256(data).hexdigest()
+    uploads, downloads, writes, reads = [], [], [], []
+    with (
+        tempfile.TemporaryDirectory(prefix="wrenbox-bench-") as tmp,
+        httpx.Client(base_url=url, timeout=120) as client,
+    ):
+        for i in range(runs):
+            target, direct = Path(tmp) / f"upload-{i}.bin", Path(tmp) / f"direct-{i}.bin"
+            uploads.append(_upload(client, target, data))
+            if hashlib.sha256(target.read_bytes()).hexdigest() != digest:
+                raise SystemExit(f"the agent stored other bytes than were uploaded in {target}")
+            seconds, received = _download(client, target)
+            if received != digest:
+                raise SystemExit(f"downloaded other bytes than {target} holds")
+            downloads.append(seconds)
             t = time.perf_counter()
-            response = client.post(
-                "/files",
-                params={"path": str(target)},
-                content=(data[i : i + (1 << 20)] for i in range(0, size, 1 << 20)),
-                headers={"content-type": "application/octet-stream"},
-            )
-            upload = time.perf_counter() - t
-            response.raise_for_status()
+            direct.write_bytes(data)
+            writes.append(time.perf_counter() - t)
             t = time.perf_counter()
-            received = 0
-            identity = {"accept-encoding": "identity"}
-            with client.stream("GET", "/files", params={"path": str(target)}, headers=identity) as download:
-                for chunk in download.iter_raw():
-                    received += len(chunk)
-            download_time = time.perf_counter() - t
-        if received != size:
-            raise SystemExit(f"downloaded {received} bytes, expected {size}")
-        t = time.perf_counter()
-        direct.write_bytes(data)
-        write_time = time.perf_counter() - t
-        t = time.perf_counter()
-        with direct.open("rb") as f:
-            while f.read(1 << 20):
-                pass
-        read_time = time.perf_counter() - t
+            with direct.open("rb") as f:
+                while f.read(1 << 20):
+                    pass
+            reads.append(time.perf_counter() - t)
+            target.unlink()
+            direct.unlink()
+    upload, download = statistics.median(uploads), statistics.median(downloads)
+    write, read = statistics.median(writes), statistics.median(reads)
     emit("upload_mb_s", size / MB / upload, "MB/s")
-    emit("download_mb_s", size / MB / download_time, "MB/s")
-    emit("local_write_mb_s", size / MB / write_time, "MB/s")
-    emit("local_read_mb_s", size / MB / read_time, "MB/s")
-    emit("upload_vs_local_write", write_time / upload, "ratio")
-    emit("download_vs_local_read", read_time / download_time, "ratio")
+    emit("download_mb_s", size / MB / download, "MB/s")
+    emit("local_write_mb_s", size / MB / write, "MB/s")
+    emit("local_read_mb_s", size / MB / read, "MB/s")
+    emit("upload_vs_local_write", write / upload, "ratio")
+    emit("download_vs_local_read", read / download, "ratio")
+
+
+def _upload(client: httpx.Client, target: Path, data: bytes) -> float:
+    t = time.perf_counter()
+    response = client.post(
+        "/files",
+        params={"path": str(target)},
+        content=(data[i : i + (1 << 20)] for i in range(0, len(data), 1 << 20)),
+        headers={"content-type": "application/octet-stream"},
+    )
+    elapsed = time.perf_counter() - t
+    response.raise_for_status()
+    return elapsed
+
+
+def _download(client: httpx.Client, target: Path) -> tuple[float, str]:
+    """(seconds, SHA-256 of the bytes received); hashing is outside the timing."""
+    chunks = []
+    t = time.perf_counter()
+    identity = {"accept-encoding": "identity"}
+    with client.stream("GET", "/files", params={"path": str(target)}, headers=identity) as download:
+        chunks.extend(download.iter_raw())
+    elapsed = time.perf_counter() - t
+    return elapsed, hashlib.sha256(b"".join(chunks)).hexdigest()
 
 
 def main() -> None:
@@ -199,7 +223,7 @@ def main() -> None:
     process, url, _ = start_agent()
     try:
         exec_rtt(url, runs=20 if args.quick else 100)
-        transfer(url, size=(10 if args.quick else 50) * MB)
+        transfer(url, size=(10 if args.quick else 50) * MB, runs=3 if args.quick else 5)
     finally:
         stop_agent(process)
 

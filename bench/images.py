@@ -2,12 +2,17 @@
 
 Prints one JSON line per figure: ``{"figure": NAME, "value": NUMBER, "unit": UNIT}``.
 
-- ``image_cache_hit_s``: ``build_image`` when nothing changed (resolve inputs, compare keys).
+Time figures are medians of 2 (``--quick``) or 4 rounds, each round a rebuild and its baselines in turn.
+
+- ``image_cache_hit_s``: ``build_image`` when nothing changed (resolve inputs, compare keys); baseline
+  ``image_inputs_hash_s``: SHA-256 of the agent source tree, which any lookup must at least read;
+  ``image_cache_hit_ratio``.
 - ``image_agent_rebuild_s``: ``build_image`` after one agent source file changed (copy of the base tree,
   agent + dependencies, compileall, mkfs, hashes); baseline ``image_base_copy_s``: a plain ``cp -a`` of
   the same cached base tree, the floor of any rebuild that stages a tree; ``image_agent_rebuild_ratio``.
-- without ``--quick`` also ``image_cold_build_s`` and ``image_debootstrap_s``: a build with an empty layer
-  cache (downloads the kernel and runs debootstrap against the Debian mirror).
+- without ``--quick`` also ``image_cold_build_s`` and ``image_debootstrap_s``: one build (a single sample:
+  it takes minutes) with an empty layer cache (downloads the kernel and runs debootstrap against the
+  Debian mirror).
 - sizes: ``image_rootfs_bytes``, ``image_rootfs_allocated_bytes``, ``image_initramfs_bytes``,
   ``image_kernel_bytes``.
 
@@ -19,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -48,6 +55,15 @@ def frozen_agent(root: Path, marker: str) -> Path:
     return copy
 
 
+def tree_digest(tree: Path) -> str:
+    """SHA-256 over every file of ``tree`` (names and bytes): what any cache lookup must at least read."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in tree.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(tree)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def timed(fn):  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     result = fn()
@@ -63,14 +79,26 @@ def main() -> None:
         root = Path(tmp)
         config = ImageConfig(images_dir=root / "images", cache_dir=shared.cache_dir)
         first = build_image(dataclasses.replace(config, agent_source=frozen_agent(root, "a")))
-        rebuild_config = dataclasses.replace(config, agent_source=frozen_agent(root, "b"))
-        rebuilt, rebuild_s = timed(lambda: build_image(rebuild_config))
-        assert not rebuilt.cached
-        hit, hit_s = timed(lambda: build_image(rebuild_config))
-        assert hit.cached
         base = shared.cache_dir / "base" / first.image.manifest.layers["base"] / "tree"
-        _, copy_s = timed(lambda: subprocess.run(["cp", "-a", str(base), str(root / "copy")], check=True))
+        rebuilds, hits, hashes, copies = [], [], [], []
+        for i in range(2 if args.quick else 4):  # interleaved: each rebuild and its baselines in turn
+            agent = frozen_agent(root, f"b{i}")
+            rebuild_config = dataclasses.replace(config, agent_source=agent)
+            rebuilt, rebuild_s = timed(lambda c=rebuild_config: build_image(c))
+            assert not rebuilt.cached
+            hit, hit_s = timed(lambda c=rebuild_config: build_image(c))
+            assert hit.cached
+            _, hash_s = timed(lambda a=agent: tree_digest(a))
+            target = root / f"copy{i}"
+            _, copy_s = timed(lambda t=target: subprocess.run(["cp", "-a", str(base), str(t)], check=True))
+            shutil.rmtree(target)
+            for samples, value in ((rebuilds, rebuild_s), (hits, hit_s), (hashes, hash_s), (copies, copy_s)):
+                samples.append(value)
+        rebuild_s, hit_s = statistics.median(rebuilds), statistics.median(hits)
+        hash_s, copy_s = statistics.median(hashes), statistics.median(copies)
         emit("image_cache_hit_s", hit_s, "s")
+        emit("image_inputs_hash_s", hash_s, "s")
+        emit("image_cache_hit_ratio", hit_s / hash_s, "ratio")
         emit("image_agent_rebuild_s", rebuild_s, "s")
         emit("image_base_copy_s", copy_s, "s")
         emit("image_agent_rebuild_ratio", rebuild_s / copy_s, "ratio")

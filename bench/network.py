@@ -6,7 +6,9 @@ In the same run, with a prefix and address ranges of its own:
   (netlink in-process, one ``nft`` per slot);
 * the baseline: the same slot (same links, addresses, routes, sysctl and nft ruleset) built with one
   ``ip``/``nft`` process per step, as the seed does (``netslot_create_ip_cli_ms_p50``), and
-  ``netslot_create_vs_ip_cli_ratio`` (ours / baseline; below 1 is faster).
+  ``netslot_create_vs_ip_cli_ratio`` (ours / baseline; below 1 is faster); its removal the same way
+  (``ip link del`` and ``ip netns del``, which takes the namespace's nft tables with it:
+  ``netslot_remove_ip_cli_ms_p50``, ``netslot_remove_vs_ip_cli_ratio``).
 
 Needs root. Prints JSON lines ``{"figure", "value", "unit"}``.
 
@@ -87,7 +89,7 @@ async def main(n: int) -> None:
     await network.setup()
     try:
         slots = [network.slot(i) for i in range(1, n + 1)]
-        create, remove, baseline = [], [], []
+        create, remove, baseline, baseline_remove = [], [], [], []
         for slot in slots:  # alternate so both see the same machine load
             start = time.perf_counter()
             await network.create(slot)
@@ -96,7 +98,7 @@ async def main(n: int) -> None:
             await network.remove(slot)
             remove.append(time.perf_counter() - start)
             baseline.append(timed(lambda slot=slot: create_with_ip_cli(network.config, slot)))
-            remove_with_ip_cli(slot)
+            baseline_remove.append(timed(lambda slot=slot: remove_with_ip_cli(slot)))
     finally:
         await network.teardown()
     emit("netslot_create_ms_p50", ms(create, 0.5), "ms")
@@ -104,6 +106,8 @@ async def main(n: int) -> None:
     emit("netslot_remove_ms_p50", ms(remove, 0.5), "ms")
     emit("netslot_create_ip_cli_ms_p50", ms(baseline, 0.5), "ms")
     emit("netslot_create_vs_ip_cli_ratio", ms(create, 0.5) / ms(baseline, 0.5), "ratio")
+    emit("netslot_remove_ip_cli_ms_p50", ms(baseline_remove, 0.5), "ms")
+    emit("netslot_remove_vs_ip_cli_ratio", ms(remove, 0.5) / ms(baseline_remove, 0.5), "ratio")
 
 
 if __name__ == "__main__":

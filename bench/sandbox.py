@@ -6,7 +6,7 @@ Prints one JSON line per figure, ``{"figure": NAME, "value": NUMBER, "unit": UNI
     ``create`` from the template, then the first ``exec true`` answered (N sandboxes, one at a time).
 ``pause_p50_s``            ``pause`` of a running sandbox that dirtied 32 MiB since it started (or resumed).
 ``resume_exec_p50_s``      ``resume``, then the first ``exec true`` answered.
-``exec_rtt_p50_ms``        ``exec true`` through the manager (100 runs after a warm-up).
+``manager_exec_rtt_p50_ms`` ``exec true`` through the manager (100 runs after a warm-up).
 ``snapshot_size_ratio``    bytes the paused sandbox's memory snapshot occupies on disk (its diff files)
                            / non-zero bytes of its guest memory when the VM stopped for the pause (the
                            4 KiB blocks the snapshot's header maps to data: zero blocks are never
@@ -75,7 +75,7 @@ async def latency_figures(mgr: Sandboxes, quick: bool) -> list[dict[str, object]
     return [
         figure("create_exec_p50_s", p(creates, 50), "s"),
         figure("create_exec_p95_s", p(creates, 95), "s"),
-        figure("exec_rtt_p50_ms", statistics.median(rtts) * 1000, "ms"),
+        figure("manager_exec_rtt_p50_ms", statistics.median(rtts) * 1000, "ms"),
     ]
 
 

@@ -113,18 +113,21 @@ class Launcher:
         self, placement: Placement, image: Image, *, vcpus: int, memory_mib: int, agent: AsyncEnvdClient
     ) -> Vm:
         """Cold-boot ``image`` into ``placement``; returns once ``agent`` answers (no ``/init``)."""
+        vm = await self.driver.boot(
+            self._vm_config(placement, vcpus=vcpus, memory_mib=memory_mib, kernel=self.kernel(image))
+        )
+        await self._ready(vm, agent, self.config.boot_timeout_s)
+        return vm
+
+    def kernel(self, image: Image) -> Kernel:
+        """``image``'s kernel with the command line a sandbox boots it with (its address, gateway, DNS)."""
         args = guest_kernel_args(
             image.manifest.kernel_args,
             ip=f"{GUEST_IP}/{GUEST_NETWORK.prefixlen}",
             gateway=str(GATEWAY_IP),
             dns=self.config.dns_servers,
         )
-        kernel = Kernel(image.kernel, image.initramfs, " ".join(args))
-        vm = await self.driver.boot(
-            self._vm_config(placement, vcpus=vcpus, memory_mib=memory_mib, kernel=kernel)
-        )
-        await self._ready(vm, agent, self.config.boot_timeout_s)
-        return vm
+        return Kernel(image.kernel, image.initramfs, " ".join(args))
 
     async def restore(
         self,
